@@ -1,0 +1,180 @@
+"""The application object: the one place the CLI, the API and the dashboard go through.
+It checks what is asked, turns it into store verbs, and holds no state of its own but
+the config, the store and the artifacts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conveyor.artifacts import LocalArtifacts
+from conveyor.config import Config
+from conveyor.events import Event
+from conveyor.pipelines import Pipeline
+from conveyor.queues import ALL_QUEUES, QueueStats
+from conveyor.requests import CachePolicy, NewRequest, Request
+from conveyor.store import NotFound, RequestFilter, Store, Submitted, WorkerInfo, open_store
+from conveyor.tasks import RetryPolicy, Task
+
+
+class UnknownPipeline(LookupError):
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        names = ", ".join(sorted(known)) or "none configured"
+        super().__init__(f"unknown pipeline {name!r} (known: {names})")
+        self.name = name
+
+
+class WaitTimeout(TimeoutError):
+    def __init__(self, request: Request, timeout: float) -> None:
+        super().__init__(f"request {request.id} still {request.status.value} after {timeout:g}s")
+        self.request = request
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    queue: str | None = None
+    priority: int | None = None
+    idempotency_key: str | None = None
+    submitter: str | None = None
+    cache: CachePolicy = field(default_factory=CachePolicy)
+
+
+class Conveyor:
+    def __init__(
+        self, config: Config, store: Store | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self.store = store or open_store(config.database_url)
+        self.artifacts = LocalArtifacts(config.artifacts_dir)
+        self.clock = clock
+
+    def close(self) -> None:
+        self.store.close()
+
+    # pipelines --------------------------------------------------------------
+    def pipeline(self, name: str) -> Pipeline:
+        try:
+            return self.config.pipelines[name]
+        except KeyError:
+            raise UnknownPipeline(name, list(self.config.pipelines)) from None
+
+    @property
+    def retry_policies(self) -> Mapping[str, RetryPolicy]:
+        return {name: p.retry for name, p in self.config.pipelines.items()}
+
+    @property
+    def concurrency_limits(self) -> Mapping[str, int]:
+        return {n: p.concurrency for n, p in self.config.pipelines.items() if p.concurrency}
+
+    # requests ---------------------------------------------------------------
+    def prepare(self, pipeline_name: str, params: Any, opts: SubmitOptions) -> NewRequest:
+        """Check a submission and build what the store takes; raises UnknownPipeline or
+        ParamsError (naming the JSON path)."""
+        pipeline = self.pipeline(pipeline_name)
+        task_params = pipeline.check_params(params)
+        return NewRequest(
+            pipeline=pipeline.name,
+            params=params,
+            task_params=task_params,
+            queue=opts.queue or pipeline.queue,
+            priority=pipeline.priority if opts.priority is None else opts.priority,
+            max_attempts=pipeline.retry.max_attempts,
+            timeout=pipeline.timeout,
+            idempotency_key=opts.idempotency_key,
+            submitter=opts.submitter,
+            cache=opts.cache,
+            cache_ttl=pipeline.cache,
+        )
+
+    def submit(self, pipeline: str, params: Any, opts: SubmitOptions | None = None) -> Submitted:
+        new = self.prepare(pipeline, params, opts or SubmitOptions())
+        return self.store.submit(new, self.clock())
+
+    def get(self, request_id: int, with_tasks: bool = True) -> Request:
+        req = self.store.get_request(request_id, with_tasks=with_tasks)
+        if req is None:
+            raise NotFound(f"no request {request_id}")
+        return req
+
+    def list(self, flt: RequestFilter) -> list[Request]:
+        return self.store.list_requests(flt)
+
+    def cancel(self, request_id: int) -> Request:
+        return self.store.cancel_request(request_id, self.clock())
+
+    def retry(self, request_id: int) -> Request:
+        req = self.get(request_id, with_tasks=False)
+        extra = self.config.pipelines[req.pipeline].retry.max_attempts if (
+            req.pipeline in self.config.pipelines
+        ) else 1
+        return self.store.retry_request(request_id, extra, self.clock())
+
+    def wait(
+        self,
+        request_id: int,
+        timeout: float | None,
+        on_update: Callable[[Request], None] | None = None,
+        poll: float = 0.5,
+    ) -> Request:
+        """Block until the request is finished; raises WaitTimeout."""
+        start = time.monotonic()
+        delay = min(0.05, poll)
+        listener = self.store.listener()
+        try:
+            while True:
+                req = self.get(request_id)
+                if on_update is not None:
+                    on_update(req)
+                if req.status.terminal:
+                    return req
+                left = None if timeout is None else timeout - (time.monotonic() - start)
+                if left is not None and left <= 0:
+                    raise WaitTimeout(req, timeout or 0)
+                listener.wait(delay if left is None else min(delay, left))
+                delay = min(delay * 2, poll)
+        finally:
+            listener.close()
+
+    # tasks ------------------------------------------------------------------
+    def task(self, task_id: int) -> Task:
+        found = self.store.get_task(task_id)
+        if found is None:
+            raise NotFound(f"no task {task_id}")
+        return found
+
+    def log_path(self, task_id: int, attempt: int | None = None) -> Path:
+        task = self.task(task_id)
+        attempts = self.artifacts.attempts_logged(task.request_id, task.id)
+        if not attempts:
+            raise NotFound(f"task {task_id} has no log yet")
+        chosen = attempt if attempt is not None else attempts[-1]
+        if chosen not in attempts:
+            raise NotFound(f"task {task_id} has no log for attempt {chosen}")
+        return self.artifacts.log_path(task.request_id, task.id, chosen)
+
+    # queues and workers -------------------------------------------------------
+    def pause(self, queue: str | None = None) -> None:
+        self.store.pause(queue or ALL_QUEUES, self.clock())
+
+    def resume(self, queue: str | None = None) -> None:
+        self.store.resume(queue or ALL_QUEUES, self.clock())
+
+    def queues(self) -> list[QueueStats]:
+        stats = {q.name: q for q in self.store.queue_stats()}
+        paused = self.store.paused_queues()
+        everything = ALL_QUEUES in paused
+        ordered = list(self.config.queue_order) + sorted(set(stats) - set(self.config.queue_order))
+        return [
+            stats.get(name) or QueueStats(name=name, paused=everything or name in paused)
+            for name in ordered
+        ]
+
+    def workers(self, alive_only: bool = False) -> list[WorkerInfo]:
+        since = self.clock() - 3 * self.config.lease if alive_only else None
+        return self.store.list_workers(alive_since=since)
+
+    def events(self, after_id: int = 0, request_id: int | None = None, limit: int = 1000) -> list[Event]:
+        return self.store.events(after_id, request_id, limit)

@@ -1,0 +1,199 @@
+"""Configuration: `conveyor.toml`, read once into immutable values.
+
+Where the file lives: `--config`, else `CONVEYOR_CONFIG`, else `./conveyor.toml`; with
+none of them, the built-in examples. The database URL: `CONVEYOR_DATABASE_URL`, else
+`[conveyor] database`, else `sqlite:///conveyor.db` beside the config file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from conveyor.pipelines import Pipeline, TemplateError, template_fields
+from conveyor.queues import DEFAULT_QUEUE, DEFAULT_QUEUE_ORDER
+from conveyor.tasks import RetryPolicy
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _PipelineModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    executor: Literal["command", "python"]
+    command: list[str] | None = None
+    handler: str | None = None
+    split: str | None = None
+    schema_: dict[str, Any] | str | None = Field(default=None, alias="schema")
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    timeout: float | None = Field(default=None, gt=0)
+    retries: int = Field(default=0, ge=0, le=100)
+    backoff: float = Field(default=1.0, ge=0)
+    backoff_max: float = Field(default=300.0, ge=0)
+    concurrency: int | None = Field(default=None, ge=1)
+    cache: float | None = Field(default=None, gt=0)
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    description: str = ""
+
+    @field_validator("command")
+    @classmethod
+    def _argv(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("command must name a program")
+            for item in v:
+                try:
+                    template_fields(item)
+                except TemplateError as exc:
+                    raise ValueError(str(exc)) from None
+        return v
+
+
+class _ConveyorModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    database: str | None = None
+    artifacts: str | None = None
+    queues: list[str] = list(DEFAULT_QUEUE_ORDER)
+    lease: float = Field(default=30.0, gt=0)
+    poll_interval: float = Field(default=1.0, gt=0)
+
+
+class _FileModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    conveyor: _ConveyorModel = _ConveyorModel()
+    pipelines: dict[str, _PipelineModel] = {}
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str
+    artifacts_dir: Path
+    pipelines: Mapping[str, Pipeline]
+    queue_order: tuple[str, ...] = DEFAULT_QUEUE_ORDER
+    lease: float = 30.0
+    poll_interval: float = 1.0
+    source: Path | None = None
+
+
+def _load_schema(value: dict[str, Any] | str | None, base: Path, where: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        path = (base / value).resolve()
+        try:
+            value = json.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{where}.schema: cannot read {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}.schema: {path} is not JSON: {exc}") from None
+    try:
+        validator_for(value).check_schema(value)
+    except SchemaError as exc:
+        raise ConfigError(f"{where}.schema is not a valid JSON Schema: {exc.message}") from None
+    return value
+
+
+def _pipeline(name: str, m: _PipelineModel, base: Path) -> Pipeline:
+    where = f"pipelines.{name}"
+    if m.executor == "command" and not m.command:
+        raise ConfigError(f"{where}: executor 'command' needs command = [argv...]")
+    if m.executor == "python" and not m.handler:
+        raise ConfigError(f"{where}: executor 'python' needs handler = 'module:function'")
+    if m.handler is not None and ":" not in m.handler:
+        raise ConfigError(f"{where}.handler: expected 'module:function', got {m.handler!r}")
+    return Pipeline(
+        name=name,
+        executor=m.executor,
+        command=tuple(m.command or ()),
+        handler=m.handler,
+        split=m.split,
+        schema=_load_schema(m.schema_, base, where),
+        queue=m.queue,
+        priority=m.priority,
+        timeout=m.timeout,
+        retry=RetryPolicy(retries=m.retries, backoff_base=m.backoff, backoff_max=m.backoff_max),
+        concurrency=m.concurrency,
+        cache=m.cache,
+        env=dict(m.env),
+        cwd=str((base / m.cwd).resolve()) if m.cwd else None,
+        description=m.description,
+    )
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    base: Path,
+    env: Mapping[str, str],
+    source: Path | None = None,
+    data_dir: Path | None = None,
+) -> Config:
+    try:
+        model = _FileModel.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{loc}: {err['msg']}") from None
+    pipelines = {name: _pipeline(name, m, base) for name, m in model.pipelines.items()}
+    data_dir = data_dir or base
+    database = env.get("CONVEYOR_DATABASE_URL") or model.conveyor.database
+    if not database:
+        database = f"sqlite:///{(data_dir / 'conveyor.db').resolve()}"
+    artifacts = env.get("CONVEYOR_ARTIFACTS") or model.conveyor.artifacts or "artifacts"
+    return Config(
+        database_url=database,
+        artifacts_dir=(data_dir / artifacts).resolve(),
+        pipelines=pipelines,
+        queue_order=tuple(model.conveyor.queues),
+        lease=model.conveyor.lease,
+        poll_interval=model.conveyor.poll_interval,
+        source=source,
+    )
+
+
+def builtin_config_path() -> Path:
+    return Path(__file__).parent / "examples" / "conveyor.toml"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Read the config file; with no file named or found, the built-in examples, with
+    their database and artifacts in the current directory."""
+    env = os.environ if env is None else env
+    named = path or env.get("CONVEYOR_CONFIG")
+    if named:
+        file = Path(named)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file}")
+    else:
+        file = Path("conveyor.toml")
+        if not file.is_file():
+            return _read(builtin_config_path(), env, base=Path.cwd())
+    return _read(file, env, base=file.resolve().parent)
+
+
+def _read(file: Path, env: Mapping[str, str], base: Path) -> Config:
+    try:
+        data = tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
+    # The built-in examples name files beside themselves, but keep their database and
+    # artifacts in the current directory.
+    return parse_config(data, file.resolve().parent, env, source=file, data_dir=base)

@@ -1,0 +1,165 @@
+"""Executors: how one attempt of a task runs. Each returns an `ExecResult`; the worker
+decides what it means for the task."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from conveyor.pipelines import Pipeline
+from conveyor.tasks import Progress, Task
+
+# A command reports progress with a line of its own on stdout:
+#   conveyor:progress CURRENT[/TOTAL] [MESSAGE]
+PROGRESS_PREFIX = "conveyor:progress "
+# Guards the rare shared moments of a context (opening its log, making its stop event).
+_LOG_LOCK = threading.Lock()
+
+
+def parse_progress_line(line: str) -> Progress | None:
+    """`conveyor:progress 3/10 reading logs` -> Progress(3, 10, 'reading logs')."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    rest = line[len(PROGRESS_PREFIX) :].strip()
+    count, _, message = rest.partition(" ")
+    current, _, total = count.partition("/")
+    try:
+        cur = float(current)
+        tot = float(total) if total else None
+    except ValueError:
+        return None
+    return Progress(cur, tot, message.strip() or None)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    retryable: bool = True
+
+
+class TaskContext:
+    """What a running attempt can see and do: its params, progress reports, its log,
+    and whether it has been asked to stop (cancel, timeout, worker shutdown)."""
+
+    def __init__(
+        self,
+        task: Task,
+        paths: Callable[[], tuple[Path, Path]],
+        report: Callable[[Progress], None],
+        min_report_interval: float = 0.5,
+    ) -> None:
+        self.task = task
+        self._paths = paths  # (log file, work dir), worked out when first needed
+        self._resolved: tuple[Path, Path] | None = None
+        self._report = report
+        self._interval = min_report_interval
+        self._last_report = 0.0
+        self._pending: Progress | None = None
+        # Made only when somebody waits: most attempts never need one.
+        self._stop_event: threading.Event | None = None
+        self._stopped = False
+        self.stop_reason: str | None = None
+        self._log: IO[str] | None = None
+
+    def _where(self) -> tuple[Path, Path]:
+        if self._resolved is None:
+            self._resolved = self._paths()
+        return self._resolved
+
+    @property
+    def log_path(self) -> Path:
+        return self._where()[0]
+
+    @property
+    def work_dir(self) -> Path:
+        """A scratch directory of the task's own, made on first use."""
+        path = self._where()[1]
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def params(self) -> Any:
+        return self.task.params
+
+    @property
+    def attempt(self) -> int:
+        return self.task.attempts
+
+    # progress ---------------------------------------------------------------
+    def progress(self, current: float, total: float | None = None, message: str | None = None) -> None:
+        self.report(Progress(current, total, message))
+
+    def report(self, progress: Progress) -> None:
+        now = time.monotonic()
+        # Stored at most every `_interval` seconds; the last value is flushed at the end.
+        if now - self._last_report >= self._interval:
+            self._last_report = now
+            self._pending = None
+            self._report(progress)
+        else:
+            self._pending = progress
+
+    def flush_progress(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._report(pending)
+
+    # log --------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        with _LOG_LOCK:
+            if self._log is None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
+            self._log.write(message if message.endswith("\n") else message + "\n")
+            self._log.flush()
+
+    def close(self) -> None:
+        with _LOG_LOCK:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+    # stopping ---------------------------------------------------------------
+    def stop(self, reason: str) -> None:
+        with _LOG_LOCK:
+            if self._stopped:
+                return
+            self.stop_reason = reason
+            self._stopped = True
+            event = self._stop_event
+        if event is not None:
+            event.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopped
+
+    def wait_stop(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds, waking early if asked to stop; True if asked."""
+        with _LOG_LOCK:
+            if self._stop_event is None:
+                self._stop_event = threading.Event()
+                if self._stopped:
+                    self._stop_event.set()
+            event = self._stop_event
+        return event.wait(timeout)
+
+
+class Executor(Protocol):
+    def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult: ...
+
+
+def executor_for(pipeline: Pipeline) -> Executor:
+    if pipeline.executor == "command":
+        from conveyor.executors.command import CommandExecutor
+
+        return CommandExecutor()
+    from conveyor.executors.python import PythonExecutor
+
+    return PythonExecutor()

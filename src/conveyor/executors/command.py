@@ -1,0 +1,134 @@
+"""Run a task as a local command: an argv template filled from the task's params, never a
+shell string. The command runs in a process group of its own, so a timeout, a cancel or
+a stopping worker kills everything it started."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+from conveyor.executors import ExecResult, TaskContext, parse_progress_line
+from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
+
+KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+
+
+def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:
+    """SIGTERM the command's whole process group, then SIGKILL what is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+class CommandExecutor:
+    def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
+        task = ctx.task
+        context = {
+            "request_id": task.request_id,
+            "task_id": task.id,
+            "attempt": task.attempts,
+            "work_dir": str(ctx.work_dir),
+            "python": sys.executable,
+        }
+        try:
+            argv = render_argv(pipeline.command, command_values(task.params, context))
+        except TemplateError as exc:
+            return ExecResult(ok=False, error=str(exc), retryable=False)
+        env = dict(os.environ)
+        env.update(pipeline.env)
+        env.update(
+            CONVEYOR_REQUEST_ID=str(task.request_id),
+            CONVEYOR_TASK_ID=str(task.id),
+            CONVEYOR_ATTEMPT=str(task.attempts),
+            CONVEYOR_WORK_DIR=str(ctx.work_dir),
+        )
+        ctx.log(f"$ {' '.join(argv)}")
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=pipeline.cwd or ctx.work_dir,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ctx.log(f"cannot start {argv[0]}: {exc.strerror}")
+            return ExecResult(ok=False, error=f"cannot start {argv[0]}: {exc.strerror}",
+                              retryable=False)
+        reason = self._pump(proc, ctx, deadline)
+        if reason is not None:
+            kill_group(proc)
+            ctx.log(f"killed: {reason}")
+            return ExecResult(ok=False, error=reason)
+        code = proc.wait()
+        # Anything the command left running in its group goes with it.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        ctx.log(f"exit code {code}")
+        if code == 0:
+            return ExecResult(ok=True, result={"exit_code": 0})
+        if code < 0:
+            return ExecResult(ok=False, error=f"killed by signal {-code}")
+        return ExecResult(ok=False, error=f"exit code {code}")
+
+    def _pump(
+        self, proc: subprocess.Popen[bytes], ctx: TaskContext, deadline: float | None
+    ) -> str | None:
+        """Copy output to the log and read progress lines until the command closes its
+        output; returns why it must be killed, or None."""
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        sel = selectors.DefaultSelector()
+        sel.register(fd, selectors.EVENT_READ)
+        buf = b""
+        try:
+            while True:
+                if ctx.stopping:
+                    return ctx.stop_reason or "stopped"
+                if deadline is not None and time.time() >= deadline:
+                    ctx.stop("timed out")
+                    return f"timed out after {ctx.task.timeout:g}s"
+                if not sel.select(timeout=0.2):
+                    continue
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    self._line(raw, ctx)
+            if buf:
+                self._line(buf, ctx)
+            return None
+        finally:
+            sel.close()
+            proc.stdout.close()
+
+    def _line(self, raw: bytes, ctx: TaskContext) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        progress = parse_progress_line(line)
+        if progress is not None:
+            ctx.report(progress)
+        ctx.log(line)

@@ -1,0 +1,63 @@
+"""Run a task as a Python callable, `handler(ctx)`, named `module:function` in the
+config. Its return value (JSON) becomes the task's result; an exception fails the
+attempt, and `NonRetryable` fails the task at once."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import traceback
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+from conveyor.executors import ExecResult, TaskContext
+from conveyor.pipelines import Pipeline
+
+
+class NonRetryable(Exception):  # noqa: N818 - it reads as what it tells the worker
+    """Raise from a handler to fail the task without further attempts."""
+
+
+class HandlerError(ValueError):
+    pass
+
+
+@cache
+def load_handler(path: str) -> Callable[[TaskContext], Any]:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HandlerError(f"cannot import handler module {module_name!r}: {exc}") from None
+    func = module
+    for part in attr.split("."):
+        func = getattr(func, part, None)  # type: ignore[assignment]
+        if func is None:
+            raise HandlerError(f"handler {path!r}: {module_name} has no {attr!r}")
+    if not callable(func):
+        raise HandlerError(f"handler {path!r} is not callable")
+    return func  # type: ignore[return-value]
+
+
+class PythonExecutor:
+    def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
+        assert pipeline.handler is not None
+        try:
+            handler = load_handler(pipeline.handler)
+        except HandlerError as exc:
+            return ExecResult(ok=False, error=str(exc), retryable=False)
+        try:
+            value = handler(ctx)
+        except NonRetryable as exc:
+            ctx.log(traceback.format_exc())
+            return ExecResult(ok=False, error=str(exc) or "failed", retryable=False)
+        except Exception as exc:
+            ctx.log(traceback.format_exc())
+            return ExecResult(ok=False, error=f"{type(exc).__name__}: {exc}")
+        if value is not None:
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                return ExecResult(ok=False, error=f"result is not JSON: {exc}", retryable=False)
+        return ExecResult(ok=True, result=value)

@@ -1,0 +1,146 @@
+"""Pipelines: a named, configured kind of processing, and checking what is submitted to it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jsonschema
+from jsonschema.validators import validator_for
+
+from conveyor.queues import DEFAULT_QUEUE
+from conveyor.requests import split_params
+from conveyor.tasks import RetryPolicy
+
+ExecutorKind = Literal["command", "python"]
+
+# {field} or {field.sub}; {{ and }} stand for literal braces.
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\}")
+
+
+class ParamsError(ValueError):
+    """Submitted params that the pipeline refuses; `path` names the failing field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def template_fields(template: str) -> list[str]:
+    """The placeholders of one argv item; raises on a stray brace."""
+    fields: list[str] = []
+    pos = 0
+    for m in _PLACEHOLDER.finditer(template):
+        stray = template[pos : m.start()]
+        if "{" in stray or "}" in stray:
+            raise TemplateError(f"stray brace in command item {template!r}")
+        if m.group(1):
+            fields.append(m.group(1))
+        pos = m.end()
+    if "{" in template[pos:] or "}" in template[pos:]:
+        raise TemplateError(f"stray brace in command item {template!r}")
+    return fields
+
+
+def _lookup(values: Mapping[str, Any], dotted: str) -> Any:
+    current: Any = values
+    for part in dotted.split("."):
+        if not isinstance(current, Mapping) or part not in current:
+            raise KeyError(dotted)
+        current = current[part]
+    return current
+
+
+def render_argv(command: tuple[str, ...], values: Mapping[str, Any]) -> list[str]:
+    """Fill `{field}` placeholders item by item. Each item stays one argument whatever
+    the value holds, so request data never reaches a shell."""
+    argv: list[str] = []
+    for item in command:
+
+        def fill(m: re.Match[str]) -> str:
+            if m.group(0) == "{{":
+                return "{"
+            if m.group(0) == "}}":
+                return "}"
+            try:
+                value = _lookup(values, m.group(1))
+            except KeyError:
+                raise TemplateError(f"the task's params have no field '{m.group(1)}'") from None
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            if not isinstance(value, str | int | float):
+                raise TemplateError(f"params field '{m.group(1)}' must be a string or number")
+            if isinstance(value, str) and "\0" in value:
+                raise TemplateError(f"params field '{m.group(1)}' holds a NUL byte")
+            return str(value)
+
+        argv.append(_PLACEHOLDER.sub(fill, item))
+    return argv
+
+
+_CHECK_CONTEXT = {"request_id": 0, "task_id": 0, "attempt": 1, "work_dir": ".", "python": "python"}
+
+
+def command_values(task_params: Any, context: Mapping[str, Any]) -> dict[str, Any]:
+    """What a command template may name: the task's params, and `conveyor.*` (request_id,
+    task_id, attempt, work_dir, python: this interpreter), which params cannot override."""
+    values = dict(task_params) if isinstance(task_params, Mapping) else {"params": task_params}
+    values["conveyor"] = dict(context)
+    return values
+
+
+def json_path(path: Any) -> str:
+    out = "$"
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    executor: ExecutorKind
+    command: tuple[str, ...] = ()
+    handler: str | None = None
+    split: str | None = None
+    schema: Mapping[str, Any] | None = None
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    timeout: float | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    concurrency: int | None = None
+    cache: float | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    description: str = ""
+
+    def check_params(self, params: Any) -> list[Any]:
+        """Validate submitted params; return each task's params."""
+        if self.schema is not None:
+            cls = validator_for(self.schema)
+            errors = sorted(
+                cls(self.schema).iter_errors(params),
+                key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))),
+            )
+            if errors:
+                best = jsonschema.exceptions.best_match(errors) or errors[0]
+                raise ParamsError(json_path(best.absolute_path), best.message)
+        try:
+            tasks = split_params(params, self.split)
+        except ValueError as exc:
+            raise ParamsError(f"$.{self.split}" if self.split else "$", str(exc)) from None
+        if self.executor == "command":
+            for i, task_params in enumerate(tasks):
+                try:
+                    render_argv(self.command, command_values(task_params, _CHECK_CONTEXT))
+                except TemplateError as exc:
+                    where = f"$.{self.split}[{i}]" if self.split else "$"
+                    raise ParamsError(where, str(exc)) from None
+        return tasks

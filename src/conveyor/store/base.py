@@ -1,0 +1,148 @@
+"""The store's one narrow interface: domain verbs over requests, tasks, events, workers
+and queues. Dialect differences stay behind it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from conveyor.events import Event
+from conveyor.queues import QueueStats
+from conveyor.requests import NewRequest, Request
+from conveyor.tasks import Outcome, Progress, RetryPolicy, Task
+
+
+class StoreError(Exception):
+    pass
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    """The change contradicts what is stored (e.g. an idempotency key reused for other
+    params, or a retry of a request that is still running)."""
+
+
+class Unavailable(StoreError):
+    """The database cannot be reached."""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    concurrency: int
+    status: str = "running"
+    running: int = 0
+    started_at: float = 0.0
+    last_heartbeat: float = 0.0
+    stopped_at: float | None = None
+
+
+@dataclass(frozen=True)
+class RequestFilter:
+    status: str | None = None
+    pipeline: str | None = None
+    queue: str | None = None
+    submitter: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    before_id: int | None = None  # cursor: only requests older than this id
+    limit: int = 50
+
+
+@dataclass(frozen=True)
+class Submitted:
+    request: Request
+    created: bool  # False when an idempotency key returned an existing request
+
+
+@dataclass(frozen=True)
+class Claimed:
+    tasks: list[Task]
+
+
+class Listener(Protocol):
+    def wait(self, timeout: float) -> bool:
+        """Block until there may be new work (True) or `timeout` passes (False)."""
+
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    url: str
+    dialect: str
+
+    def upgrade(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def ping(self) -> None: ...
+
+    # requests
+    def submit(self, new: NewRequest, now: float) -> Submitted: ...
+
+    def submit_many(self, batch: Sequence[NewRequest], now: float) -> list[Submitted]: ...
+
+    def get_request(self, request_id: int, with_tasks: bool = True) -> Request | None: ...
+
+    def list_requests(self, flt: RequestFilter) -> list[Request]: ...
+
+    def cancel_request(self, request_id: int, now: float) -> Request: ...
+
+    def retry_request(self, request_id: int, extra_attempts: int, now: float) -> Request: ...
+
+    # tasks
+    def get_task(self, task_id: int) -> Task | None: ...
+
+    def claim(
+        self,
+        worker_id: str,
+        queues: Sequence[str],
+        n: int,
+        lease: float,
+        now: float,
+        limits: Mapping[str, int] | None = None,
+    ) -> list[Task]: ...
+
+    def heartbeat(self, worker_id: str, lease: float, now: float, running: int) -> set[int]: ...
+
+    def finish(self, worker_id: str, outcomes: Sequence[Outcome], now: float) -> list[int]: ...
+
+    def report_progress(
+        self, worker_id: str, task_id: int, progress: Progress, now: float
+    ) -> bool: ...
+
+    def expire_leases(
+        self, now: float, policies: Mapping[str, RetryPolicy]
+    ) -> list[int]: ...
+
+    # queues
+    def pause(self, queue: str, now: float) -> None: ...
+
+    def resume(self, queue: str, now: float) -> None: ...
+
+    def paused_queues(self) -> set[str]: ...
+
+    def queue_stats(self) -> list[QueueStats]: ...
+
+    # workers
+    def register_worker(self, info: WorkerInfo, now: float) -> None: ...
+
+    def stop_worker(self, worker_id: str, now: float) -> None: ...
+
+    def list_workers(self, alive_since: float | None = None) -> list[WorkerInfo]: ...
+
+    # events
+    def events(
+        self, after_id: int = 0, request_id: int | None = None, limit: int = 1000
+    ) -> list[Event]: ...
+
+    def listener(self) -> Listener: ...
+
+    def count_tasks(self, **where: Any) -> int: ...

@@ -1,0 +1,281 @@
+"""PostgreSQL: for production and for many workers on many machines.
+
+Claims take `FOR UPDATE SKIP LOCKED` over the partial index of queued tasks, so workers
+never wait for each other; bulk writes use COPY and `unnest`; a committed submit, retry or
+resume sends NOTIFY, and idle workers LISTEN (polling stays as the fallback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, NamedTuple
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+
+from conveyor.store.base import Listener
+from conveyor.store.sql import TASK_COLUMNS, EventRow, SQLStore, typed_tasks
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "conveyor"
+_LIMITS_LOCK = 0x636F6E76  # an advisory-lock key of Conveyor's own
+_TASK_INSERT = [
+    "request_id", "seq", "pipeline", "queue", "priority", "params", "status", "attempts",
+    "max_attempts", "timeout", "available_at", "created_at", "progress_current",
+]
+_EVENT_INSERT = ["ts", "kind", "request_id", "task_id", "pipeline", "queue", "data"]
+_RETURNING = ", ".join(f"t.{c}" for c in TASK_COLUMNS)
+_CLAIM_SET = (
+    "status = 'running', attempts = t.attempts + 1, lease_owner = :w, "
+    "lease_expires_at = :exp, started_at = :now, finished_at = NULL, error = NULL, "
+    "progress_current = 0, progress_total = NULL, progress_message = NULL"
+)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Accept libpq-style URLs (`postgresql://user@host:port/db`) as well as
+    SQLAlchemy's, and always use psycopg 3."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def libpq_url(url: str) -> str:
+    for prefix in ("postgresql+psycopg://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix) :]
+    return url
+
+
+def _jsontext(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+class _Changed(NamedTuple):
+    id: int
+    request_id: int
+    pipeline: str
+    queue: str
+    attempts: int
+    status: str
+
+
+class PostgresStore(SQLStore):
+    dialect = "postgresql"
+    claim_records_events = True
+
+    def __init__(self, url: str) -> None:
+        engine = sa.create_engine(
+            sqlalchemy_url(url),
+            pool_size=8,
+            max_overflow=8,
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": 10},
+        )
+        super().__init__(url, engine)
+
+    # COPY is the fastest way in; it runs inside the caller's transaction.
+    def _copy(self, conn: Connection, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+        raw = conn.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection)
+        with raw.cursor() as cur, cur.copy(
+            f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+        ) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def _insert_tasks(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        self._copy(
+            conn,
+            "tasks",
+            _TASK_INSERT,
+            [
+                tuple(_jsontext(r[c]) if c == "params" else r[c] for c in _TASK_INSERT)
+                for r in rows
+            ],
+        )
+
+    def _insert_events(self, conn: Connection, rows: list[EventRow]) -> None:
+        if rows:
+            self._copy(
+                conn,
+                "events",
+                _EVENT_INSERT,
+                [
+                    tuple(_jsontext(r[c]) if c == "data" else r[c] for c in _EVENT_INSERT)
+                    for r in rows
+                ],
+            )
+
+    def _notify(self, conn: Connection, topic: str) -> None:
+        conn.execute(sa.text("SELECT pg_notify(:ch, :topic)"), {"ch": CHANNEL, "topic": topic})
+
+    def _claim_prelude(
+        self, conn: Connection, limited: list[str]
+    ) -> tuple[set[str], dict[str, int]]:
+        # One round trip: the lock (when limits apply), the paused queues and the counts.
+        row = conn.execute(
+            sa.text(
+                "SELECT CASE WHEN :lock THEN pg_advisory_xact_lock(:k) END, "
+                "(SELECT coalesce(array_agg(name), '{}') FROM queue_settings WHERE paused), "
+                "(SELECT coalesce(json_object_agg(pipeline, n), '{}') FROM "
+                " (SELECT pipeline, count(*) AS n FROM tasks WHERE status = 'running' "
+                "  AND pipeline = ANY(CAST(:lim AS text[])) GROUP BY pipeline) AS c)"
+            ),
+            {"lock": bool(limited), "k": _LIMITS_LOCK, "lim": limited},
+        ).one()
+        return set(row[1]), {k: int(v) for k, v in (row[2] or {}).items()}
+
+    # The claim, its events and the start of the requests it touches: one statement.
+    _CLAIM_TAIL = (
+        # `= ANY(ARRAY(...))` keeps both updates on the primary keys
+        f"claimed AS (UPDATE tasks t SET {_CLAIM_SET} "
+        f"WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) RETURNING {_RETURNING}), "
+        "started AS (UPDATE requests r SET status = 'running', started_at = :now "
+        "WHERE r.id = ANY(ARRAY(SELECT DISTINCT request_id FROM claimed)) "
+        "AND r.status = 'requested' "
+        "RETURNING r.id, r.pipeline, r.queue), "
+        "ev AS (INSERT INTO events (ts, kind, request_id, task_id, pipeline, queue, data) "
+        "SELECT :now, 'request.running', id, NULL, pipeline, queue, NULL FROM started "
+        "UNION ALL SELECT :now, 'task.running', request_id, id, pipeline, queue, "
+        "json_build_object('attempt', attempts, 'worker', CAST(:w AS text)) FROM claimed) "
+        "SELECT * FROM claimed"
+    )
+
+    def _claim_rows(
+        self,
+        conn: Connection,
+        queue: str,
+        n: int,
+        exclude: list[str],
+        worker_id: str,
+        expires: float,
+        now: float,
+    ) -> list[Row[Any]]:
+        extra = " AND pipeline <> ALL(:x)" if exclude else ""
+        rows = conn.execute(
+            typed_tasks(
+                "WITH picked AS (SELECT id FROM tasks WHERE status = 'queued' AND queue = :q "
+                f"AND available_at <= :now{extra} ORDER BY priority DESC, id LIMIT :n "
+                f"FOR UPDATE SKIP LOCKED), {self._CLAIM_TAIL}"
+            ),
+            {"q": queue, "now": now, "n": n, "w": worker_id, "exp": expires, "x": exclude},
+        ).all()
+        return sorted(rows, key=lambda r: (-r.priority, r.id))
+
+    def _candidates(
+        self, conn: Connection, queue: str, n: int, exclude: list[str], now: float
+    ) -> list[tuple[int, str]]:
+        extra = " AND pipeline <> ALL(:x)" if exclude else ""
+        rows = conn.execute(
+            sa.text(
+                "SELECT id, pipeline FROM tasks WHERE status = 'queued' AND queue = :q "
+                f"AND available_at <= :now{extra} ORDER BY priority DESC, id LIMIT :n "
+                "FOR UPDATE SKIP LOCKED"
+            ),
+            {"q": queue, "now": now, "n": n, "x": exclude},
+        ).all()
+        return [(r[0], r[1]) for r in rows]
+
+    def _mark_claimed(
+        self, conn: Connection, ids: list[int], worker_id: str, expires: float, now: float
+    ) -> list[Row[Any]]:
+        rows = conn.execute(
+            typed_tasks(
+                "WITH picked AS (SELECT id FROM tasks WHERE id = ANY(CAST(:ids AS bigint[])) "
+                f"AND status = 'queued'), {self._CLAIM_TAIL}"
+            ),
+            {"ids": ids, "w": worker_id, "exp": expires, "now": now},
+        ).all()
+        return sorted(rows, key=lambda r: (-r.priority, r.id))
+
+    def _apply_changes(
+        self, conn: Connection, changes: list[dict[str, Any]], now: float
+    ) -> tuple[list[Any], list[Any]]:
+        # Guarded update, events and request counters in one statement: the database
+        # does the per-row work.
+        ids = [c["id"] for c in changes]
+        row = conn.execute(
+            sa.text(_APPLY_CHANGES),
+            {"changes": json.dumps(changes, separators=(",", ":")), "ids": ids, "now": now},
+        ).one()
+        return [_Changed(*r) for r in row[0]], sorted(row[1], key=lambda r: r["id"])
+
+    def listener(self) -> Listener:
+        return _PgListener(libpq_url(self.url))
+
+
+class _PgListener:
+    """LISTEN on a connection of its own. If that connection is lost it says "maybe
+    work" and reconnects on the next wait, so the worker falls back to polling."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+            self._conn.execute(f"LISTEN {CHANNEL}")
+        return self._conn
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            conn = self._connect()
+            got = False
+            for _ in conn.notifies(timeout=timeout, stop_after=1):
+                got = True
+            if got:
+                # drain whatever else is pending without waiting
+                for _ in conn.notifies(timeout=0.0):
+                    pass
+            return got
+        except psycopg.Error as exc:
+            log.warning("lost the notification connection (%s); polling instead", exc)
+            self.close()
+            time.sleep(min(timeout, 1.0))
+            return True
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+# The changes travel as one JSON array (cheaper to send than eleven arrays).
+_APPLY_CHANGES = (
+    "WITH v AS (SELECT * FROM json_to_recordset(CAST(:changes AS json)) "
+    "AS v(id bigint, status text, result text, error text, available_at float8, "
+    "finished_at float8, delta int, owner text, expires float8, kind text, data text)), "
+    "upd AS (UPDATE tasks t SET status = v.status, result = CAST(v.result AS json), "
+    "error = v.error, available_at = COALESCE(v.available_at, t.available_at), "
+    "finished_at = v.finished_at, attempts = t.attempts + v.delta, "
+    "lease_expires_at = NULL FROM v "
+    "WHERE t.id = v.id AND t.id = ANY(CAST(:ids AS bigint[])) "
+    "AND t.status = 'running' AND t.lease_owner = v.owner "
+    "AND (v.expires IS NULL OR t.lease_expires_at = v.expires) "
+    "RETURNING t.id, t.request_id, t.pipeline, t.queue, t.attempts, t.status), "
+    "ev AS (INSERT INTO events (ts, kind, request_id, task_id, pipeline, queue, data) "
+    "SELECT :now, v.kind, upd.request_id, upd.id, upd.pipeline, upd.queue, "
+    "CAST(v.data AS json) FROM upd JOIN v ON v.id = upd.id ORDER BY upd.id), "
+    "cnt AS (SELECT request_id, "
+    "count(*) FILTER (WHERE status = 'succeeded') AS s, "
+    "count(*) FILTER (WHERE status = 'failed') AS f, "
+    "count(*) FILTER (WHERE status = 'cancelled') AS c "
+    "FROM upd GROUP BY request_id), "
+    "req AS (UPDATE requests r SET tasks_succeeded = r.tasks_succeeded + cnt.s, "
+    "tasks_failed = r.tasks_failed + cnt.f, "
+    "tasks_cancelled = r.tasks_cancelled + cnt.c FROM cnt "
+    "WHERE r.id = cnt.request_id AND cnt.s + cnt.f + cnt.c > 0 "
+    "RETURNING r.id, r.status, r.pipeline, r.queue, r.tasks_total, "
+    "r.tasks_succeeded, r.tasks_failed, r.tasks_cancelled, r.started_at) "
+    "SELECT (SELECT coalesce(json_agg(json_build_array(id, request_id, pipeline, "
+    "queue, attempts, status)), '[]') FROM upd), "
+    "(SELECT coalesce(json_agg(req), '[]') FROM req)"
+)

@@ -1,0 +1,136 @@
+"""The one schema, for SQLite and PostgreSQL. Alembic migrations must equal it.
+
+Times are seconds since the epoch (double precision): the same arithmetic and grouping
+(per hour, per day) works in both databases, and comparisons are cheap.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Time = sa.Double()
+
+requests = sa.Table(
+    "requests",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("pipeline", sa.Text, nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("params_hash", sa.Text, nullable=False),
+    sa.Column("queue", sa.Text, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("idempotency_key", sa.Text, nullable=True),
+    sa.Column("submitter", sa.Text, nullable=True),
+    sa.Column("cacheable", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("reused_request_id", BigId, sa.ForeignKey("requests.id"), nullable=True),
+    sa.Column("tasks_total", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("tasks_succeeded", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("tasks_failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("tasks_cancelled", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("started_at", Time, nullable=True),
+    sa.Column("finished_at", Time, nullable=True),
+    sa.Index("ix_requests_idempotency_key", "idempotency_key", unique=True),
+    sa.Index("ix_requests_cache", "pipeline", "params_hash", "finished_at"),
+    sa.Index("ix_requests_status", "status"),
+    sa.Index("ix_requests_created_at", "created_at"),
+)
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("request_id", BigId, sa.ForeignKey("requests.id"), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("pipeline", sa.Text, nullable=False),
+    sa.Column("queue", sa.Text, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("params", sa.JSON, nullable=True),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("timeout", sa.Double, nullable=True),
+    sa.Column("available_at", Time, nullable=False),
+    sa.Column("lease_owner", sa.Text, nullable=True),
+    sa.Column("lease_expires_at", Time, nullable=True),
+    sa.Column("progress_current", sa.Double, nullable=False, server_default="0"),
+    sa.Column("progress_total", sa.Double, nullable=True),
+    sa.Column("progress_message", sa.Text, nullable=True),
+    sa.Column("result", sa.JSON, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("started_at", Time, nullable=True),
+    sa.Column("finished_at", Time, nullable=True),
+    sa.Index("ix_tasks_request_id", "request_id"),
+    # The claim reads only this partial index: its size follows the queued backlog,
+    # and the order is the claim order (priority, then FIFO).
+    sa.Index(
+        "ix_tasks_claim",
+        "queue",
+        sa.text("priority DESC"),
+        "id",
+        postgresql_where=sa.text("status = 'queued'"),
+        sqlite_where=sa.text("status = 'queued'"),
+    ),
+    sa.Index(
+        "ix_tasks_running",
+        "lease_expires_at",
+        postgresql_where=sa.text("status = 'running'"),
+        sqlite_where=sa.text("status = 'running'"),
+    ),
+    sa.Index(
+        "ix_tasks_running_pipeline",
+        "pipeline",
+        postgresql_where=sa.text("status = 'running'"),
+        sqlite_where=sa.text("status = 'running'"),
+    ),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("ts", Time, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("request_id", BigId, nullable=True),
+    sa.Column("task_id", BigId, nullable=True),
+    sa.Column("pipeline", sa.Text, nullable=True),
+    sa.Column("queue", sa.Text, nullable=True),
+    sa.Column("data", sa.JSON, nullable=True),
+    sa.Index("ix_events_request_id", "request_id"),
+    sa.Index("ix_events_ts", "ts"),
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("queues", sa.JSON, nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("running", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("started_at", Time, nullable=False),
+    sa.Column("last_heartbeat", Time, nullable=False),
+    sa.Column("stopped_at", Time, nullable=True),
+)
+
+queue_settings = sa.Table(
+    "queue_settings",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("updated_at", Time, nullable=False),
+)

@@ -1,0 +1,152 @@
+"""SQLite: the embedded default. One file in WAL mode; writers take the write lock when
+their transaction begins (BEGIN IMMEDIATE), so concurrent writers queue instead of
+failing on a lock upgrade, and a claim is one `UPDATE … RETURNING`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Row
+
+from conveyor.store.sql import TASK_COLUMNS, SQLStore, typed_tasks
+
+_RETURNING = ", ".join(TASK_COLUMNS)
+_CLAIM_SET = (
+    "status = 'running', attempts = attempts + 1, lease_owner = :w, "
+    "lease_expires_at = :exp, started_at = :now, finished_at = NULL, error = NULL, "
+    "progress_current = 0, progress_total = NULL, progress_message = NULL"
+)
+
+
+class _Changed(NamedTuple):
+    id: int
+    request_id: int
+    pipeline: str
+    queue: str
+    attempts: int
+    status: str
+
+
+def _excluded(exclude: list[str]) -> tuple[str, dict[str, Any]]:
+    if not exclude:
+        return "", {}
+    names = {f"x{i}": p for i, p in enumerate(exclude)}
+    return f" AND pipeline NOT IN ({', '.join(':' + k for k in names)})", names
+
+
+class SQLiteStore(SQLStore):
+    dialect = "sqlite"
+
+    def __init__(self, url: str) -> None:
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn: Any, _record: Any) -> None:
+            # Transactions are begun below, not by the driver.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            if conn.get_execution_options().get("conveyor_readonly"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        super().__init__(url, engine)
+
+    def _claim_rows(
+        self,
+        conn: Connection,
+        queue: str,
+        n: int,
+        exclude: list[str],
+        worker_id: str,
+        expires: float,
+        now: float,
+    ) -> list[Row[Any]]:
+        extra, binds = _excluded(exclude)
+        return conn.execute(
+            typed_tasks(
+                f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN ("
+                "SELECT id FROM tasks INDEXED BY ix_tasks_claim "
+                "WHERE status = 'queued' AND queue = :q AND available_at <= :now"
+                f"{extra} ORDER BY priority DESC, id LIMIT :n) RETURNING {_RETURNING}"
+            ),
+            {"q": queue, "now": now, "n": n, "w": worker_id, "exp": expires, **binds},
+        ).all()
+
+    def _candidates(
+        self, conn: Connection, queue: str, n: int, exclude: list[str], now: float
+    ) -> list[tuple[int, str]]:
+        extra, binds = _excluded(exclude)
+        rows = conn.execute(
+            sa.text(
+                "SELECT id, pipeline FROM tasks INDEXED BY ix_tasks_claim "
+                "WHERE status = 'queued' AND queue = :q AND available_at <= :now"
+                f"{extra} ORDER BY priority DESC, id LIMIT :n"
+            ),
+            {"q": queue, "now": now, "n": n, **binds},
+        ).all()
+        return [(r[0], r[1]) for r in rows]
+
+    def _mark_claimed(
+        self, conn: Connection, ids: list[int], worker_id: str, expires: float, now: float
+    ) -> list[Row[Any]]:
+        return conn.execute(
+            typed_tasks(
+                f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN :ids AND status = 'queued' "
+                f"RETURNING {_RETURNING}"
+            ).bindparams(sa.bindparam("ids", expanding=True)),
+            {"ids": ids, "w": worker_id, "exp": expires, "now": now},
+        ).all()
+
+    def _update_running(self, conn: Connection, changes: list[dict[str, Any]]) -> list[Row[Any]]:
+        # This transaction holds SQLite's write lock (BEGIN IMMEDIATE), so the guard can be
+        # checked with one read and the updates applied with one executemany; the guard
+        # stays in the UPDATE as well.
+        by_id = {c["id"]: c for c in changes}
+        current = conn.execute(
+            sa.text(
+                "SELECT id, request_id, pipeline, queue, attempts, status, lease_owner, "
+                "lease_expires_at FROM tasks WHERE id IN (SELECT value FROM json_each(:ids))"
+            ),
+            {"ids": json.dumps(list(by_id))},
+        ).all()
+        applied = []
+        rows = []
+        for r in current:
+            c = by_id[r.id]
+            if r.status != "running" or r.lease_owner != c["owner"]:
+                continue
+            if c["expires"] is not None and r.lease_expires_at != c["expires"]:
+                continue
+            applied.append(c)
+            rows.append(_Changed(r.id, r.request_id, r.pipeline, r.queue,
+                                 r.attempts + c["delta"], c["status"]))
+        if applied:
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.executemany(
+                    "UPDATE tasks SET status = :status, result = :result, error = :error, "
+                    "available_at = COALESCE(:available_at, available_at), "
+                    "finished_at = :finished_at, attempts = attempts + :delta, "
+                    "lease_expires_at = NULL WHERE id = :id AND status = 'running' "
+                    "AND lease_owner = :owner",
+                    applied,
+                )
+            finally:
+                cursor.close()
+        return rows  # type: ignore[return-value]

@@ -1,0 +1,375 @@
+"""The worker: claims tasks in batches, runs them concurrently, keeps their leases alive,
+and reports outcomes in batches. It fetches, decides (pure functions in `tasks`), and
+persists; nothing else.
+
+Threads: the main loop (claims, cancellations, time-outs, lease expiry), `concurrency`
+runners that execute attempts, a finisher that records outcomes in batches (so claiming
+and recording overlap), a heartbeat and a listener for database notifications.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from conveyor.app import Conveyor
+from conveyor.executors import ExecResult, TaskContext, executor_for
+from conveyor.pipelines import Pipeline
+from conveyor.queues import order_queues
+from conveyor.store import Unavailable, WorkerInfo
+from conveyor.tasks import Outcome, Progress, Task, TaskAction, decide_retry
+
+log = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    queues: Sequence[str] = ()  # empty: every configured queue
+    concurrency: int = 4
+    lease: float | None = None  # seconds; None: the config's
+    burst: bool = False
+    batch: int | None = None  # most tasks claimed at once; None: up to the free slots
+    poll_interval: float | None = None
+    grace: float = 30.0  # on SIGTERM, how long running tasks may take before release
+    linger: float = 0.002  # how long finished outcomes may wait to be written together
+
+
+@dataclass
+class _Running:
+    task: Task
+    ctx: TaskContext
+    pipeline: Pipeline
+    deadline: float | None
+    finished: bool = False  # the attempt's thread has returned
+    settled: bool = False  # its outcome is decided elsewhere (lost, timed out, released)
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    released: int = 0
+    lost: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class Worker:
+    def __init__(self, app: Conveyor, opts: WorkerOptions | None = None) -> None:
+        self.app = app
+        self.opts = opts or WorkerOptions()
+        self.store = app.store
+        self.id = new_worker_id()
+        cfg = app.config
+        self.queues = order_queues(self.opts.queues or cfg.queue_order, cfg.queue_order)
+        self.lease = self.opts.lease or cfg.lease
+        self.poll = self.opts.poll_interval or cfg.poll_interval
+        self.batch = self.opts.batch or max(1, self.opts.concurrency)
+        self.stats = WorkerStats()
+        # Only the main loop changes _running; the other threads read it.
+        self._running: dict[int, _Running] = {}
+        self._todo: queue.SimpleQueue[_Running | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[_Running, ExecResult] | None] = queue.SimpleQueue()
+        self._recorded: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
+        self._lost: queue.SimpleQueue[set[int]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._hard_stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # control ------------------------------------------------------------------
+    def stop(self, hard: bool = False) -> None:
+        """Stop claiming; running tasks finish (or, with `hard`, are released now)."""
+        if self._stopping.is_set() or hard:
+            self._hard_stop.set()
+        self._stopping.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %s: stopping (again to release running tasks now)", signum)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    # the loop -----------------------------------------------------------------
+    def run(self) -> WorkerStats:
+        self.store.register_worker(
+            WorkerInfo(
+                id=self.id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                queues=tuple(self.queues),
+                concurrency=self.opts.concurrency,
+            ),
+            self.app.clock(),
+        )
+        runners = [self._spawn(self._runner, f"conveyor-task-{i}")
+                   for i in range(self.opts.concurrency)]
+        finisher = self._spawn(self._finisher, "conveyor-finish")
+        self._spawn(self._heartbeat_loop, "conveyor-heartbeat")
+        self._spawn(self._listen_loop, "conveyor-listen")
+        next_expiry = 0.0
+        stop_deadline: float | None = None
+        try:
+            while True:
+                now = self.app.clock()
+                self._drop_recorded()
+                self._handle_lost()
+                self._enforce_deadlines(now)
+                busy = False
+                if self._stopping.is_set():
+                    if stop_deadline is None:
+                        stop_deadline = time.monotonic() + self.opts.grace
+                    if self._hard_stop.is_set() or time.monotonic() >= stop_deadline:
+                        self._release_unsettled()
+                    if not self._running:
+                        break
+                else:
+                    busy = self._claim(now)
+                if now >= next_expiry:
+                    next_expiry = now + self.lease / 2
+                    self._expire(now)
+                if self.opts.burst and not self._running and not busy:
+                    break
+                if not busy:
+                    self._wake.wait(self.poll if not self._running else min(self.poll, 0.2))
+                    self._wake.clear()
+        finally:
+            self._stopping.set()
+            self._hard_stop.set()
+            self._wake.set()
+            self._release_unsettled()
+            for _ in runners:
+                self._todo.put(None)
+            self._wait_runners(10.0)
+            self._done.put(None)
+            finisher.join(timeout=30)
+            try:
+                self.store.stop_worker(self.id, self.app.clock())
+            except Unavailable:
+                log.warning("could not record this worker as stopped: database unavailable")
+            for t in self._threads:
+                t.join(timeout=5)
+        return self.stats
+
+    def _spawn(self, target: object, name: str) -> threading.Thread:
+        t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        t.start()
+        self._threads.append(t)
+        return t
+
+    # claiming -----------------------------------------------------------------
+    def _claim(self, now: float) -> bool:
+        free = self.opts.concurrency - len(self._running)
+        # Wait for a useful batch of free slots, so a busy worker does not claim one by one.
+        if free <= 0 or (self._running and free < min(self.batch, self.opts.concurrency) // 4):
+            return False
+        try:
+            tasks = self.store.claim(
+                self.id,
+                self.queues,
+                min(free, self.batch),
+                self.lease,
+                now,
+                limits=self.app.concurrency_limits,
+            )
+        except Unavailable as exc:
+            log.warning("claim failed, database unavailable: %s", exc)
+            self._wake.wait(min(self.poll, 2.0))
+            return False
+        for task in tasks:
+            self._start(task)
+        self.stats.claimed += len(tasks)
+        return bool(tasks)
+
+    def _start(self, task: Task) -> None:
+        app = self.app
+        pipeline = app.config.pipelines.get(task.pipeline)
+        if pipeline is None:
+            # A pipeline removed from the config while its tasks waited.
+            self._record([Outcome(task.id, TaskAction.FAIL,
+                                  error=f"pipeline {task.pipeline!r} is not configured")])
+            return
+
+        def paths(t: Task = task) -> tuple[Path, Path]:
+            return (app.artifacts.log_path(t.request_id, t.id, t.attempts),
+                    app.artifacts.work_dir(t.request_id, t.id))
+
+        def report(progress: Progress, task_id: int = task.id) -> None:
+            try:
+                self.store.report_progress(self.id, task_id, progress, app.clock())
+            except Unavailable:
+                pass  # progress is advisory; the outcome is what must not be lost
+
+        deadline = app.clock() + task.timeout if task.timeout else None
+        run = _Running(task, TaskContext(task, paths, report), pipeline, deadline)
+        self._running[task.id] = run
+        self._todo.put(run)
+
+    def _runner(self) -> None:
+        while True:
+            run = self._todo.get()
+            if run is None:
+                return
+            try:
+                result = executor_for(run.pipeline).run(run.pipeline, run.ctx, run.deadline)
+            except Exception as exc:  # an executor bug must not lose the task
+                log.exception("executor failed on task %s", run.task.id)
+                result = ExecResult(ok=False, error=f"executor error: {exc}")
+            finally:
+                run.ctx.flush_progress()
+                run.ctx.close()
+            run.finished = True
+            self._done.put((run, result))
+
+    # recording outcomes ------------------------------------------------------------
+    def _outcome(self, run: _Running, res: ExecResult) -> Outcome:
+        task = run.task
+        if res.ok:
+            return Outcome(task.id, TaskAction.SUCCEED, result=res.result)
+        if not res.retryable:
+            return Outcome(task.id, TaskAction.FAIL, error=res.error)
+        decision = decide_retry(task.attempts, task.max_attempts, run.pipeline.retry)
+        return Outcome(task.id, decision.action, error=res.error, delay=decision.delay)
+
+    def _finisher(self) -> None:
+        """Record finished attempts, as many at a time as have finished."""
+        while True:
+            item = self._done.get()
+            if item is None:
+                return
+            if self.opts.linger and self._done.qsize() < len(self._running) // 4:
+                time.sleep(self.opts.linger)  # let outcomes that finish together share a write
+            items = [item]
+            while not self._done.empty():
+                more = self._done.get()
+                if more is None:
+                    self._done.put(None)
+                    break
+                items.append(more)
+            outcomes = [self._outcome(run, res) for run, res in items if not run.settled]
+            self._record(outcomes)
+            self._recorded.put([run.task.id for run, _ in items])
+            self._wake.set()
+
+    def _record(self, outcomes: list[Outcome]) -> None:
+        """Write outcomes, retrying while the database is away: an attempt's result is
+        never dropped while the worker lives (if it dies, the lease expires instead)."""
+        if not outcomes:
+            return
+        delay = 0.2
+        while True:
+            try:
+                applied = set(self.store.finish(self.id, outcomes, self.app.clock()))
+                break
+            except Unavailable as exc:
+                log.warning("cannot record outcomes (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        for o in outcomes:
+            if o.task_id not in applied:
+                self.stats.lost += 1  # cancelled or expired meanwhile: not ours any more
+            elif o.action == TaskAction.SUCCEED:
+                self.stats.succeeded += 1
+            elif o.action == TaskAction.FAIL:
+                self.stats.failed += 1
+            elif o.action == TaskAction.RETRY:
+                self.stats.retried += 1
+            elif o.action == TaskAction.RELEASE:
+                self.stats.released += 1
+
+    def _drop_recorded(self) -> None:
+        while not self._recorded.empty():
+            for task_id in self._recorded.get():
+                self._running.pop(task_id, None)
+
+    def _enforce_deadlines(self, now: float) -> None:
+        for run in list(self._running.values()):
+            if run.deadline is not None and now >= run.deadline and not run.settled:
+                # A command is killed by its executor; a Python handler cannot be killed,
+                # so it is asked to stop and its attempt is failed now. Its slot stays
+                # taken until its thread returns, so concurrency is honoured.
+                run.ctx.stop("timed out")
+                if run.pipeline.executor == "python":
+                    run.settled = True
+                    res = ExecResult(ok=False, error=f"timed out after {run.task.timeout:g}s")
+                    self._record([self._outcome(run, res)])
+
+    def _handle_lost(self) -> None:
+        while not self._lost.empty():
+            for task_id in self._lost.get():
+                run = self._running.get(task_id)
+                if run is None or run.settled or run.finished:
+                    continue
+                log.info("task %s was cancelled or its lease lost: stopping it", task_id)
+                run.settled = True
+                run.ctx.stop("cancelled")
+                self.stats.lost += 1
+
+    def _release_unsettled(self) -> None:
+        """Hand running attempts back to the queue (their attempt not counted)."""
+        unsettled = [r for r in self._running.values() if not r.settled and not r.finished]
+        for run in unsettled:
+            run.settled = True
+            run.ctx.stop("worker stopping")
+        if unsettled:
+            self._record([Outcome(r.task.id, TaskAction.RELEASE) for r in unsettled])
+
+    def _wait_runners(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(not r.finished for r in list(self._running.values())):
+            if time.monotonic() > deadline:
+                log.warning("some attempts did not stop in time; leaving them")
+                return
+            time.sleep(0.05)
+
+    def _expire(self, now: float) -> None:
+        try:
+            expired = self.store.expire_leases(now, self.app.retry_policies)
+        except Unavailable:
+            return
+        if expired:
+            log.info("returned %d tasks with expired leases", len(expired))
+
+    # background threads ----------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        interval = max(0.2, min(self.lease / 3, 2.0))
+        while not self._hard_stop.wait(interval):
+            snapshot = {tid for tid, r in list(self._running.items())
+                        if not r.settled and not r.finished}
+            try:
+                owned = self.store.heartbeat(self.id, self.lease, self.app.clock(),
+                                             len(snapshot))
+            except Unavailable as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            lost = snapshot - owned
+            if lost:
+                self._lost.put(lost)
+                self._wake.set()
+
+    def _listen_loop(self) -> None:
+        listener = self.store.listener()
+        try:
+            while not self._stopping.is_set():
+                if listener.wait(self.poll):
+                    self._wake.set()
+        finally:
+            listener.close()
