@@ -99,7 +99,7 @@ class Conveyor:
             raise NotFound(f"no request {request_id}")
         return req
 
-    def list(self, flt: RequestFilter) -> list[Request]:
+    def list_requests(self, flt: RequestFilter) -> list[Request]:
         return self.store.list_requests(flt)
 
     def cancel(self, request_id: int) -> Request:
@@ -107,9 +107,11 @@ class Conveyor:
 
     def retry(self, request_id: int) -> Request:
         req = self.get(request_id, with_tasks=False)
-        extra = self.config.pipelines[req.pipeline].retry.max_attempts if (
-            req.pipeline in self.config.pipelines
-        ) else 1
+        extra = (
+            self.config.pipelines[req.pipeline].retry.max_attempts
+            if (req.pipeline in self.config.pipelines)
+            else 1
+        )
         return self.store.retry_request(request_id, extra, self.clock())
 
     def wait(
@@ -176,5 +178,7 @@ class Conveyor:
         since = self.clock() - 3 * self.config.lease if alive_only else None
         return self.store.list_workers(alive_since=since)
 
-    def events(self, after_id: int = 0, request_id: int | None = None, limit: int = 1000) -> list[Event]:
+    def events(
+        self, after_id: int = 0, request_id: int | None = None, limit: int = 1000
+    ) -> list[Event]:
         return self.store.events(after_id, request_id, limit)

@@ -94,20 +94,33 @@ def enqueue(store: Store, n_tasks: int, per_request: int, chunk_tasks: int = 10_
 def _worker(url: str, concurrency: int, batch: int, burst: bool) -> subprocess.Popen[bytes]:
     env = dict(os.environ, CONVEYOR_DATABASE_URL=url, CONVEYOR_CONFIG="")
     env.pop("CONVEYOR_CONFIG")
-    args = [sys.executable, "-m", "conveyor", "worker", "--concurrency", str(concurrency),
-            "--batch", str(batch), "--queues", "default"]
+    args = [
+        sys.executable,
+        "-m",
+        "conveyor",
+        "worker",
+        "--concurrency",
+        str(concurrency),
+        "--batch",
+        str(batch),
+        "--queues",
+        "default",
+    ]
     if burst:
         args.append("--burst")
-    return subprocess.Popen(args, env=env, cwd=tempfile.gettempdir(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        args, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def _span(store: Store) -> tuple[float, float, int]:
     engine: sa.Engine = store.engine  # type: ignore[attr-defined]
     with engine.connect() as conn:
         row = conn.execute(
-            sa.text("SELECT min(started_at), max(finished_at), count(*) FROM tasks "
-                    "WHERE status = 'succeeded'")
+            sa.text(
+                "SELECT min(started_at), max(finished_at), count(*) FROM tasks "
+                "WHERE status = 'succeeded'"
+            )
         ).one()
     return float(row[0] or 0), float(row[1] or 0), int(row[2])
 
@@ -123,8 +136,11 @@ def drain(store: Store, url: str, opts: BenchOptions) -> dict[str, float]:
     if done != opts.tasks:
         raise RuntimeError(f"bench worker finished {done} of {opts.tasks} tasks")
     busy = max(last - first, 1e-9)
-    return {"process_per_s": round(done / busy, 1), "drain_wall_s": round(wall, 3),
-            "drain_busy_s": round(busy, 3)}
+    return {
+        "process_per_s": round(done / busy, 1),
+        "drain_wall_s": round(wall, 3),
+        "drain_busy_s": round(busy, 3),
+    }
 
 
 def pickup(store: Store, url: str, opts: BenchOptions) -> dict[str, float]:

@@ -59,7 +59,9 @@ def _root(
     ctx: typer.Context,
     config: Annotated[
         str | None,
-        typer.Option("--config", "-c", help="conveyor.toml (default: $CONVEYOR_CONFIG, ./conveyor.toml)"),
+        typer.Option(
+            "--config", "-c", help="conveyor.toml (default: $CONVEYOR_CONFIG, ./conveyor.toml)"
+        ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
 ) -> None:
@@ -126,10 +128,14 @@ def request_json(req: Request) -> dict[str, Any]:
 
 
 def _print_request(req: Request) -> None:
-    out.print(f"request {req.id}  [bold]{req.status.value}[/bold]  pipeline={req.pipeline} "
-              f"queue={req.queue} priority={req.priority}")
-    out.print(f"created {_ts(req.created_at)}  started {_ts(req.started_at)}  "
-              f"finished {_ts(req.finished_at)}")
+    out.print(
+        f"request {req.id}  [bold]{req.status.value}[/bold]  pipeline={req.pipeline} "
+        f"queue={req.queue} priority={req.priority}"
+    )
+    out.print(
+        f"created {_ts(req.created_at)}  started {_ts(req.started_at)}  "
+        f"finished {_ts(req.finished_at)}"
+    )
     if req.reused_request_id:
         out.print(f"result reused from request {req.reused_request_id}")
     if not req.tasks:
@@ -139,11 +145,16 @@ def _print_request(req: Request) -> None:
         table.add_column(col)
     for t in req.tasks:
         frac = t.progress.fraction
-        prog = f"{frac:.0%}" if frac is not None else (f"{t.progress.current:g}" if t.progress.current else "")
+        prog = (
+            f"{frac:.0%}"
+            if frac is not None
+            else (f"{t.progress.current:g}" if t.progress.current else "")
+        )
         if t.progress.message:
             prog += f" {t.progress.message}"
-        table.add_row(str(t.id), t.status.value, f"{t.attempts}/{t.max_attempts}", prog,
-                      t.error or "")
+        table.add_row(
+            str(t.id), t.status.value, f"{t.attempts}/{t.max_attempts}", prog, t.error or ""
+        )
     out.print(table)
 
 
@@ -199,8 +210,13 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[Request], None]]:
         task_id = bar.add_task("wait", total=None, rid="", status="")
 
         def update(req: Request) -> None:
-            bar.update(task_id, total=req.counts.total or None, completed=req.counts.finished,
-                       rid=req.id, status=req.status.value)
+            bar.update(
+                task_id,
+                total=req.counts.total or None,
+                completed=req.counts.finished,
+                rid=req.id,
+                status=req.status.value,
+            )
 
         yield update
 
@@ -229,14 +245,17 @@ def submit(
         str | None, typer.Argument(help="JSON params file, or - for standard input.")
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="key=value (value parsed as JSON if it can be).")
+        list[str] | None,
+        typer.Option("--set", help="key=value (value parsed as JSON if it can be)."),
     ] = None,
     queue: Annotated[str | None, typer.Option(help="Queue (default: the pipeline's).")] = None,
     priority: Annotated[int | None, typer.Option(help="Higher runs first within a queue.")] = None,
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
     submitter: Annotated[str | None, typer.Option(help="Who submits.")] = None,
     no_cache_read: Annotated[bool, typer.Option(help="Do not reuse a cached result.")] = False,
-    no_cache_write: Annotated[bool, typer.Option(help="Do not offer this result to the cache.")] = False,
+    no_cache_write: Annotated[
+        bool, typer.Option(help="Do not offer this result to the cache.")
+    ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it finishes.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: seconds to wait.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -281,7 +300,9 @@ def status(
 def wait_cmd(
     ctx: typer.Context,
     request_id: Annotated[int, typer.Argument(help="Request id.")],
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait (default: no limit).")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds to wait (default: no limit).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Wait for a request: exit 0 succeeded, 1 failed or cancelled, 2 timed out."""
@@ -302,20 +323,34 @@ def list_cmd(
     """List requests, newest first."""
     if status_ is not None and status_ not in {s.value for s in RequestStatus}:
         raise CliError(f"--status must be one of {', '.join(s.value for s in RequestStatus)}", 2)
-    reqs = _app(ctx).list(
-        RequestFilter(status=status_, pipeline=pipeline, queue=queue, submitter=submitter,
-                      limit=limit, before_id=before)
+    reqs = _app(ctx).list_requests(
+        RequestFilter(
+            status=status_,
+            pipeline=pipeline,
+            queue=queue,
+            submitter=submitter,
+            limit=limit,
+            before_id=before,
+        )
     )
     if as_json:
-        out.print_json(data=[{k: v for k, v in request_json(r).items() if k != "tasks"} for r in reqs])
+        out.print_json(
+            data=[{k: v for k, v in request_json(r).items() if k != "tasks"} for r in reqs]
+        )
         return
     table = Table(box=None)
     for col in ("id", "pipeline", "status", "queue", "tasks", "created"):
         table.add_column(col)
     for r in reqs:
         c = r.counts
-        table.add_row(str(r.id), r.pipeline, r.status.value, r.queue,
-                      f"{c.finished}/{c.total}", _ts(r.created_at))
+        table.add_row(
+            str(r.id),
+            r.pipeline,
+            r.status.value,
+            r.queue,
+            f"{c.finished}/{c.total}",
+            _ts(r.created_at),
+        )
     out.print(table)
 
 
@@ -361,8 +396,15 @@ def queues(
     for col in ("queue", "state", "queued", "running", "succeeded", "failed", "cancelled"):
         table.add_column(col)
     for q in stats:
-        table.add_row(q.name, "paused" if q.paused else "open", str(q.queued), str(q.running),
-                      str(q.succeeded), str(q.failed), str(q.cancelled))
+        table.add_row(
+            q.name,
+            "paused" if q.paused else "open",
+            str(q.queued),
+            str(q.running),
+            str(q.succeeded),
+            str(q.failed),
+            str(q.cancelled),
+        )
     out.print(table)
 
 
@@ -401,8 +443,13 @@ def workers(
     for col in ("worker", "status", "queues", "running", "heartbeat"):
         table.add_column(col)
     for w in found:
-        table.add_row(w.id, w.status, ",".join(w.queues), f"{w.running}/{w.concurrency}",
-                      _ts(w.last_heartbeat))
+        table.add_row(
+            w.id,
+            w.status,
+            ",".join(w.queues),
+            f"{w.running}/{w.concurrency}",
+            _ts(w.last_heartbeat),
+        )
     out.print(table)
 
 
@@ -418,20 +465,33 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Exit when nothing is left to do.")] = False,
     lease: Annotated[float | None, typer.Option(min=1, help="Lease seconds.")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="Most tasks claimed at once.")] = None,
-    grace: Annotated[float, typer.Option(help="On SIGTERM, seconds running tasks may take.")] = 30.0,
+    grace: Annotated[
+        float, typer.Option(help="On SIGTERM, seconds running tasks may take.")
+    ] = 30.0,
 ) -> None:
     """Run a worker until SIGTERM (or, with --burst, until the queues are empty)."""
     from conveyor.worker import Worker, WorkerOptions
 
     app = _app(ctx)
     app.store.upgrade()
-    w = Worker(app, WorkerOptions(queues=_queues_opt(queues_), concurrency=concurrency,
-                                  burst=burst, lease=lease, batch=batch, grace=grace))
+    w = Worker(
+        app,
+        WorkerOptions(
+            queues=_queues_opt(queues_),
+            concurrency=concurrency,
+            burst=burst,
+            lease=lease,
+            batch=batch,
+            grace=grace,
+        ),
+    )
     w.install_signal_handlers()
     err.print(f"worker {w.id} on {', '.join(w.queues)} (concurrency {concurrency})")
     stats = w.run()
-    err.print(f"worker {w.id} stopped: {stats.succeeded} succeeded, {stats.failed} failed, "
-              f"{stats.retried} retried, {stats.released} released")
+    err.print(
+        f"worker {w.id} stopped: {stats.succeeded} succeeded, {stats.failed} failed, "
+        f"{stats.retried} retried, {stats.released} released"
+    )
 
 
 @cli.command()
@@ -469,8 +529,12 @@ def bench(
     per_request: Annotated[int, typer.Option(min=1, help="Tasks per request.")] = 100,
     concurrency: Annotated[int, typer.Option(min=1, help="Worker concurrency.")] = 64,
     batch: Annotated[int, typer.Option(min=1, help="Claim batch size.")] = 500,
-    database: Annotated[str | None, typer.Option(help="Database URL (default: a fresh SQLite file).")] = None,
-    pickups: Annotated[int, typer.Option(min=0, help="Single tasks timed for pickup latency.")] = 200,
+    database: Annotated[
+        str | None, typer.Option(help="Database URL (default: a fresh SQLite file).")
+    ] = None,
+    pickups: Annotated[
+        int, typer.Option(min=0, help="Single tasks timed for pickup latency.")
+    ] = 200,
     claim_scale: Annotated[
         int, typer.Option(min=0, help="Also time claims with this many tasks queued (0: skip).")
     ] = 0,
@@ -480,8 +544,15 @@ def bench(
     from conveyor.bench import BenchOptions, run_bench
 
     result = run_bench(
-        BenchOptions(tasks=tasks, per_request=per_request, concurrency=concurrency,
-                     batch=batch, database=database, pickups=pickups, claim_scale=claim_scale),
+        BenchOptions(
+            tasks=tasks,
+            per_request=per_request,
+            concurrency=concurrency,
+            batch=batch,
+            database=database,
+            pickups=pickups,
+            claim_scale=claim_scale,
+        ),
         progress=None if as_json else err,
     )
     if as_json:
@@ -505,8 +576,16 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc), exc.code)
     except Unavailable as exc:
         _fail(f"database unavailable: {exc}", EXIT_UNAVAILABLE)
-    except (UnknownPipeline, ParamsError, ConfigError, NotFound, Conflict, TransitionError,
-            HandlerError, StoreError) as exc:
+    except (
+        UnknownPipeline,
+        ParamsError,
+        ConfigError,
+        NotFound,
+        Conflict,
+        TransitionError,
+        HandlerError,
+        StoreError,
+    ) as exc:
         message = str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
         if isinstance(exc, ParamsError):
             message = f"params invalid at {exc.path}: {exc.message}"

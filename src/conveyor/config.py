@@ -93,19 +93,22 @@ class Config:
 def _load_schema(value: dict[str, Any] | str | None, base: Path, where: str) -> Any:
     if value is None:
         return None
+    schema: Any = value
     if isinstance(value, str):
         path = (base / value).resolve()
         try:
-            value = json.loads(path.read_text())
+            schema = json.loads(path.read_text())
         except OSError as exc:
             raise ConfigError(f"{where}.schema: cannot read {path}: {exc.strerror}") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{where}.schema: {path} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{where}.schema must be a JSON object")
     try:
-        validator_for(value).check_schema(value)
+        validator_for(schema).check_schema(schema)
     except SchemaError as exc:
         raise ConfigError(f"{where}.schema is not a valid JSON Schema: {exc.message}") from None
-    return value
+    return schema
 
 
 def _pipeline(name: str, m: _PipelineModel, base: Path) -> Pipeline:

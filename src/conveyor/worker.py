@@ -120,8 +120,9 @@ class Worker:
             ),
             self.app.clock(),
         )
-        runners = [self._spawn(self._runner, f"conveyor-task-{i}")
-                   for i in range(self.opts.concurrency)]
+        runners = [
+            self._spawn(self._runner, f"conveyor-task-{i}") for i in range(self.opts.concurrency)
+        ]
         finisher = self._spawn(self._finisher, "conveyor-finish")
         self._spawn(self._heartbeat_loop, "conveyor-heartbeat")
         self._spawn(self._listen_loop, "conveyor-listen")
@@ -204,13 +205,22 @@ class Worker:
         pipeline = app.config.pipelines.get(task.pipeline)
         if pipeline is None:
             # A pipeline removed from the config while its tasks waited.
-            self._record([Outcome(task.id, TaskAction.FAIL,
-                                  error=f"pipeline {task.pipeline!r} is not configured")])
+            self._record(
+                [
+                    Outcome(
+                        task.id,
+                        TaskAction.FAIL,
+                        error=f"pipeline {task.pipeline!r} is not configured",
+                    )
+                ]
+            )
             return
 
         def paths(t: Task = task) -> tuple[Path, Path]:
-            return (app.artifacts.log_path(t.request_id, t.id, t.attempts),
-                    app.artifacts.work_dir(t.request_id, t.id))
+            return (
+                app.artifacts.log_path(t.request_id, t.id, t.attempts),
+                app.artifacts.work_dir(t.request_id, t.id),
+            )
 
         def report(progress: Progress, task_id: int = task.id) -> None:
             try:
@@ -352,11 +362,11 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         interval = max(0.2, min(self.lease / 3, 2.0))
         while not self._hard_stop.wait(interval):
-            snapshot = {tid for tid, r in list(self._running.items())
-                        if not r.settled and not r.finished}
+            snapshot = {
+                tid for tid, r in list(self._running.items()) if not r.settled and not r.finished
+            }
             try:
-                owned = self.store.heartbeat(self.id, self.lease, self.app.clock(),
-                                             len(snapshot))
+                owned = self.store.heartbeat(self.id, self.lease, self.app.clock(), len(snapshot))
             except Unavailable as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue

@@ -20,7 +20,7 @@ import sqlite3
 import struct
 import sys
 import time
-import xml.etree.ElementTree as ET  # noqa: S405 - parses the caller's own files
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,8 +103,14 @@ def process(bin_path: Path, time_path: Path, protocols_path: Path, output_dir: P
         cur = db.execute(
             "INSERT INTO annotation_header (source_bin, source_sha256, processed_at, "
             "record_count, first_ts, last_ts) VALUES (?, ?, ?, ?, ?, ?)",
-            (str(bin_path), hashlib.sha256(data).hexdigest(), time.time(), total,
-             times[0] if times else None, times[-1] if times else None),
+            (
+                str(bin_path),
+                hashlib.sha256(data).hexdigest(),
+                time.time(),
+                total,
+                times[0] if times else None,
+                times[-1] if times else None,
+            ),
         )
         header_id = cur.lastrowid
         step = max(1, total // 20)
@@ -113,8 +119,15 @@ def process(bin_path: Path, time_path: Path, protocols_path: Path, output_dir: P
             db.execute(
                 "INSERT INTO annotation (header_id, seq, ts, protocol, kind, payload_len, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (header_id, seq, times[seq] if seq < len(times) else None,
-                 protocols.get(proto, f"proto-{proto}"), kind, len(payload), detail),
+                (
+                    header_id,
+                    seq,
+                    times[seq] if seq < len(times) else None,
+                    protocols.get(proto, f"proto-{proto}"),
+                    kind,
+                    len(payload),
+                    detail,
+                ),
             )
             if (seq + 1) % step == 0:
                 print(f"conveyor:progress {seq + 1}/{total} annotating", flush=True)
@@ -143,7 +156,9 @@ def write_log(folder: Path, records: int, seed: int = 0) -> Path:
         chunks.append(struct.pack(">HH", rnd.choice([1, 2, 3]), len(payload)) + payload)
     (folder / "rawbinlog.bin").write_bytes(b"".join(chunks))
     start = 1_670_000_000.0 + seed
-    (folder / "rawbinlog.time").write_text("".join(f"{start + i * 0.1:.3f}\n" for i in range(records)))
+    (folder / "rawbinlog.time").write_text(
+        "".join(f"{start + i * 0.1:.3f}\n" for i in range(records))
+    )
     (folder / "rawbinlog.protocols.xml").write_text(
         '<protocols><protocol id="1" name="GPS"/><protocol id="2" name="CAN"/>'
         '<protocol id="3" name="LTE"/></protocols>\n'
@@ -154,8 +169,9 @@ def write_log(folder: Path, records: int, seed: int = 0) -> Path:
 def make_field_test_tree(root: Path, devices: int = 3, records: int = 200) -> list[Path]:
     """A field-test day laid out like the real ones: DATE/G2/DRIVE/DEVICE#N/gps/rawbinlog.*"""
     return [
-        write_log(root / "2022-12-13" / "G2" / "20221213_Driving" / f"A146B#{n}" / "gps",
-                  records, seed=n)
+        write_log(
+            root / "2022-12-13" / "G2" / "20221213_Driving" / f"A146B#{n}" / "gps", records, seed=n
+        )
         for n in range(1, devices + 1)
     ]
 

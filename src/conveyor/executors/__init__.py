@@ -92,7 +92,9 @@ class TaskContext:
         return self.task.attempts
 
     # progress ---------------------------------------------------------------
-    def progress(self, current: float, total: float | None = None, message: str | None = None) -> None:
+    def progress(
+        self, current: float, total: float | None = None, message: str | None = None
+    ) -> None:
         self.report(Progress(current, total, message))
 
     def report(self, progress: Progress) -> None:

@@ -69,8 +69,9 @@ class CommandExecutor:
             )
         except OSError as exc:
             ctx.log(f"cannot start {argv[0]}: {exc.strerror}")
-            return ExecResult(ok=False, error=f"cannot start {argv[0]}: {exc.strerror}",
-                              retryable=False)
+            return ExecResult(
+                ok=False, error=f"cannot start {argv[0]}: {exc.strerror}", retryable=False
+            )
         reason = self._pump(proc, ctx, deadline)
         if reason is not None:
             kill_group(proc)

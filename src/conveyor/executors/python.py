@@ -15,7 +15,7 @@ from conveyor.executors import ExecResult, TaskContext
 from conveyor.pipelines import Pipeline
 
 
-class NonRetryable(Exception):  # noqa: N818 - it reads as what it tells the worker
+class NonRetryable(Exception):
     """Raise from a handler to fail the task without further attempts."""
 
 
@@ -30,14 +30,15 @@ def load_handler(path: str) -> Callable[[TaskContext], Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise HandlerError(f"cannot import handler module {module_name!r}: {exc}") from None
-    func = module
+    func: Any = module
     for part in attr.split("."):
-        func = getattr(func, part, None)  # type: ignore[assignment]
+        func = getattr(func, part, None)
         if func is None:
             raise HandlerError(f"handler {path!r}: {module_name} has no {attr!r}")
     if not callable(func):
         raise HandlerError(f"handler {path!r} is not callable")
-    return func  # type: ignore[return-value]
+    handler: Callable[[TaskContext], Any] = func
+    return handler
 
 
 class PythonExecutor:

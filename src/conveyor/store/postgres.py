@@ -23,8 +23,19 @@ log = logging.getLogger(__name__)
 CHANNEL = "conveyor"
 _LIMITS_LOCK = 0x636F6E76  # an advisory-lock key of Conveyor's own
 _TASK_INSERT = [
-    "request_id", "seq", "pipeline", "queue", "priority", "params", "status", "attempts",
-    "max_attempts", "timeout", "available_at", "created_at", "progress_current",
+    "request_id",
+    "seq",
+    "pipeline",
+    "queue",
+    "priority",
+    "params",
+    "status",
+    "attempts",
+    "max_attempts",
+    "timeout",
+    "available_at",
+    "created_at",
+    "progress_current",
 ]
 _EVENT_INSERT = ["ts", "kind", "request_id", "task_id", "pipeline", "queue", "data"]
 _RETURNING = ", ".join(f"t.{c}" for c in TASK_COLUMNS)
@@ -79,12 +90,15 @@ class PostgresStore(SQLStore):
         super().__init__(url, engine)
 
     # COPY is the fastest way in; it runs inside the caller's transaction.
-    def _copy(self, conn: Connection, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+    def _copy(
+        self, conn: Connection, table: str, columns: list[str], rows: list[tuple[Any, ...]]
+    ) -> None:
         raw = conn.connection.driver_connection
         assert isinstance(raw, psycopg.Connection)
-        with raw.cursor() as cur, cur.copy(
-            f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-        ) as copy:
+        with (
+            raw.cursor() as cur,
+            cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
+        ):
             for row in rows:
                 copy.write_row(row)
 
@@ -93,10 +107,7 @@ class PostgresStore(SQLStore):
             conn,
             "tasks",
             _TASK_INSERT,
-            [
-                tuple(_jsontext(r[c]) if c == "params" else r[c] for c in _TASK_INSERT)
-                for r in rows
-            ],
+            [tuple(_jsontext(r[c]) if c == "params" else r[c] for c in _TASK_INSERT) for r in rows],
         )
 
     def _insert_events(self, conn: Connection, rows: list[EventRow]) -> None:

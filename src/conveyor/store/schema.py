@@ -18,7 +18,7 @@ metadata = sa.MetaData(
 )
 
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-Time = sa.Double()
+Time: sa.Double[float] = sa.Double()
 
 requests = sa.Table(
     "requests",

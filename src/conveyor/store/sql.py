@@ -144,8 +144,11 @@ def event_row(
 
 _T = TypeVar("_T")
 _RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
-_COUNTER_OF = {TaskStatus.SUCCEEDED.value: 0, TaskStatus.FAILED.value: 1,
-               TaskStatus.CANCELLED.value: 2}
+_COUNTER_OF = {
+    TaskStatus.SUCCEEDED.value: 0,
+    TaskStatus.FAILED.value: 1,
+    TaskStatus.CANCELLED.value: 2,
+}
 OUTCOME_EVENTS = {
     TaskAction.SUCCEED: "task.succeeded",
     TaskAction.FAIL: "task.failed",
@@ -283,9 +286,7 @@ class SQLStore:
     ) -> list[Row[Any]]:
         raise NotImplementedError
 
-    def _update_running(
-        self, conn: Connection, changes: list[dict[str, Any]]
-    ) -> list[Row[Any]]:
+    def _update_running(self, conn: Connection, changes: list[dict[str, Any]]) -> list[Row[Any]]:
         """Apply changes to running tasks, each guarded by status 'running', its lease
         owner and, for lease expiry, the expiry that was seen. Returns the rows changed
         (id, request_id, pipeline, queue, attempts, status)."""
@@ -354,7 +355,9 @@ class SQLStore:
                     "params_hash": new.params_hash,
                     "queue": new.queue,
                     "priority": new.priority,
-                    "status": (RequestStatus.SUCCEEDED if reused else RequestStatus.REQUESTED).value,
+                    "status": (
+                        RequestStatus.SUCCEEDED if reused else RequestStatus.REQUESTED
+                    ).value,
                     "idempotency_key": new.idempotency_key,
                     "submitter": new.submitter,
                     "cacheable": new.cache.write,
@@ -377,12 +380,26 @@ class SQLStore:
         for rid, (_, new, reused) in zip(ids, fresh, strict=True):
             if reused:
                 events.append(
-                    event_row(now, "request.submitted", rid, None, new.pipeline, new.queue,
-                              {"tasks": 0, "submitter": new.submitter})
+                    event_row(
+                        now,
+                        "request.submitted",
+                        rid,
+                        None,
+                        new.pipeline,
+                        new.queue,
+                        {"tasks": 0, "submitter": new.submitter},
+                    )
                 )
                 events.append(
-                    event_row(now, "request.succeeded", rid, None, new.pipeline, new.queue,
-                              {"reused_request_id": reused})
+                    event_row(
+                        now,
+                        "request.succeeded",
+                        rid,
+                        None,
+                        new.pipeline,
+                        new.queue,
+                        {"reused_request_id": reused},
+                    )
                 )
                 continue
             queues.add(new.queue)
@@ -405,8 +422,15 @@ class SQLStore:
                     }
                 )
             events.append(
-                event_row(now, "request.submitted", rid, None, new.pipeline, new.queue,
-                          {"tasks": len(new.task_params), "submitter": new.submitter})
+                event_row(
+                    now,
+                    "request.submitted",
+                    rid,
+                    None,
+                    new.pipeline,
+                    new.queue,
+                    {"tasks": len(new.task_params), "submitter": new.submitter},
+                )
             )
         if task_rows:
             self._insert_tasks(conn, task_rows)
@@ -425,9 +449,7 @@ class SQLStore:
             tasks = [
                 task_from_row(r)
                 for r in conn.execute(
-                    sa.select(t.tasks)
-                    .where(t.tasks.c.request_id == row.id)
-                    .order_by(t.tasks.c.seq)
+                    sa.select(t.tasks).where(t.tasks.c.request_id == row.id).order_by(t.tasks.c.seq)
                 )
             ]
         return request_from_row(row, tasks)
@@ -478,9 +500,7 @@ class SQLStore:
             self._settle_requests(conn, rows, now)
             if rows:
                 self._notify(conn, "cancel")
-            updated = conn.execute(
-                sa.select(t.requests).where(t.requests.c.id == request_id)
-            ).one()
+            updated = conn.execute(sa.select(t.requests).where(t.requests.c.id == request_id)).one()
             return self._load_request(conn, updated)
 
     def retry_request(self, request_id: int, extra_attempts: int, now: float) -> Request:
@@ -521,17 +541,23 @@ class SQLStore:
                     finished_at=None,
                 )
             )
-            events = [event_row(now, "task.requeued", request_id, r.id, r.pipeline, r.queue)
-                      for r in rows]
+            events = [
+                event_row(now, "task.requeued", request_id, r.id, r.pipeline, r.queue) for r in rows
+            ]
             events.append(
-                event_row(now, f"request.{new_status.value}", request_id, None, req.pipeline,
-                          req.queue, {"retried_tasks": len(rows)})
+                event_row(
+                    now,
+                    f"request.{new_status.value}",
+                    request_id,
+                    None,
+                    req.pipeline,
+                    req.queue,
+                    {"retried_tasks": len(rows)},
+                )
             )
             self._insert_events(conn, events)
             self._notify(conn, f"queue:{req.queue}")
-            updated = conn.execute(
-                sa.select(t.requests).where(t.requests.c.id == request_id)
-            ).one()
+            updated = conn.execute(sa.select(t.requests).where(t.requests.c.id == request_id)).one()
             result = self._load_request(conn, updated)
         self.wakeup.fire()
         return result
@@ -556,8 +582,15 @@ class SQLStore:
         self._insert_events(
             conn,
             [
-                event_row(now, by_id[r.id]["kind"], r.request_id, r.id, r.pipeline, r.queue,
-                          json.loads(by_id[r.id]["data"]) if by_id[r.id]["data"] else None)
+                event_row(
+                    now,
+                    by_id[r.id]["kind"],
+                    r.request_id,
+                    r.id,
+                    r.pipeline,
+                    r.queue,
+                    json.loads(by_id[r.id]["data"]) if by_id[r.id]["data"] else None,
+                )
                 for r in rows
             ],
         )
@@ -590,7 +623,7 @@ class SQLStore:
         """Move each request to the status its task counters now give it."""
         events: list[EventRow] = []
         for row in counters:
-            m = row._mapping if isinstance(row, Row) else row
+            m: Mapping[str, Any] = row._mapping if isinstance(row, Row) else row  # type: ignore[assignment]
             old = RequestStatus(m["status"])
             new = derive_request_status(counts_from(m), m["started_at"] is not None)
             if new == old or new not in REQUEST_TRANSITIONS[old]:
@@ -604,8 +637,7 @@ class SQLStore:
             ).rowcount
             if changed:
                 events.append(
-                    event_row(now, f"request.{new.value}", m["id"], None, m["pipeline"],
-                              m["queue"])
+                    event_row(now, f"request.{new.value}", m["id"], None, m["pipeline"], m["queue"])
                 )
         self._insert_events(conn, events)
 
@@ -652,8 +684,9 @@ class SQLStore:
                         break
                     exclude = sorted(p for p, s in slots.items() if s <= 0)
                     if not slots:
-                        rows += self._claim_rows(conn, queue, want, exclude, worker_id, expires,
-                                                 now)
+                        rows += self._claim_rows(
+                            conn, queue, want, exclude, worker_id, expires, now
+                        )
                         continue
                     picked = allot(self._candidates(conn, queue, want, exclude, now), slots)
                     if picked:
@@ -692,10 +725,19 @@ class SQLStore:
             }
         return paused, running
 
-    def _after_claim(self, conn: Connection, claimed: list[Task], worker_id: str, now: float) -> None:
+    def _after_claim(
+        self, conn: Connection, claimed: list[Task], worker_id: str, now: float
+    ) -> None:
         events = [
-            event_row(now, "task.running", c.request_id, c.id, c.pipeline, c.queue,
-                      {"attempt": c.attempts, "worker": worker_id})
+            event_row(
+                now,
+                "task.running",
+                c.request_id,
+                c.id,
+                c.pipeline,
+                c.queue,
+                {"attempt": c.attempts, "worker": worker_id},
+            )
             for c in claimed
         ]
         rids = sorted({c.request_id for c in claimed})
@@ -707,8 +749,9 @@ class SQLStore:
             ).bindparams(sa.bindparam("ids", expanding=True)),
             {"running": RequestStatus.RUNNING.value, "now": now, "ids": rids},
         ).all()
-        events += [event_row(now, "request.running", r.id, None, r.pipeline, r.queue)
-                   for r in started]
+        events += [
+            event_row(now, "request.running", r.id, None, r.pipeline, r.queue) for r in started
+        ]
         self._insert_events(conn, events)
 
     def heartbeat(self, worker_id: str, lease: float, now: float, running: int) -> set[int]:
@@ -736,7 +779,7 @@ class SQLStore:
         changes = []
         for o in outcomes:
             target = task_target(o.action)
-            data = None
+            data: dict[str, Any] | None = None
             if o.error is not None or o.action == TaskAction.RETRY:
                 data = {"error": o.error}
                 if o.action == TaskAction.RETRY:
@@ -819,9 +862,14 @@ class SQLStore:
                         "owner": r.lease_owner,
                         "expires": r.lease_expires_at,
                         "kind": "task.lease_expired",
-                        "data": dumps({"attempt": r.attempts, "then": decision.action.value,
-                                       "delay": round(decision.delay, 3),
-                                       "worker": r.lease_owner}),
+                        "data": dumps(
+                            {
+                                "attempt": r.attempts,
+                                "then": decision.action.value,
+                                "delay": round(decision.delay, 3),
+                                "worker": r.lease_owner,
+                            }
+                        ),
                     }
                 )
             rows, counters = self._apply_changes(conn, changes, now)
@@ -873,9 +921,7 @@ class SQLStore:
                 )
             ):
                 counts[queue][status] = n
-            paused = {
-                r.name: r.paused for r in conn.execute(sa.select(t.queue_settings))
-            }
+            paused = {r.name: r.paused for r in conn.execute(sa.select(t.queue_settings))}
         names = sorted(set(counts) | {q for q in paused if q != "*"})
         return [
             QueueStats(
@@ -907,8 +953,14 @@ class SQLStore:
                 )
             )
             self._insert_events(
-                conn, [event_row(now, "worker.started", data={"worker": info.id, "host": info.host,
-                                                               "pid": info.pid})]
+                conn,
+                [
+                    event_row(
+                        now,
+                        "worker.started",
+                        data={"worker": info.id, "host": info.host, "pid": info.pid},
+                    )
+                ],
             )
 
     def stop_worker(self, worker_id: str, now: float) -> None:
@@ -918,8 +970,9 @@ class SQLStore:
                 .where(t.workers.c.id == worker_id)
                 .values(status="stopped", stopped_at=now, running=0)
             )
-            self._insert_events(conn, [event_row(now, "worker.stopped",
-                                                 data={"worker": worker_id})])
+            self._insert_events(
+                conn, [event_row(now, "worker.stopped", data={"worker": worker_id})]
+            )
 
     def list_workers(self, alive_since: float | None = None) -> list[WorkerInfo]:
         q = sa.select(t.workers).order_by(t.workers.c.started_at.desc())

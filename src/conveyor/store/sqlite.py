@@ -78,15 +78,17 @@ class SQLiteStore(SQLStore):
         now: float,
     ) -> list[Row[Any]]:
         extra, binds = _excluded(exclude)
-        return conn.execute(
-            typed_tasks(
-                f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN ("
-                "SELECT id FROM tasks INDEXED BY ix_tasks_claim "
-                "WHERE status = 'queued' AND queue = :q AND available_at <= :now"
-                f"{extra} ORDER BY priority DESC, id LIMIT :n) RETURNING {_RETURNING}"
-            ),
-            {"q": queue, "now": now, "n": n, "w": worker_id, "exp": expires, **binds},
-        ).all()
+        return list(
+            conn.execute(
+                typed_tasks(
+                    f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN ("
+                    "SELECT id FROM tasks INDEXED BY ix_tasks_claim "
+                    "WHERE status = 'queued' AND queue = :q AND available_at <= :now"
+                    f"{extra} ORDER BY priority DESC, id LIMIT :n) RETURNING {_RETURNING}"
+                ),
+                {"q": queue, "now": now, "n": n, "w": worker_id, "exp": expires, **binds},
+            ).all()
+        )
 
     def _candidates(
         self, conn: Connection, queue: str, n: int, exclude: list[str], now: float
@@ -105,13 +107,15 @@ class SQLiteStore(SQLStore):
     def _mark_claimed(
         self, conn: Connection, ids: list[int], worker_id: str, expires: float, now: float
     ) -> list[Row[Any]]:
-        return conn.execute(
-            typed_tasks(
-                f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN :ids AND status = 'queued' "
-                f"RETURNING {_RETURNING}"
-            ).bindparams(sa.bindparam("ids", expanding=True)),
-            {"ids": ids, "w": worker_id, "exp": expires, "now": now},
-        ).all()
+        return list(
+            conn.execute(
+                typed_tasks(
+                    f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN :ids AND status = 'queued' "
+                    f"RETURNING {_RETURNING}"
+                ).bindparams(sa.bindparam("ids", expanding=True)),
+                {"ids": ids, "w": worker_id, "exp": expires, "now": now},
+            ).all()
+        )
 
     def _update_running(self, conn: Connection, changes: list[dict[str, Any]]) -> list[Row[Any]]:
         # This transaction holds SQLite's write lock (BEGIN IMMEDIATE), so the guard can be
@@ -134,8 +138,11 @@ class SQLiteStore(SQLStore):
             if c["expires"] is not None and r.lease_expires_at != c["expires"]:
                 continue
             applied.append(c)
-            rows.append(_Changed(r.id, r.request_id, r.pipeline, r.queue,
-                                 r.attempts + c["delta"], c["status"]))
+            rows.append(
+                _Changed(
+                    r.id, r.request_id, r.pipeline, r.queue, r.attempts + c["delta"], c["status"]
+                )
+            )
         if applied:
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:

@@ -7,6 +7,8 @@ Create Date: 2026-11-22
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -18,7 +20,7 @@ depends_on = None
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-def _partial(where: str) -> dict[str, sa.TextClause]:
+def _partial(where: str) -> dict[str, Any]:
     return {"postgresql_where": sa.text(where), "sqlite_where": sa.text(where)}
 
 
@@ -89,7 +91,9 @@ def upgrade() -> None:
         ["queue", sa.text("priority DESC"), "id"],
         **_partial("status = 'queued'"),
     )
-    op.create_index("ix_tasks_running", "tasks", ["lease_expires_at"], **_partial("status = 'running'"))
+    op.create_index(
+        "ix_tasks_running", "tasks", ["lease_expires_at"], **_partial("status = 'running'")
+    )
     op.create_index(
         "ix_tasks_running_pipeline", "tasks", ["pipeline"], **_partial("status = 'running'")
     )
