@@ -264,7 +264,7 @@ class SQLStore:
     def _lock_for_limits(self, conn: Connection) -> None:
         """Serialise claims of concurrency-limited pipelines."""
 
-    def _claim_rows(
+    def _claim_tasks(
         self,
         conn: Connection,
         queue: str,
@@ -273,17 +273,20 @@ class SQLStore:
         worker_id: str,
         expires: float,
         now: float,
-    ) -> list[Row[Any]]:
+    ) -> list[Task]:
+        """Claim up to n queued tasks of `queue` (not of the `exclude`d pipelines), in
+        claim order."""
         raise NotImplementedError
 
     def _candidates(
         self, conn: Connection, queue: str, n: int, exclude: list[str], now: float
     ) -> list[tuple[int, str]]:
+        """(id, pipeline) of up to n claimable tasks, in claim order, locked for us."""
         raise NotImplementedError
 
     def _mark_claimed(
         self, conn: Connection, ids: list[int], worker_id: str, expires: float, now: float
-    ) -> list[Row[Any]]:
+    ) -> list[Task]:
         raise NotImplementedError
 
     def _update_running(self, conn: Connection, changes: list[dict[str, Any]]) -> list[Row[Any]]:
@@ -437,10 +440,12 @@ class SQLStore:
         self._insert_events(conn, events)
         for q in sorted(queues):
             self._notify(conn, f"queue:{q}")
-        created = {i: rid for rid, (i, _, _) in zip(ids, fresh, strict=True)}
-        for i, rid in created.items():
-            row = conn.execute(sa.select(t.requests).where(t.requests.c.id == rid)).one()
-            results[i] = Submitted(request_from_row(row), created=True)
+        stored = {
+            row.id: row
+            for row in conn.execute(sa.select(t.requests).where(t.requests.c.id.in_(ids)))
+        }
+        for rid, (i, _, _) in zip(ids, fresh, strict=True):
+            results[i] = Submitted(request_from_row(stored[rid]), created=True)
         return [r for r in results if r is not None]
 
     def _load_request(self, conn: Connection, row: Row[Any], with_tasks: bool = True) -> Request:
@@ -677,21 +682,20 @@ class SQLStore:
                 if not open_queues:
                     return []
                 slots = {p: max(0, lim - running.get(p, 0)) for p, lim in (limits or {}).items()}
-                rows: list[Row[Any]] = []
+                claimed: list[Task] = []
                 for queue in open_queues:
-                    want = n - len(rows)
+                    want = n - len(claimed)
                     if want <= 0:
                         break
                     exclude = sorted(p for p, s in slots.items() if s <= 0)
                     if not slots:
-                        rows += self._claim_rows(
+                        claimed += self._claim_tasks(
                             conn, queue, want, exclude, worker_id, expires, now
                         )
                         continue
                     picked = allot(self._candidates(conn, queue, want, exclude, now), slots)
                     if picked:
-                        rows += self._mark_claimed(conn, picked, worker_id, expires, now)
-                claimed = [task_from_row(r) for r in rows]
+                        claimed += self._mark_claimed(conn, picked, worker_id, expires, now)
                 if claimed and not self.claim_records_events:
                     self._after_claim(conn, claimed, worker_id, now)
                 return claimed

@@ -5,6 +5,8 @@ failing on a lock upgrade, and a claim is one `UPDATE … RETURNING`."""
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -12,7 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Row
 
-from conveyor.store.sql import TASK_COLUMNS, SQLStore, typed_tasks
+from conveyor.store.base import Listener
+from conveyor.store.sql import TASK_COLUMNS, SQLStore, task_from_row, typed_tasks
+from conveyor.tasks import Task
 
 _RETURNING = ", ".join(TASK_COLUMNS)
 _CLAIM_SET = (
@@ -20,6 +24,10 @@ _CLAIM_SET = (
     "lease_expires_at = :exp, started_at = :now, finished_at = NULL, error = NULL, "
     "progress_current = 0, progress_total = NULL, progress_message = NULL"
 )
+
+
+def _tasks(rows: Any) -> list[Task]:
+    return sorted((task_from_row(r) for r in rows), key=lambda t: (-t.priority, t.id))
 
 
 class _Changed(NamedTuple):
@@ -38,11 +46,53 @@ def _excluded(exclude: list[str]) -> tuple[str, dict[str, Any]]:
     return f" AND pipeline NOT IN ({', '.join(':' + k for k in names)})", names
 
 
+class _SqliteListener:
+    """SQLite has no notifications: watch the file's change counter (`PRAGMA
+    data_version`, a read of shared memory in WAL mode) every few milliseconds, and wake
+    at once for changes made in this process."""
+
+    INTERVAL = 0.01
+
+    def __init__(self, path: str, local: Listener) -> None:
+        self._local = local
+        self._db = sqlite3.connect(path, timeout=5, check_same_thread=False)
+        self._version = self._read()
+
+    def _read(self) -> int:
+        try:
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            return -1
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if self._local.wait(max(0.0, min(self.INTERVAL, left))):
+                return True
+            version = self._read()
+            if version != self._version:
+                self._version = version
+                return True
+            if left <= 0:
+                return False
+
+    def close(self) -> None:
+        self._local.close()
+        self._db.close()
+
+
 class SQLiteStore(SQLStore):
     dialect = "sqlite"
 
+    def listener(self) -> Listener:
+        if not self._path or self._path == ":memory:":
+            return super().listener()
+        return _SqliteListener(self._path, super().listener())
+
     def __init__(self, url: str) -> None:
         database = sa.engine.make_url(url).database
+        self._path = database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
@@ -67,7 +117,7 @@ class SQLiteStore(SQLStore):
 
         super().__init__(url, engine)
 
-    def _claim_rows(
+    def _claim_tasks(
         self,
         conn: Connection,
         queue: str,
@@ -76,9 +126,9 @@ class SQLiteStore(SQLStore):
         worker_id: str,
         expires: float,
         now: float,
-    ) -> list[Row[Any]]:
+    ) -> list[Task]:
         extra, binds = _excluded(exclude)
-        return list(
+        return _tasks(
             conn.execute(
                 typed_tasks(
                     f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN ("
@@ -106,8 +156,8 @@ class SQLiteStore(SQLStore):
 
     def _mark_claimed(
         self, conn: Connection, ids: list[int], worker_id: str, expires: float, now: float
-    ) -> list[Row[Any]]:
-        return list(
+    ) -> list[Task]:
+        return _tasks(
             conn.execute(
                 typed_tasks(
                     f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN :ids AND status = 'queued' "
