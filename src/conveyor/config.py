@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from conveyor.pipelines import Pipeline, TemplateError, template_fields
 from conveyor.queues import DEFAULT_QUEUE, DEFAULT_QUEUE_ORDER
 from conveyor.tasks import RetryPolicy
+
+_HANDLER = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 
 
 class ConfigError(ValueError):
@@ -117,7 +120,7 @@ def _pipeline(name: str, m: _PipelineModel, base: Path) -> Pipeline:
         raise ConfigError(f"{where}: executor 'command' needs command = [argv...]")
     if m.executor == "python" and not m.handler:
         raise ConfigError(f"{where}: executor 'python' needs handler = 'module:function'")
-    if m.handler is not None and ":" not in m.handler:
+    if m.handler is not None and not _HANDLER.fullmatch(m.handler):
         raise ConfigError(f"{where}.handler: expected 'module:function', got {m.handler!r}")
     return Pipeline(
         name=name,

@@ -96,6 +96,19 @@ def command_values(task_params: Any, context: Mapping[str, Any]) -> dict[str, An
     return values
 
 
+def _error_path(error: jsonschema.ValidationError) -> str:
+    """The JSON path of a schema error; for a missing property, the property's own path."""
+    path = list(error.absolute_path)
+    required = error.validator_value
+    if error.validator == "required" and isinstance(error.instance, Mapping) and isinstance(
+        required, list
+    ):
+        missing = [k for k in required if k not in error.instance]
+        if missing:
+            path.append(missing[0])
+    return json_path(path)
+
+
 def json_path(path: Any) -> str:
     out = "$"
     for part in path:
@@ -131,7 +144,7 @@ class Pipeline:
             )
             if errors:
                 best = jsonschema.exceptions.best_match(errors) or errors[0]
-                raise ParamsError(json_path(best.absolute_path), best.message)
+                raise ParamsError(_error_path(best), best.message)
         try:
             tasks = split_params(params, self.split)
         except ValueError as exc:

@@ -95,7 +95,10 @@ class RetryDecision:
 
 def backoff_delay(policy: RetryPolicy, attempt: int, rand: random.Random | None = None) -> float:
     """Seconds to wait before attempt `attempt + 1`, after `attempt` failed ones."""
-    raw = policy.backoff_base * policy.backoff_factor ** max(attempt - 1, 0)
+    try:
+        raw = policy.backoff_base * policy.backoff_factor ** max(attempt - 1, 0)
+    except OverflowError:
+        raw = policy.backoff_max
     capped = min(raw, policy.backoff_max)
     spread = (rand or random).uniform(-policy.jitter, policy.jitter)
     return max(0.0, capped * (1.0 + spread))

@@ -4,17 +4,41 @@ a stopping worker kills everything it started."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import selectors
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
 from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a command gets SIGKILL when the worker thread that started it dies, so
+    a worker killed outright does not leave its commands running unsupervised."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return child
+
+
+_PREEXEC = _die_with_parent()
 
 
 def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:
@@ -32,6 +56,19 @@ def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def _read_available(fd: int) -> bytes | None:
+    """What can be read now without blocking; None at end of file."""
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out or None
+        out += chunk
 
 
 class CommandExecutor:
@@ -66,6 +103,7 @@ class CommandExecutor:
                 cwd=pipeline.cwd or ctx.work_dir,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_PREEXEC,
             )
         except OSError as exc:
             ctx.log(f"cannot start {argv[0]}: {exc.strerror}")
@@ -101,6 +139,7 @@ class CommandExecutor:
         sel = selectors.DefaultSelector()
         sel.register(fd, selectors.EVENT_READ)
         buf = b""
+        eof = False
         try:
             while True:
                 if ctx.stopping:
@@ -108,18 +147,26 @@ class CommandExecutor:
                 if deadline is not None and time.time() >= deadline:
                     ctx.stop("timed out")
                     return f"timed out after {ctx.task.timeout:g}s"
-                if not sel.select(timeout=0.2):
+                exited = proc.poll() is not None
+                if eof:  # output closed, command still running: keep watching the clock
+                    if exited:
+                        break
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(0.2)
                     continue
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
+                if not exited and not sel.select(timeout=0.2):
                     continue
-                if not chunk:
+                # Once the command has exited, take what is already written and stop: a
+                # child it left behind may hold the pipe open for ever.
+                chunk = _read_available(fd)
+                if chunk:
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for raw in lines:
+                        self._line(raw, ctx)
+                eof = chunk is None
+                if exited:
                     break
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    self._line(raw, ctx)
             if buf:
                 self._line(buf, ctx)
             return None

@@ -28,7 +28,7 @@ def load_handler(path: str) -> Callable[[TaskContext], Any]:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # a broken module fails in many ways; all are config errors
         raise HandlerError(f"cannot import handler module {module_name!r}: {exc}") from None
     func: Any = module
     for part in attr.split("."):

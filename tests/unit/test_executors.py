@@ -1,0 +1,526 @@
+"""The command and Python executors, run with real tiny programs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conveyor.executors import ExecResult, TaskContext, executor_for
+from conveyor.executors.command import CommandExecutor
+from conveyor.executors.python import NonRetryable, PythonExecutor
+from conveyor.pipelines import Pipeline
+from conveyor.tasks import Progress, Task, TaskStatus
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def make_task(params=None, timeout=None, **kw):
+    defaults = dict(
+        id=11,
+        request_id=5,
+        pipeline="p",
+        queue="default",
+        priority=0,
+        seq=0,
+        params={} if params is None else params,
+        status=TaskStatus.RUNNING,
+        attempts=1,
+        max_attempts=3,
+        timeout=timeout,
+        created_at=0.0,
+        available_at=0.0,
+    )
+    defaults.update(kw)
+    return Task(**defaults)
+
+
+class Run:
+    """One attempt's context, with what it reported and logged."""
+
+    def __init__(self, tmp_path: Path, params=None, timeout=None):
+        self.reports: list[Progress] = []
+        self.log_file = tmp_path / "logs" / "11.log"
+        self.work = tmp_path / "work" / "11"
+        self.ctx = TaskContext(
+            make_task(params, timeout),
+            lambda: (self.log_file, self.work),
+            self.reports.append,
+            min_report_interval=0,
+        )
+
+    @property
+    def log(self) -> str:
+        self.ctx.close()
+        return self.log_file.read_text() if self.log_file.exists() else ""
+
+
+def script(code: str, *args: str, **kw) -> Pipeline:
+    return Pipeline(
+        name="p",
+        executor="command",
+        command=(sys.executable, "-c", textwrap.dedent(code), *args),
+        **kw,
+    )
+
+
+def run_command(tmp_path, code, *args, params=None, deadline=None, timeout=None, **kw):
+    run = Run(tmp_path, params, timeout)
+    result = CommandExecutor().run(script(code, *args, **kw), run.ctx, deadline)
+    return run, result
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+def wait_gone(pids, pgid=None, within=3.0) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if all(gone(p) for p in pids) and (pgid is None or not group_members(pgid)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def numbers_after(text: str, label: str) -> list[int]:
+    return [int(line.split()[1]) for line in text.splitlines() if line.startswith(label + " ")]
+
+
+def kill_leftovers(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# command: exit codes ----------------------------------------------------------------------------
+
+
+def test_exit_zero_succeeds(tmp_path):
+    run, result = run_command(tmp_path, "print('hello')")
+    assert result == ExecResult(ok=True, result={"exit_code": 0})
+    assert "exit code 0" in run.log
+
+
+@pytest.mark.parametrize("code", [1, 3, 255])
+def test_nonzero_exit_fails_and_may_be_retried(tmp_path, code):
+    _, result = run_command(tmp_path, f"import sys; sys.exit({code})")
+    assert not result.ok
+    assert result.error == f"exit code {code}"
+    assert result.retryable
+
+
+def test_killed_by_a_signal(tmp_path):
+    _, result = run_command(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert not result.ok
+    assert result.error == "killed by signal 9"
+
+
+def test_program_that_cannot_start_fails_for_good(tmp_path):
+    run = Run(tmp_path)
+    pipeline = Pipeline(name="p", executor="command", command=(str(tmp_path / "no-such-program"),))
+    result = CommandExecutor().run(pipeline, run.ctx, None)
+    assert not result.ok
+    assert not result.retryable
+    assert "cannot start" in result.error
+    assert "cannot start" in run.log
+
+
+def test_template_error_at_run_time_fails_for_good(tmp_path):
+    run = Run(tmp_path, params={"a": 1})
+    pipeline = Pipeline(name="p", executor="command", command=("echo", "{missing}"))
+    result = CommandExecutor().run(pipeline, run.ctx, None)
+    assert not result.ok
+    assert not result.retryable
+    assert "missing" in result.error
+
+
+# command: output and progress -----------------------------------------------------------------
+
+
+def test_output_and_errors_are_captured_in_the_log(tmp_path):
+    code = """
+        import sys
+        print("to stdout", flush=True)
+        print("to stderr", file=sys.stderr, flush=True)
+        sys.stdout.write("no newline at the end")
+    """
+    run, result = run_command(tmp_path, code)
+    assert result.ok
+    lines = run.log.splitlines()
+    assert lines[0].startswith("$ ")  # the command line comes first
+    assert "to stdout" in lines
+    assert "to stderr" in lines
+    assert "no newline at the end" in lines
+    assert lines[-1] == "exit code 0"
+
+
+def test_non_utf8_output_does_not_break_the_run(tmp_path):
+    run, result = run_command(tmp_path, "import sys; sys.stdout.buffer.write(b'bad \\xff byte\\n')")
+    assert result.ok
+    assert "bad \ufffd byte" in run.log
+
+
+def test_progress_lines_reach_the_report_callback(tmp_path):
+    code = """
+        for i in range(1, 4):
+            # braces in a command item are template placeholders: none here
+            print("conveyor:progress %d/3 step %d" % (i, i), flush=True)
+        print("conveyor:progress 9")
+        print("conveyor:progress nonsense")
+        print("not progress 1/2")
+    """
+    run, result = run_command(tmp_path, code)
+    assert result.ok
+    assert run.reports == [
+        Progress(1, 3, "step 1"),
+        Progress(2, 3, "step 2"),
+        Progress(3, 3, "step 3"),
+        Progress(9, None, None),
+    ]
+    assert "conveyor:progress 2/3 step 2" in run.log
+
+
+def test_large_output_is_not_lost(tmp_path):
+    run, result = run_command(tmp_path, "for i in range(20000): print('line', i)")
+    assert result.ok
+    lines = run.log.splitlines()
+    assert "line 0" in lines
+    assert "line 19999" in lines
+    assert sum(1 for line in lines if line.startswith("line ")) == 20000
+
+
+# command: arguments, environment, directory ------------------------------------------------------
+
+
+def test_params_reach_the_program_as_single_arguments(tmp_path):
+    hostile = "two words; touch pwned $(touch pwned2) `touch pwned3` 'q' \"d\" | cat > out"
+    code = "import json, sys; print('ARGV', json.dumps(sys.argv[1:]))"
+    run, result = run_command(
+        tmp_path,
+        code,
+        "{value}",
+        "--n={n}",
+        "{conveyor.task_id}",
+        params={"value": hostile, "n": 3},
+    )
+    assert result.ok
+    line = next(x for x in run.log.splitlines() if x.startswith("ARGV "))
+    assert json.loads(line[5:]) == [hostile, "--n=3", "11"]
+    for name in ("pwned", "pwned2", "pwned3", "out"):
+        assert not (run.work / name).exists()
+        assert not (tmp_path / name).exists()
+
+
+def test_environment_and_working_directory(tmp_path):
+    code = """
+        import os
+        for k in ("CONVEYOR_REQUEST_ID", "CONVEYOR_TASK_ID", "CONVEYOR_ATTEMPT",
+                  "CONVEYOR_WORK_DIR", "MODE"):
+            print("ENV", k, os.environ.get(k))
+        print("CWD", os.getcwd())
+    """
+    run, result = run_command(tmp_path, code, env={"MODE": "fast"})
+    assert result.ok
+    log = run.log
+    assert "ENV CONVEYOR_REQUEST_ID 5" in log
+    assert "ENV CONVEYOR_TASK_ID 11" in log
+    assert "ENV CONVEYOR_ATTEMPT 1" in log
+    assert f"ENV CONVEYOR_WORK_DIR {run.work}" in log
+    assert "ENV MODE fast" in log
+    assert f"CWD {run.work.resolve()}" in log
+
+
+def test_pipeline_cwd_is_used_when_set(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run, result = run_command(tmp_path, "import os; print('CWD', os.getcwd())", cwd=str(elsewhere))
+    assert result.ok
+    assert f"CWD {elsewhere.resolve()}" in run.log
+
+
+def test_stdin_is_closed(tmp_path):
+    run, result = run_command(tmp_path, "import sys; print('IN', repr(sys.stdin.read()))")
+    assert result.ok
+    assert "IN ''" in run.log
+
+
+# command: killing ------------------------------------------------------------------------
+
+SPAWNS_GRANDCHILD = """
+    import os, subprocess, sys, time
+    child = subprocess.Popen(["sleep", "30"])
+    print("GRANDCHILD", child.pid, flush=True)
+    print("GROUP", os.getpgid(0), flush=True)
+    time.sleep(30)
+"""
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    start = time.monotonic()
+    run, result = run_command(tmp_path, SPAWNS_GRANDCHILD, deadline=time.time() + 0.5, timeout=0.5)
+    elapsed = time.monotonic() - start
+    log = run.log
+    grandchildren = numbers_after(log, "GRANDCHILD")
+    try:
+        assert not result.ok
+        assert result.retryable
+        assert "timed out" in result.error
+        assert "killed: timed out" in log
+        assert elapsed < 4
+        assert grandchildren, log
+        (group,) = numbers_after(log, "GROUP")
+        assert wait_gone(grandchildren, group), "the command's grandchild outlived the timeout"
+        assert run.ctx.stopping
+    finally:
+        kill_leftovers(grandchildren)
+
+
+def test_stop_from_another_thread_kills_the_command(tmp_path):
+    run = Run(tmp_path)
+    timer = threading.Timer(0.5, run.ctx.stop, args=("cancelled",))
+    timer.start()
+    start = time.monotonic()
+    try:
+        result = CommandExecutor().run(script(SPAWNS_GRANDCHILD), run.ctx, None)
+    finally:
+        timer.cancel()
+    grandchildren = numbers_after(run.log, "GRANDCHILD")
+    try:
+        assert time.monotonic() - start < 4
+        assert not result.ok
+        assert result.error == "cancelled"
+        assert wait_gone(grandchildren)
+    finally:
+        kill_leftovers(grandchildren)
+
+
+def test_already_stopped_context_never_lets_the_command_run_on(tmp_path):
+    run = Run(tmp_path)
+    run.ctx.stop("worker shutting down")
+    start = time.monotonic()
+    result = CommandExecutor().run(script("import time; time.sleep(30)"), run.ctx, None)
+    assert time.monotonic() - start < 4
+    assert not result.ok
+    assert result.error == "worker shutting down"
+
+
+def test_leftover_background_process_is_killed_after_a_normal_exit(tmp_path):
+    # The command exits, leaving a child that no longer writes to the output.
+    code = """
+        import subprocess
+        child = subprocess.Popen(["sleep", "30"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        print("GRANDCHILD", child.pid, flush=True)
+    """
+    start = time.monotonic()
+    run, result = run_command(tmp_path, code)
+    grandchildren = numbers_after(run.log, "GRANDCHILD")
+    try:
+        assert result.ok
+        assert time.monotonic() - start < 4
+        assert wait_gone(grandchildren), "a process left behind by the command survived"
+    finally:
+        kill_leftovers(grandchildren)
+
+
+def test_command_exit_is_not_held_up_by_a_leftover_child_holding_its_output(tmp_path):
+    # The command exits at once; a background child it started still has its stdout.
+    # The attempt is over when the command exits: the leftover goes with it, rather than
+    # holding the task (and a worker slot) until the leftover ends by itself.
+    code = """
+        import subprocess
+        child = subprocess.Popen(["sleep", "2"])
+        print("GRANDCHILD", child.pid, flush=True)
+    """
+    start = time.monotonic()
+    run, result = run_command(tmp_path, code)
+    elapsed = time.monotonic() - start
+    grandchildren = numbers_after(run.log, "GRANDCHILD")
+    try:
+        assert result.ok
+        assert elapsed < 1.5, f"run() returned only after {elapsed:.1f}s, when the leftover ended"
+    finally:
+        kill_leftovers(grandchildren)
+
+
+# python executor -------------------------------------------------------------------------------
+
+# Handlers for the tests below, named by this module's import path.
+
+
+def handler_ok(ctx):
+    ctx.progress(1, 2, "half")
+    ctx.log("working on " + ctx.params["name"])
+    return {"greeting": f"hello {ctx.params['name']}", "attempt": ctx.attempt}
+
+
+def handler_none(ctx):
+    return None
+
+
+def handler_raises(ctx):
+    raise KeyError("no_such_thing")
+
+
+def handler_non_retryable(ctx):
+    raise NonRetryable("input file is corrupt")
+
+
+def handler_non_retryable_bare(ctx):
+    raise NonRetryable()
+
+
+def handler_not_json(ctx):
+    return {"when": object()}
+
+
+def handler_set(ctx):
+    return {1, 2}
+
+
+def handler_work_dir(ctx):
+    (ctx.work_dir / "out.txt").write_text("x")
+    return str(ctx.work_dir)
+
+
+def python_pipeline(handler: str) -> Pipeline:
+    return Pipeline(name="p", executor="python", handler=handler)
+
+
+def run_python(tmp_path, handler, params=None):
+    run = Run(tmp_path, params)
+    result = PythonExecutor().run(python_pipeline(handler), run.ctx, None)
+    return run, result
+
+
+def here(name: str) -> str:
+    return f"{__name__}:{name}"
+
+
+def test_handler_result_becomes_the_task_result(tmp_path):
+    run, result = run_python(tmp_path, here("handler_ok"), {"name": "ada"})
+    assert result == ExecResult(ok=True, result={"greeting": "hello ada", "attempt": 1})
+    assert run.reports == [Progress(1, 2, "half")]
+    assert "working on ada" in run.log
+
+
+def test_handler_returning_nothing_succeeds(tmp_path):
+    _, result = run_python(tmp_path, here("handler_none"))
+    assert result == ExecResult(ok=True, result=None)
+
+
+def test_handler_exception_fails_the_attempt_with_the_traceback_logged(tmp_path):
+    run, result = run_python(tmp_path, here("handler_raises"))
+    assert not result.ok
+    assert result.retryable
+    assert result.error == "KeyError: 'no_such_thing'"
+    log = run.log
+    assert "Traceback (most recent call last)" in log
+    assert "handler_raises" in log
+    assert "KeyError: 'no_such_thing'" in log
+
+
+def test_non_retryable_fails_the_task_at_once(tmp_path):
+    run, result = run_python(tmp_path, here("handler_non_retryable"))
+    assert not result.ok
+    assert result.retryable is False
+    assert result.error == "input file is corrupt"
+    assert "NonRetryable" in run.log
+    _, bare = run_python(tmp_path, here("handler_non_retryable_bare"))
+    assert bare.retryable is False
+    assert bare.error
+
+
+@pytest.mark.parametrize("name", ["handler_not_json", "handler_set"])
+def test_non_json_result_is_refused(tmp_path, name):
+    _, result = run_python(tmp_path, here(name))
+    assert not result.ok
+    assert result.retryable is False
+    assert "not JSON" in result.error
+
+
+def test_handler_work_dir(tmp_path):
+    run, result = run_python(tmp_path, here("handler_work_dir"))
+    assert result.ok
+    assert result.result == str(run.work)
+    assert (run.work / "out.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        "conveyor_no_such_module_xyz:f",
+        "conveyor.examples.handlers:no_such_function",
+        "conveyor.examples.handlers:",
+        ":noop",
+    ],
+)
+def test_handler_that_cannot_be_loaded_fails_for_good(tmp_path, handler):
+    _, result = run_python(tmp_path, handler)
+    assert not result.ok
+    assert result.retryable is False
+    assert result.error
+
+
+def test_handler_that_is_not_callable(tmp_path):
+    _, result = run_python(tmp_path, "conveyor.executors.command:KILL_GRACE")
+    assert not result.ok
+    assert result.retryable is False
+    assert "not callable" in result.error
+
+
+def test_builtin_sleep_handler_stops_early_when_asked(tmp_path):
+    run = Run(tmp_path, {"seconds": 20})
+    timer = threading.Timer(0.2, run.ctx.stop, args=("cancelled",))
+    timer.start()
+    start = time.monotonic()
+    try:
+        result = PythonExecutor().run(
+            python_pipeline("conveyor.examples.handlers:sleep"), run.ctx, None
+        )
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 5
+    assert not result.ok
+    assert "cancelled" in result.error
+    assert run.reports[0] == Progress(0, 20, "sleeping")
+
+
+def test_builtin_sleep_handler_reports_done(tmp_path):
+    run, result = run_python(tmp_path, "conveyor.examples.handlers:sleep", {"seconds": 0.05})
+    assert result == ExecResult(ok=True, result={"slept": 0.05})
+    assert run.reports[-1] == Progress(1, 1, "done")
+
+
+def test_executor_for_picks_by_kind():
+    assert isinstance(executor_for(script("pass")), CommandExecutor)
+    assert isinstance(executor_for(python_pipeline("m:f")), PythonExecutor)
