@@ -134,16 +134,19 @@ class PostgresStore(SQLStore):
     def _claim_prelude(
         self, conn: Connection, limited: list[str]
     ) -> tuple[set[str], dict[str, int]]:
-        # One round trip: the lock (when limits apply), the paused queues and the counts.
+        # The lock must be held before the counting statement starts: under READ
+        # COMMITTED a statement sees the data as of its own start.
+        if limited:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LIMITS_LOCK})
         row = conn.execute(
             sa.text(
-                "SELECT CASE WHEN :lock THEN pg_advisory_xact_lock(:k) END, "
+                "SELECT NULL, "
                 "(SELECT coalesce(array_agg(name), '{}') FROM queue_settings WHERE paused), "
                 "(SELECT coalesce(json_object_agg(pipeline, n), '{}') FROM "
                 " (SELECT pipeline, count(*) AS n FROM tasks WHERE status = 'running' "
                 "  AND pipeline = ANY(CAST(:lim AS text[])) GROUP BY pipeline) AS c)"
             ),
-            {"lock": bool(limited), "k": _LIMITS_LOCK, "lim": limited},
+            {"lim": limited},
         ).one()
         return set(row[1]), {k: int(v) for k, v in (row[2] or {}).items()}
 

@@ -684,23 +684,51 @@ class SQLStore:
                 slots = {p: max(0, lim - running.get(p, 0)) for p, lim in (limits or {}).items()}
                 claimed: list[Task] = []
                 for queue in open_queues:
-                    want = n - len(claimed)
-                    if want <= 0:
+                    if len(claimed) >= n:
                         break
-                    exclude = sorted(p for p, s in slots.items() if s <= 0)
                     if not slots:
                         claimed += self._claim_tasks(
-                            conn, queue, want, exclude, worker_id, expires, now
+                            conn, queue, n - len(claimed), [], worker_id, expires, now
                         )
                         continue
-                    picked = allot(self._candidates(conn, queue, want, exclude, now), slots)
-                    if picked:
-                        claimed += self._mark_claimed(conn, picked, worker_id, expires, now)
+                    claimed += self._claim_limited(conn, queue, n - len(claimed), slots,
+                                                   worker_id, expires, now)
                 if claimed and not self.claim_records_events:
                     self._after_claim(conn, claimed, worker_id, now)
                 return claimed
 
         return self._retrying(tx)
+
+    def _claim_limited(
+        self,
+        conn: Connection,
+        queue: str,
+        want: int,
+        slots: dict[str, int],
+        worker_id: str,
+        expires: float,
+        now: float,
+    ) -> list[Task]:
+        """Claim from a queue while concurrency limits apply; `slots` (free slots of the
+        limited pipelines) is used up as tasks are claimed. A pipeline that fills up is
+        left out and the query asked again, so its backlog cannot crowd out the rest."""
+        claimed: list[Task] = []
+        while want > len(claimed):
+            exclude = sorted(p for p, free in slots.items() if free <= 0)
+            asked = want - len(claimed)
+            candidates = self._candidates(conn, queue, asked, exclude, now)
+            if not candidates:
+                break
+            picked = allot(candidates, slots)
+            if picked:
+                tasks = self._mark_claimed(conn, picked, worker_id, expires, now)
+                for task in tasks:
+                    if task.pipeline in slots:
+                        slots[task.pipeline] -= 1
+                claimed += tasks
+            if len(candidates) < asked:
+                break  # the queue has nothing more to offer
+        return claimed
 
     def _claim_prelude(
         self, conn: Connection, limited: list[str]
@@ -780,6 +808,9 @@ class SQLStore:
     def finish(self, worker_id: str, outcomes: Sequence[Outcome], now: float) -> list[int]:
         if not outcomes:
             return []
+        # One outcome per task: a repeated id would be a worker's mistake, and must not
+        # be recorded twice.
+        outcomes = list({o.task_id: o for o in reversed(outcomes)}.values())  # first wins
         changes = []
         for o in outcomes:
             target = task_target(o.action)
