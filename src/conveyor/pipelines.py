@@ -100,8 +100,10 @@ def _error_path(error: jsonschema.ValidationError) -> str:
     """The JSON path of a schema error; for a missing property, the property's own path."""
     path = list(error.absolute_path)
     required = error.validator_value
-    if error.validator == "required" and isinstance(error.instance, Mapping) and isinstance(
-        required, list
+    if (
+        error.validator == "required"
+        and isinstance(error.instance, Mapping)
+        and isinstance(required, list)
     ):
         missing = [k for k in required if k not in error.instance]
         if missing:

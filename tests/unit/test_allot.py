@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conveyor.store.sql import allot
+from conveyor.store.rows import allot
 
 
 def test_unlimited_pipelines_always_fit():

@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from conveyor.store.base import Listener
-from conveyor.store.sql import EventRow, SQLStore
+from conveyor.store.rows import EventRow
+from conveyor.store.sql import SQLStore
 from conveyor.tasks import Task, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,23 @@ _INSERT_EVENTS = (
 )
 # What a claim returns: the Task fields a claimed task has, in Task's order (status is
 # running; progress, result and error are reset).
-_CLAIMED = ["id", "request_id", "pipeline", "queue", "priority", "seq", "params", "attempts",
-            "max_attempts", "timeout", "created_at", "available_at", "started_at", "lease_owner",
-            "lease_expires_at"]
+_CLAIMED = [
+    "id",
+    "request_id",
+    "pipeline",
+    "queue",
+    "priority",
+    "seq",
+    "params",
+    "attempts",
+    "max_attempts",
+    "timeout",
+    "created_at",
+    "available_at",
+    "started_at",
+    "lease_owner",
+    "lease_expires_at",
+]
 
 
 def _claim_sql(picked: str) -> str:
@@ -74,8 +89,25 @@ def _claim_sql(picked: str) -> str:
 def _claimed(rows: list[tuple[Any, ...]]) -> list[Task]:
     running = TaskStatus.RUNNING
     return [
-        Task(r[0], r[1], r[2], r[3], r[4], r[5], r[6], running, r[7], r[8], r[9], r[10],
-             r[11], r[12], None, r[13], r[14])
+        Task(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            r[6],
+            running,
+            r[7],
+            r[8],
+            r[9],
+            r[10],
+            r[11],
+            r[12],
+            None,
+            r[13],
+            r[14],
+        )
         for r in rows
     ]
 

@@ -15,7 +15,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Row
 
 from conveyor.store.base import Listener
-from conveyor.store.sql import TASK_COLUMNS, SQLStore, task_from_row, typed_tasks
+from conveyor.store.rows import TASK_COLUMNS, task_from_row, typed_tasks
+from conveyor.store.sql import SQLStore
 from conveyor.tasks import Task
 
 _RETURNING = ", ".join(TASK_COLUMNS)

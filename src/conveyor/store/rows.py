@@ -1,0 +1,172 @@
+"""Rows and records: converting between the database's rows and the domain's immutable
+records, the event rows every change appends, and small pure helpers the store shares."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+
+from conveyor.requests import Request, RequestStatus, TaskCounts
+from conveyor.store import schema as t
+from conveyor.store.base import Listener
+from conveyor.tasks import Progress, Task, TaskAction, TaskStatus
+
+TASK_COLUMNS = [c.name for c in t.tasks.columns]
+EventRow = dict[str, Any]
+
+
+def in_list(statuses: frozenset[Any]) -> str:
+    """A SQL list of status literals. Only enum values reach it, never request data."""
+    return ", ".join(f"'{s.value}'" for s in sorted(statuses))
+
+
+def dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def typed_tasks(sql: str) -> sa.TextualSelect:
+    """Raw SQL that returns task rows, read with the columns' types (JSON decoded)."""
+    return sa.text(sql).columns(*t.tasks.c)
+
+
+def task_from_row(row: Any) -> Task:
+    m = row._mapping if isinstance(row, Row) else row
+    return Task(
+        id=m["id"],
+        request_id=m["request_id"],
+        pipeline=m["pipeline"],
+        queue=m["queue"],
+        priority=m["priority"],
+        seq=m["seq"],
+        params=m["params"],
+        status=TaskStatus(m["status"]),
+        attempts=m["attempts"],
+        max_attempts=m["max_attempts"],
+        timeout=m["timeout"],
+        created_at=m["created_at"],
+        available_at=m["available_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        lease_owner=m["lease_owner"],
+        lease_expires_at=m["lease_expires_at"],
+        progress=Progress(m["progress_current"], m["progress_total"], m["progress_message"]),
+        result=m["result"],
+        error=m["error"],
+    )
+
+
+def counts_from(m: Mapping[str, Any]) -> TaskCounts:
+    return TaskCounts(
+        total=m["tasks_total"],
+        succeeded=m["tasks_succeeded"],
+        failed=m["tasks_failed"],
+        cancelled=m["tasks_cancelled"],
+    )
+
+
+def request_from_row(row: Any, tasks: Sequence[Task] = ()) -> Request:
+    m = row._mapping
+    return Request(
+        id=m["id"],
+        pipeline=m["pipeline"],
+        params=m["params"],
+        queue=m["queue"],
+        priority=m["priority"],
+        status=RequestStatus(m["status"]),
+        counts=counts_from(m),
+        created_at=m["created_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        idempotency_key=m["idempotency_key"],
+        submitter=m["submitter"],
+        reused_request_id=m["reused_request_id"],
+        tasks=tuple(tasks),
+    )
+
+
+def event_row(
+    ts: float,
+    kind: str,
+    request_id: int | None = None,
+    task_id: int | None = None,
+    pipeline: str | None = None,
+    queue: str | None = None,
+    data: Any = None,
+) -> EventRow:
+    return {
+        "ts": ts,
+        "kind": kind,
+        "request_id": request_id,
+        "task_id": task_id,
+        "pipeline": pipeline,
+        "queue": queue,
+        "data": data,
+    }
+
+
+OUTCOME_EVENTS = {
+    TaskAction.SUCCEED: "task.succeeded",
+    TaskAction.FAIL: "task.failed",
+    TaskAction.RETRY: "task.retrying",
+    TaskAction.RELEASE: "task.released",
+}
+
+
+class LocalWakeup:
+    """Wakes waiters in this process at once; other processes rely on the dialect's
+    notifications or on polling."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation = 0
+
+    def fire(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def listener(self) -> Listener:
+        return _LocalListener(self)
+
+
+class _LocalListener:
+    def __init__(self, wakeup: LocalWakeup) -> None:
+        self._w = wakeup
+        self._seen = wakeup._generation
+
+    def wait(self, timeout: float) -> bool:
+        w = self._w
+        with w._cond:
+            if w._generation == self._seen:
+                w._cond.wait(timeout)
+            fired = w._generation != self._seen
+            self._seen = w._generation
+            return fired
+
+    def close(self) -> None:
+        pass
+
+
+def allot(candidates: Sequence[tuple[int, str]], slots: Mapping[str, int]) -> list[int]:
+    """Of the candidate (task id, pipeline) pairs, in claim order, those that fit in the
+    free slots of concurrency-limited pipelines; unlimited pipelines always fit."""
+    left = dict(slots)
+    picked = []
+    for task_id, pipeline in candidates:
+        if pipeline in left:
+            if left[pipeline] <= 0:
+                continue
+            left[pipeline] -= 1
+        picked.append(task_id)
+    return picked
+
+
+def describe_error(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return text[0] if text else type(orig).__name__

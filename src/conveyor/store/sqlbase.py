@@ -1,0 +1,369 @@
+"""The store's foundation on SQLAlchemy: transactions, the hooks each dialect fills in,
+the bookkeeping every task change shares (events, request counters and statuses), and the
+verbs over queues, workers and events."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, Row
+
+from conveyor.events import Event
+from conveyor.queues import QueueStats
+from conveyor.requests import (
+    REQUEST_TRANSITIONS,
+    RequestStatus,
+    derive_request_status,
+    request_sources,
+)
+from conveyor.store import schema as t
+from conveyor.store.base import (
+    Listener,
+    Unavailable,
+    WorkerInfo,
+)
+from conveyor.store.rows import (
+    EventRow,
+    LocalWakeup,
+    counts_from,
+    describe_error,
+    event_row,
+    in_list,
+)
+from conveyor.tasks import (
+    Task,
+    TaskStatus,
+)
+
+_T = TypeVar("_T")
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+_COUNTER_OF = {
+    TaskStatus.SUCCEEDED.value: 0,
+    TaskStatus.FAILED.value: 1,
+    TaskStatus.CANCELLED.value: 2,
+}
+
+
+class _Retryable(Exception):
+    pass
+
+
+class SQLBase:
+    dialect = "sql"
+    # True where the dialect's claim statements record their own events
+    claim_records_events = False
+
+    def __init__(self, url: str, engine: Engine) -> None:
+        self.url = url
+        self.engine = engine
+        self.wakeup = LocalWakeup()
+
+    # ----------------------------------------------------------------- plumbing
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+                raise _Retryable(str(exc.orig)) from exc
+            raise Unavailable(describe_error(exc)) from exc
+
+    def _retrying(self, tx: Callable[[], _T]) -> _T:
+        """Run a transaction again when the database aborted it for a deadlock or a
+        serialisation conflict: it was rolled back whole, so running it again is safe."""
+        for attempt in range(10):
+            try:
+                return tx()
+            except _Retryable:
+                time.sleep(0.005 * (attempt + 1) * random.random())
+        return tx()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect().execution_options(conveyor_readonly=True) as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise Unavailable(describe_error(exc)) from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self._read() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def upgrade(self) -> None:
+        from conveyor.store.migrate import upgrade
+
+        try:
+            upgrade(self.engine)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise Unavailable(describe_error(exc)) from exc
+
+    # dialect hooks ------------------------------------------------------------
+    def _insert_tasks(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        conn.execute(t.tasks.insert(), rows)
+
+    def _insert_events(self, conn: Connection, rows: list[EventRow]) -> None:
+        if rows:
+            conn.execute(t.events.insert(), rows)
+
+    def _notify(self, conn: Connection, topic: str) -> None:
+        """Tell waiting workers (in other processes too) once `conn` commits."""
+
+    def _lock_for_limits(self, conn: Connection) -> None:
+        """Serialise claims of concurrency-limited pipelines."""
+
+    def _claim_tasks(
+        self,
+        conn: Connection,
+        queue: str,
+        n: int,
+        exclude: list[str],
+        worker_id: str,
+        expires: float,
+        now: float,
+    ) -> list[Task]:
+        """Claim up to n queued tasks of `queue` (not of the `exclude`d pipelines), in
+        claim order."""
+        raise NotImplementedError
+
+    def _candidates(
+        self, conn: Connection, queue: str, n: int, exclude: list[str], now: float
+    ) -> list[tuple[int, str]]:
+        """(id, pipeline) of up to n claimable tasks, in claim order, locked for us."""
+        raise NotImplementedError
+
+    def _mark_claimed(
+        self, conn: Connection, ids: list[int], worker_id: str, expires: float, now: float
+    ) -> list[Task]:
+        raise NotImplementedError
+
+    def _update_running(self, conn: Connection, changes: list[dict[str, Any]]) -> list[Row[Any]]:
+        """Apply changes to running tasks, each guarded by status 'running', its lease
+        owner and, for lease expiry, the expiry that was seen. Returns the rows changed
+        (id, request_id, pipeline, queue, attempts, status)."""
+        raise NotImplementedError
+
+    def _apply_changes(
+        self, conn: Connection, changes: list[dict[str, Any]], now: float
+    ) -> tuple[list[Any], list[Any]]:
+        """Apply guarded changes to running tasks, record an event for each one applied,
+        and count the finished ones in their requests. Returns the changed task rows and
+        the requests' rows with their new counters."""
+        rows = self._update_running(conn, changes)
+        by_id = {c["id"]: c for c in changes}
+        self._insert_events(
+            conn,
+            [
+                event_row(
+                    now,
+                    by_id[r.id]["kind"],
+                    r.request_id,
+                    r.id,
+                    r.pipeline,
+                    r.queue,
+                    json.loads(by_id[r.id]["data"]) if by_id[r.id]["data"] else None,
+                )
+                for r in rows
+            ],
+        )
+        return rows, self._bump_counters(conn, rows)
+
+    def _bump_counters(self, conn: Connection, rows: Sequence[Any]) -> list[Any]:
+        delta: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+        for r in rows:
+            col = _COUNTER_OF.get(r.status)
+            if col is not None:
+                delta[r.request_id][col] += 1
+        if not delta:
+            return []
+        ids = sorted(delta)
+        conn.execute(
+            sa.text(
+                "UPDATE requests SET tasks_succeeded = tasks_succeeded + :s, "
+                "tasks_failed = tasks_failed + :f, tasks_cancelled = tasks_cancelled + :c "
+                "WHERE id = :id"
+            ),
+            [{"id": i, "s": delta[i][0], "f": delta[i][1], "c": delta[i][2]} for i in ids],
+        )
+        return list(
+            conn.execute(
+                sa.select(t.requests).where(t.requests.c.id.in_(ids)).order_by(t.requests.c.id)
+            ).all()
+        )
+
+    def _advance_requests(self, conn: Connection, counters: Sequence[Any], now: float) -> None:
+        """Move each request to the status its task counters now give it."""
+        events: list[EventRow] = []
+        for row in counters:
+            m: Mapping[str, Any] = row._mapping if isinstance(row, Row) else row  # type: ignore[assignment]
+            old = RequestStatus(m["status"])
+            new = derive_request_status(counts_from(m), m["started_at"] is not None)
+            if new == old or new not in REQUEST_TRANSITIONS[old]:
+                continue
+            changed = conn.execute(
+                sa.text(
+                    f"UPDATE requests SET status = :new, finished_at = :fin "
+                    f"WHERE id = :id AND status IN ({in_list(request_sources(new))})"
+                ),
+                {"new": new.value, "fin": now if new.terminal else None, "id": m["id"]},
+            ).rowcount
+            if changed:
+                events.append(
+                    event_row(now, f"request.{new.value}", m["id"], None, m["pipeline"], m["queue"])
+                )
+        self._insert_events(conn, events)
+
+    def _settle_requests(self, conn: Connection, rows: Sequence[Any], now: float) -> None:
+        self._advance_requests(conn, self._bump_counters(conn, rows), now)
+
+    # ------------------------------------------------------------------- queues
+    def _set_paused(self, queue: str, paused: bool, now: float) -> None:
+        with self._write() as conn:
+            updated = conn.execute(
+                t.queue_settings.update()
+                .where(t.queue_settings.c.name == queue)
+                .values(paused=paused, updated_at=now)
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    t.queue_settings.insert().values(name=queue, paused=paused, updated_at=now)
+                )
+            kind = "queue.paused" if paused else "queue.resumed"
+            self._insert_events(conn, [event_row(now, kind, queue=queue)])
+            if not paused:
+                self._notify(conn, f"queue:{queue}")
+        self.wakeup.fire()
+
+    def pause(self, queue: str, now: float) -> None:
+        self._set_paused(queue, True, now)
+
+    def resume(self, queue: str, now: float) -> None:
+        self._set_paused(queue, False, now)
+
+    def paused_queues(self) -> set[str]:
+        with self._read() as conn:
+            return {
+                r[0]
+                for r in conn.execute(
+                    sa.select(t.queue_settings.c.name).where(t.queue_settings.c.paused.is_(True))
+                )
+            }
+
+    def queue_stats(self) -> list[QueueStats]:
+        with self._read() as conn:
+            counts: dict[str, dict[str, int]] = defaultdict(dict)
+            for queue, status, n in conn.execute(
+                sa.select(t.tasks.c.queue, t.tasks.c.status, sa.func.count()).group_by(
+                    t.tasks.c.queue, t.tasks.c.status
+                )
+            ):
+                counts[queue][status] = n
+            paused = {r.name: r.paused for r in conn.execute(sa.select(t.queue_settings))}
+        names = sorted(set(counts) | {q for q in paused if q != "*"})
+        return [
+            QueueStats(
+                name=q,
+                paused=bool(paused.get(q)) or bool(paused.get("*")),
+                queued=counts[q].get("queued", 0),
+                running=counts[q].get("running", 0),
+                succeeded=counts[q].get("succeeded", 0),
+                failed=counts[q].get("failed", 0),
+                cancelled=counts[q].get("cancelled", 0),
+            )
+            for q in names
+        ]
+
+    # ------------------------------------------------------------------ workers
+    def register_worker(self, info: WorkerInfo, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                t.workers.insert().values(
+                    id=info.id,
+                    host=info.host,
+                    pid=info.pid,
+                    queues=list(info.queues),
+                    concurrency=info.concurrency,
+                    status="running",
+                    running=0,
+                    started_at=now,
+                    last_heartbeat=now,
+                )
+            )
+            self._insert_events(
+                conn,
+                [
+                    event_row(
+                        now,
+                        "worker.started",
+                        data={"worker": info.id, "host": info.host, "pid": info.pid},
+                    )
+                ],
+            )
+
+    def stop_worker(self, worker_id: str, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                t.workers.update()
+                .where(t.workers.c.id == worker_id)
+                .values(status="stopped", stopped_at=now, running=0)
+            )
+            self._insert_events(
+                conn, [event_row(now, "worker.stopped", data={"worker": worker_id})]
+            )
+
+    def list_workers(self, alive_since: float | None = None) -> list[WorkerInfo]:
+        q = sa.select(t.workers).order_by(t.workers.c.started_at.desc())
+        if alive_since is not None:
+            q = q.where(t.workers.c.status == "running", t.workers.c.last_heartbeat >= alive_since)
+        with self._read() as conn:
+            return [
+                WorkerInfo(
+                    id=r.id,
+                    host=r.host,
+                    pid=r.pid,
+                    queues=tuple(r.queues),
+                    concurrency=r.concurrency,
+                    status=r.status,
+                    running=r.running,
+                    started_at=r.started_at,
+                    last_heartbeat=r.last_heartbeat,
+                    stopped_at=r.stopped_at,
+                )
+                for r in conn.execute(q)
+            ]
+
+    # ------------------------------------------------------------------- events
+    def events(
+        self, after_id: int = 0, request_id: int | None = None, limit: int = 1000
+    ) -> list[Event]:
+        q = sa.select(t.events).where(t.events.c.id > after_id).order_by(t.events.c.id).limit(limit)
+        if request_id is not None:
+            q = q.where(t.events.c.request_id == request_id)
+        with self._read() as conn:
+            return [
+                Event(
+                    id=r.id,
+                    ts=r.ts,
+                    kind=r.kind,
+                    request_id=r.request_id,
+                    task_id=r.task_id,
+                    pipeline=r.pipeline,
+                    queue=r.queue,
+                    data=r.data,
+                )
+                for r in conn.execute(q)
+            ]
+
+    def listener(self) -> Listener:
+        return self.wakeup.listener()
