@@ -12,7 +12,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -29,6 +28,7 @@ from conveyor.pipelines import ParamsError
 from conveyor.requests import CachePolicy, Request, RequestStatus
 from conveyor.store import Conflict, NotFound, RequestFilter, StoreError, Unavailable
 from conveyor.tasks import TransitionError
+from conveyor.views import queue_view, request_view, worker_view
 
 cli = typer.Typer(
     name="conveyor",
@@ -86,45 +86,6 @@ def _ts(value: float | None) -> str:
     if value is None:
         return "-"
     return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def request_json(req: Request) -> dict[str, Any]:
-    return {
-        "id": req.id,
-        "pipeline": req.pipeline,
-        "status": req.status.value,
-        "queue": req.queue,
-        "priority": req.priority,
-        "params": req.params,
-        "submitter": req.submitter,
-        "idempotency_key": req.idempotency_key,
-        "reused_request_id": req.reused_request_id,
-        "created_at": req.created_at,
-        "started_at": req.started_at,
-        "finished_at": req.finished_at,
-        "counts": asdict(req.counts),
-        "tasks": [
-            {
-                "id": t.id,
-                "seq": t.seq,
-                "status": t.status.value,
-                "attempts": t.attempts,
-                "max_attempts": t.max_attempts,
-                "progress": {
-                    "current": t.progress.current,
-                    "total": t.progress.total,
-                    "message": t.progress.message,
-                },
-                "params": t.params,
-                "result": t.result,
-                "error": t.error,
-                "worker": t.lease_owner,
-                "started_at": t.started_at,
-                "finished_at": t.finished_at,
-            }
-            for t in req.tasks
-        ],
-    }
 
 
 def _print_request(req: Request) -> None:
@@ -227,10 +188,10 @@ def _wait(app: Conveyor, request_id: int, timeout: float | None, as_json: bool) 
             req = app.wait(request_id, timeout, on_update=update)
         except WaitTimeout as exc:
             if as_json:
-                out.print_json(data=request_json(exc.request))
+                out.print_json(data=request_view(exc.request))
             raise CliError(str(exc), code=EXIT_TIMEOUT) from None
     if as_json:
-        out.print_json(data=request_json(req))
+        out.print_json(data=request_view(req))
     else:
         out.print(f"request {req.id} {req.status.value}")
     return 0 if req.status == RequestStatus.SUCCEEDED else EXIT_ERROR
@@ -277,7 +238,7 @@ def submit(
             out.print(req.id)
         raise typer.Exit(_wait(app, req.id, timeout, as_json))
     if as_json:
-        out.print_json(data={**request_json(req), "created": submitted.created})
+        out.print_json(data={**request_view(req), "created": submitted.created})
     else:
         out.print(req.id)
 
@@ -291,7 +252,7 @@ def status(
     """Show a request and its tasks."""
     req = _app(ctx).get(request_id)
     if as_json:
-        out.print_json(data=request_json(req))
+        out.print_json(data=request_view(req))
     else:
         _print_request(req)
 
@@ -334,9 +295,7 @@ def list_cmd(
         )
     )
     if as_json:
-        out.print_json(
-            data=[{k: v for k, v in request_json(r).items() if k != "tasks"} for r in reqs]
-        )
+        out.print_json(data=[request_view(r, with_tasks=False) for r in reqs])
         return
     table = Table(box=None)
     for col in ("id", "pipeline", "status", "queue", "tasks", "created"):
@@ -390,7 +349,7 @@ def queues(
     """Queues in priority order, with task counts."""
     stats = _app(ctx).queues()
     if as_json:
-        out.print_json(data=[asdict(q) for q in stats])
+        out.print_json(data=[queue_view(q) for q in stats])
         return
     table = Table(box=None)
     for col in ("queue", "state", "queued", "running", "succeeded", "failed", "cancelled"):
@@ -437,7 +396,7 @@ def workers(
     """Workers with their host, pid, queues and last heartbeat."""
     found = _app(ctx).workers(alive_only=not all_)
     if as_json:
-        out.print_json(data=[asdict(w) for w in found])
+        out.print_json(data=[worker_view(w) for w in found])
         return
     table = Table(box=None)
     for col in ("worker", "status", "queues", "running", "heartbeat"):
