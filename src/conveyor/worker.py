@@ -135,6 +135,9 @@ class Worker:
                 self._handle_lost()
                 self._enforce_deadlines(now)
                 busy = False
+                if now >= next_expiry:
+                    next_expiry = now + self.lease / 2
+                    self._expire(now)
                 if self._stopping.is_set():
                     if stop_deadline is None:
                         stop_deadline = time.monotonic() + self.opts.grace
@@ -144,11 +147,14 @@ class Worker:
                         break
                 else:
                     busy = self._claim(now)
-                if now >= next_expiry:
-                    next_expiry = now + self.lease / 2
-                    self._expire(now)
                 if self.opts.burst and not self._running and not busy:
-                    break
+                    pending = self._next_pending(now)
+                    if pending is None:
+                        break
+                    # a retry is waiting out its back-off: stay for it
+                    self._wake.wait(min(max(pending - now, 0.01), self.poll))
+                    self._wake.clear()
+                    continue
                 if not busy:
                     self._wake.wait(self.poll if not self._running else min(self.poll, 0.2))
                     self._wake.clear()
@@ -349,6 +355,13 @@ class Worker:
                 log.warning("some attempts did not stop in time; leaving them")
                 return
             time.sleep(0.05)
+
+    def _next_pending(self, now: float) -> float | None:
+        """When the next queued task of this worker's open queues becomes claimable."""
+        try:
+            return self.store.next_available(self.queues)
+        except Unavailable:
+            return now + self.poll
 
     def _expire(self, now: float) -> None:
         try:

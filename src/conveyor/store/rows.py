@@ -168,5 +168,7 @@ def allot(candidates: Sequence[tuple[int, str]], slots: Mapping[str, int]) -> li
 
 def describe_error(exc: Exception) -> str:
     orig = getattr(exc, "orig", None) or exc
+    if getattr(orig, "sqlstate", None) == "42P01" or "no such table" in str(orig):
+        return "the database has no Conveyor tables yet: run `conveyor db upgrade`"
     text = str(orig).strip().splitlines()
     return text[0] if text else type(orig).__name__

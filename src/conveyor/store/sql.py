@@ -52,7 +52,14 @@ from conveyor.tasks import (
 class SQLStore(SQLBase):
     # ----------------------------------------------------------------- requests
     def submit(self, new: NewRequest, now: float) -> Submitted:
-        return self.submit_many([new], now)[0]
+        submitted = self.submit_many([new], now)[0]
+        if submitted.created and submitted.request.counts.total:
+            # submit_many leaves the tasks out (bulk callers do not need them); one
+            # request's answer shows them.
+            full = self.get_request(submitted.request.id)
+            if full is not None:
+                return Submitted(full, created=True)
+        return submitted
 
     def submit_many(self, batch: Sequence[NewRequest], now: float) -> list[Submitted]:
         try:
@@ -468,6 +475,25 @@ class SQLStore(SQLBase):
             event_row(now, "request.running", r.id, None, r.pipeline, r.queue) for r in started
         ]
         self._insert_events(conn, events)
+
+    def next_available(self, queues: Sequence[str]) -> float | None:
+        with self._read() as conn:
+            paused = {
+                r[0]
+                for r in conn.execute(
+                    sa.select(t.queue_settings.c.name).where(t.queue_settings.c.paused.is_(True))
+                )
+            }
+            open_queues = claimable_queues(queues, paused)
+            if not open_queues:
+                return None
+            value = conn.execute(
+                sa.select(sa.func.min(t.tasks.c.available_at)).where(
+                    t.tasks.c.status == TaskStatus.QUEUED.value,
+                    t.tasks.c.queue.in_(open_queues),
+                )
+            ).scalar()
+        return None if value is None else float(value)
 
     def heartbeat(self, worker_id: str, lease: float, now: float, running: int) -> set[int]:
         with self._write() as conn:
