@@ -383,6 +383,9 @@ class Worker:
             except Unavailable as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
+            except Exception:  # the heartbeat must outlive any one failure
+                log.exception("heartbeat failed")
+                continue
             lost = snapshot - owned
             if lost:
                 self._lost.put(lost)

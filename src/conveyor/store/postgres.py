@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import psycopg
@@ -139,6 +140,7 @@ class _Changed(NamedTuple):
 
 class PostgresStore(SQLStore):
     dialect = "postgresql"
+    _lock_in_order = " FOR UPDATE"
     claim_records_events = True
 
     def __init__(self, url: str) -> None:
@@ -146,7 +148,6 @@ class PostgresStore(SQLStore):
             sqlalchemy_url(url),
             pool_size=8,
             max_overflow=8,
-            pool_pre_ping=True,
             connect_args={"connect_timeout": 10},
         )
         super().__init__(url, engine)
@@ -166,21 +167,64 @@ class PostgresStore(SQLStore):
     def _claim_prelude(
         self, conn: Connection, limited: list[str]
     ) -> tuple[set[str], dict[str, int]]:
-        # The lock must be held before the counting statement starts: under READ
-        # COMMITTED a statement sees the data as of its own start.
-        if limited:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LIMITS_LOCK})
-        row = conn.execute(
-            sa.text(
-                "SELECT NULL, "
-                "(SELECT coalesce(array_agg(name), '{}') FROM queue_settings WHERE paused), "
-                "(SELECT coalesce(json_object_agg(pipeline, n), '{}') FROM "
-                " (SELECT pipeline, count(*) AS n FROM tasks WHERE status = 'running' "
-                "  AND pipeline = ANY(CAST(:lim AS text[])) GROUP BY pipeline) AS c)"
-            ),
-            {"lim": limited},
-        ).one()
-        return set(row[1]), {k: int(v) for k, v in (row[2] or {}).items()}
+        # The lock must be held before the counting statement starts (under READ
+        # COMMITTED a statement sees the data as of its own start), so they are two
+        # statements, sent together in one round trip (psycopg's pipeline mode).
+        raw = conn.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection)
+        with raw.pipeline(), raw.cursor() as lock, raw.cursor() as cur:
+            if limited:
+                lock.execute("SELECT pg_advisory_xact_lock(%s)", (_LIMITS_LOCK,))
+            cur.execute(
+                "SELECT (SELECT coalesce(array_agg(name), '{}') FROM queue_settings "
+                "WHERE paused), (SELECT coalesce(json_object_agg(pipeline, n), '{}') FROM "
+                "(SELECT pipeline, count(*) AS n FROM tasks WHERE status = 'running' "
+                "AND pipeline = ANY(%s) GROUP BY pipeline) AS c)",
+                (limited,),
+            )
+            row = cur.fetchone()
+        assert row is not None
+        return set(row[0]), {k: int(v) for k, v in (row[1] or {}).items()}
+
+    def _claim_allotted(
+        self,
+        conn: Connection,
+        queue: str,
+        n: int,
+        exclude: list[str],
+        slots: Mapping[str, int],
+        worker_id: str,
+        expires: float,
+        now: float,
+    ) -> tuple[list[Task], bool]:
+        # Candidates are locked at their own level; the window that shares out the free
+        # slots runs one level up (FOR UPDATE and windows cannot share a level).
+        extra = " AND pipeline <> ALL(%(x)s)" if exclude else ""
+        picked = (
+            "SELECT id FROM (SELECT id, priority, pipeline, row_number() OVER "
+            "(PARTITION BY pipeline ORDER BY priority DESC, id) AS rn "
+            "FROM (SELECT id, priority, pipeline FROM tasks "
+            "WHERE status = 'queued' AND queue = %(q)s "
+            f"AND available_at <= %(now)s{extra} ORDER BY priority DESC, id LIMIT %(n)s "
+            "FOR UPDATE SKIP LOCKED) AS cand) AS ranked "
+            "LEFT JOIN json_each_text(%(slots)s::json) AS s ON s.key = ranked.pipeline "
+            "WHERE s.key IS NULL OR ranked.rn <= s.value::int"
+        )
+        params = {
+            "q": queue,
+            "now": now,
+            "n": n,
+            "w": worker_id,
+            "exp": expires,
+            "x": exclude,
+            "slots": _ENCODE(dict(slots)),
+        }
+        tasks = _claimed(self._raw(conn, _claim_sql(picked), params))
+        # Fewer than n tasks claimed with nothing left out for lack of slots means the
+        # queue has no more to offer.
+        return tasks, len(tasks) < n and not any(
+            sum(1 for t in tasks if t.pipeline == p) >= free for p, free in slots.items()
+        )
 
     def _raw(
         self, conn: Connection, sql: str, params: dict[str, Any], fetch: bool = True
@@ -238,10 +282,9 @@ class PostgresStore(SQLStore):
         # Guarded update, events and request counters in one statement: the database
         # does the per-row work.
         ids = [c["id"] for c in changes]
-        row = conn.execute(
-            sa.text(_APPLY_CHANGES),
-            {"changes": json.dumps(changes, separators=(",", ":")), "ids": ids, "now": now},
-        ).one()
+        row = self._raw(
+            conn, _APPLY_CHANGES, {"changes": _ENCODE(changes), "ids": ids, "now": now}
+        )[0]
         return [_Changed(*r) for r in row[0]], sorted(row[1], key=lambda r: r["id"])
 
     def listener(self) -> Listener:
@@ -289,19 +332,19 @@ class _PgListener:
 
 # The changes travel as one JSON array (cheaper to send than eleven arrays).
 _APPLY_CHANGES = (
-    "WITH v AS (SELECT * FROM json_to_recordset(CAST(:changes AS json)) "
+    "WITH v AS (SELECT * FROM json_to_recordset(%(changes)s::json) "
     "AS v(id bigint, status text, result text, error text, available_at float8, "
     "finished_at float8, delta int, owner text, expires float8, kind text, data text)), "
     "upd AS (UPDATE tasks t SET status = v.status, result = CAST(v.result AS json), "
     "error = v.error, available_at = COALESCE(v.available_at, t.available_at), "
     "finished_at = v.finished_at, attempts = t.attempts + v.delta, "
     "lease_expires_at = NULL FROM v "
-    "WHERE t.id = v.id AND t.id = ANY(CAST(:ids AS bigint[])) "
+    "WHERE t.id = v.id AND t.id = ANY(%(ids)s::bigint[]) "
     "AND t.status = 'running' AND t.lease_owner = v.owner "
     "AND (v.expires IS NULL OR t.lease_expires_at = v.expires) "
     "RETURNING t.id, t.request_id, t.pipeline, t.queue, t.attempts, t.status), "
     "ev AS (INSERT INTO events (ts, kind, request_id, task_id, pipeline, queue, data) "
-    "SELECT :now, v.kind, upd.request_id, upd.id, upd.pipeline, upd.queue, "
+    "SELECT %(now)s, v.kind, upd.request_id, upd.id, upd.pipeline, upd.queue, "
     "CAST(v.data AS json) FROM upd JOIN v ON v.id = upd.id ORDER BY upd.id), "
     "cnt AS (SELECT request_id, "
     "count(*) FILTER (WHERE status = 'succeeded') AS s, "

@@ -406,19 +406,34 @@ class SQLStore(SQLBase):
         while want > len(claimed):
             exclude = sorted(p for p, free in slots.items() if free <= 0)
             asked = want - len(claimed)
-            candidates = self._candidates(conn, queue, asked, exclude, now)
-            if not candidates:
-                break
-            picked = allot(candidates, slots)
-            if picked:
-                tasks = self._mark_claimed(conn, picked, worker_id, expires, now)
-                for task in tasks:
-                    if task.pipeline in slots:
-                        slots[task.pipeline] -= 1
-                claimed += tasks
-            if len(candidates) < asked:
-                break  # the queue has nothing more to offer
+            tasks, exhausted = self._claim_allotted(
+                conn, queue, asked, exclude, slots, worker_id, expires, now
+            )
+            for task in tasks:
+                if task.pipeline in slots:
+                    slots[task.pipeline] -= 1
+            claimed += tasks
+            if exhausted or sorted(p for p, free in slots.items() if free <= 0) == exclude:
+                break  # nothing more to offer, or nothing newly full to leave out
         return claimed
+
+    def _claim_allotted(
+        self,
+        conn: Connection,
+        queue: str,
+        n: int,
+        exclude: list[str],
+        slots: Mapping[str, int],
+        worker_id: str,
+        expires: float,
+        now: float,
+    ) -> tuple[list[Task], bool]:
+        """Claim up to n tasks of the queue within the free slots; also says whether the
+        queue ran out of candidates."""
+        candidates = self._candidates(conn, queue, n, exclude, now)
+        picked = allot(candidates, slots)
+        tasks = self._mark_claimed(conn, picked, worker_id, expires, now) if picked else []
+        return tasks, len(candidates) < n
 
     def _claim_prelude(
         self, conn: Connection, limited: list[str]
@@ -495,24 +510,33 @@ class SQLStore(SQLBase):
             ).scalar()
         return None if value is None else float(value)
 
+    # How a dialect locks rows it is about to update, in the order it reads them, so
+    # two writers of the same rows queue instead of deadlocking.
+    _lock_in_order = ""
+
     def heartbeat(self, worker_id: str, lease: float, now: float, running: int) -> set[int]:
-        with self._write() as conn:
-            owned = {
-                r[0]
-                for r in conn.execute(
-                    sa.text(
-                        "UPDATE tasks SET lease_expires_at = :exp "
-                        "WHERE lease_owner = :w AND status = 'running' RETURNING id"
-                    ),
-                    {"exp": now + lease, "w": worker_id},
+        def tx() -> set[int]:
+            with self._write() as conn:
+                owned = {
+                    r[0]
+                    for r in conn.execute(
+                        sa.text(
+                            "UPDATE tasks SET lease_expires_at = :exp WHERE id IN ("
+                            "SELECT id FROM tasks WHERE lease_owner = :w AND status = 'running' "
+                            f"ORDER BY id{self._lock_in_order}) "
+                            "AND lease_owner = :w AND status = 'running' RETURNING id"
+                        ),
+                        {"exp": now + lease, "w": worker_id},
+                    )
+                }
+                conn.execute(
+                    t.workers.update()
+                    .where(t.workers.c.id == worker_id)
+                    .values(last_heartbeat=now, running=running)
                 )
-            }
-            conn.execute(
-                t.workers.update()
-                .where(t.workers.c.id == worker_id)
-                .values(last_heartbeat=now, running=running)
-            )
-        return owned
+            return owned
+
+        return self._retrying(tx)
 
     def finish(self, worker_id: str, outcomes: Sequence[Outcome], now: float) -> list[int]:
         if not outcomes:
@@ -520,6 +544,7 @@ class SQLStore(SQLBase):
         # One outcome per task: a repeated id would be a worker's mistake, and must not
         # be recorded twice.
         outcomes = list({o.task_id: o for o in reversed(outcomes)}.values())  # first wins
+        outcomes.sort(key=lambda o: o.task_id)  # rows are then locked in id order
         changes = []
         for o in outcomes:
             target = task_target(o.action)

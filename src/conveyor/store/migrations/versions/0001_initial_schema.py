@@ -94,9 +94,6 @@ def upgrade() -> None:
     op.create_index(
         "ix_tasks_running", "tasks", ["lease_expires_at"], **_partial("status = 'running'")
     )
-    op.create_index(
-        "ix_tasks_running_pipeline", "tasks", ["pipeline"], **_partial("status = 'running'")
-    )
 
     op.create_table(
         "events",
@@ -111,7 +108,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_events"),
     )
     op.create_index("ix_events_request_id", "events", ["request_id"])
-    op.create_index("ix_events_ts", "events", ["ts"])
 
     op.create_table(
         "workers",
