@@ -26,11 +26,14 @@ from conveyor.config import Config, parse_config
 from conveyor.store import Store, open_store
 from conveyor.store.postgres import sqlalchemy_url
 
+# The HTTP API's fixtures (make_api, api, anyio_backend) and helpers.
+pytest_plugins = ["api_support"]
+
 PG_SERVER = os.environ.get(
     "CONVEYOR_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-TABLES = ["events", "tasks", "requests", "workers", "queue_settings"]
+TABLES = ["events", "tasks", "requests", "workers", "queue_settings", "api_tokens"]
 
 
 def _missing(what: str) -> None:
@@ -45,7 +48,7 @@ def pg_server_url() -> str:
     try:
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
-    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+    except Exception as exc:
         _missing(f"PostgreSQL not reachable at {PG_SERVER}: {exc}")
     finally:
         engine.dispose()

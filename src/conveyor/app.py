@@ -4,6 +4,8 @@ the config, the store and the artifacts."""
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,11 +15,12 @@ from typing import Any
 from conveyor.artifacts import LocalArtifacts
 from conveyor.config import Config
 from conveyor.events import Event
-from conveyor.pipelines import Pipeline
+from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
 from conveyor.store import NotFound, RequestFilter, Store, Submitted, WorkerInfo, open_store
 from conveyor.tasks import RetryPolicy, Task
+from conveyor.tokens import Role, Token, hash_secret, needs_touch, new_token, plausible
 
 
 class UnknownPipeline(LookupError):
@@ -61,6 +64,9 @@ class Conveyor:
         except KeyError:
             raise UnknownPipeline(name, list(self.config.pipelines)) from None
 
+    def pipelines(self) -> list[Pipeline]:
+        return [self.config.pipelines[name] for name in sorted(self.config.pipelines)]
+
     @property
     def retry_policies(self) -> Mapping[str, RetryPolicy]:
         return {name: p.retry for name, p in self.config.pipelines.items()}
@@ -74,6 +80,7 @@ class Conveyor:
         """Check a submission and build what the store takes; raises UnknownPipeline or
         ParamsError (naming the JSON path)."""
         pipeline = self.pipeline(pipeline_name)
+        check_json(params)
         task_params = pipeline.check_params(params)
         return NewRequest(
             pipeline=pipeline.name,
@@ -147,6 +154,11 @@ class Conveyor:
             raise NotFound(f"no task {task_id}")
         return found
 
+    def log_attempts(self, task_id: int) -> tuple[Task, list[int]]:
+        """The task, and the attempts that have a log (oldest first)."""
+        task = self.task(task_id)
+        return task, self.artifacts.attempts_logged(task.request_id, task.id)
+
     def log_path(self, task_id: int, attempt: int | None = None) -> Path:
         task = self.task(task_id)
         attempts = self.artifacts.attempts_logged(task.request_id, task.id)
@@ -174,6 +186,13 @@ class Conveyor:
             for name in ordered
         ]
 
+    def queue(self, name: str) -> QueueStats:
+        """One queue's state (`*`: whether everything is paused)."""
+        if name == ALL_QUEUES:
+            return QueueStats(name=name, paused=ALL_QUEUES in self.store.paused_queues())
+        found = next((q for q in self.queues() if q.name == name), None)
+        return found or QueueStats(name=name, paused=False)
+
     def workers(self, alive_only: bool = False) -> list[WorkerInfo]:
         since = self.clock() - 3 * self.config.lease if alive_only else None
         return self.store.list_workers(alive_since=since)
@@ -182,3 +201,68 @@ class Conveyor:
         self, after_id: int = 0, request_id: int | None = None, limit: int = 1000
     ) -> list[Event]:
         return self.store.events(after_id, request_id, limit)
+
+    def latest_event_id(self) -> int:
+        return self.store.latest_event_id()
+
+    def ready(self) -> None:
+        """Raises Unavailable when the database cannot be reached."""
+        self.store.ping()
+
+    # API tokens -------------------------------------------------------------------
+    def create_token(self, name: str, role: Role) -> tuple[Token, str]:
+        """A new token: its record, and the token itself, which is shown only now."""
+        new, secret = new_token(name, role)
+        return self.store.create_token(new, self.clock()), secret
+
+    def list_tokens(self) -> list[Token]:
+        return self.store.list_tokens()
+
+    def revoke_token(self, name_or_id: str) -> Token:
+        return self.store.revoke_token(name_or_id, self.clock())
+
+    def authenticate(self, secret: str) -> Token | None:
+        """The active token this is, or None; notes when the token was last used."""
+        if not plausible(secret):
+            return None
+        token = self.store.token_by_hash(hash_secret(secret))
+        if token is None or not token.active:
+            return None
+        now = self.clock()
+        if needs_touch(token, now):
+            self.store.touch_token(token.id, now)
+        return token
+
+
+def check_json(value: Any) -> None:
+    """Params are stored as JSON: refuse what JSON cannot hold (NaN, infinities, lone
+    surrogates), naming where it is."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (ValueError, TypeError) as exc:
+        path, problem = _first_bad(value, [])
+        raise ParamsError(json_path(path), problem or str(exc)) from None
+
+
+def _first_bad(value: Any, path: list[Any]) -> tuple[list[Any], str | None]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, f"{value} is not a JSON number"
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path, "a string holds a lone surrogate, which is not Unicode text"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _first_bad(k, path) if isinstance(k, str) else (path, None)
+            if found[1]:
+                return found
+            found = _first_bad(v, [*path, k])
+            if found[1]:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _first_bad(v, [*path, i])
+            if found[1]:
+                return found
+    return path, None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from conveyor.app import Conveyor, SubmitOptions, UnknownPipeline, WaitTimeout
 from conveyor.config import ConfigError, load_config
@@ -28,7 +31,8 @@ from conveyor.pipelines import ParamsError
 from conveyor.requests import CachePolicy, Request, RequestStatus
 from conveyor.store import Conflict, NotFound, RequestFilter, StoreError, Unavailable
 from conveyor.tasks import TransitionError
-from conveyor.views import queue_view, request_view, worker_view
+from conveyor.tokens import Role, TokenNameError
+from conveyor.views import queue_view, request_view, token_view, worker_view
 
 cli = typer.Typer(
     name="conveyor",
@@ -453,24 +457,122 @@ def worker(
     )
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    from conveyor.api.server import listen
+
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for printing."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+@cli.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
+) -> None:
+    """Serve the HTTP API (and the legacy Spotbot endpoint) until SIGTERM."""
+    from conveyor.api import create_app
+    from conveyor.api.server import run, url_of
+
+    app = _app(ctx)
+    app.store.upgrade()
+    sock = _listen(host, port)
+    err.print(f"conveyor serve: {url_of(sock)} (database {_safe_url(app.config.database_url)})")
+    run(create_app(app), sock)
+
+
 @cli.command()
 def up(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option(help="Address to serve on (when serving).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to serve on (when serving).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
     concurrency: Annotated[int, typer.Option(min=1, help="Tasks at once.")] = 4,
+    grace: Annotated[
+        float, typer.Option(help="On SIGTERM, seconds running tasks may take.")
+    ] = 30.0,
 ) -> None:
-    """Everything in one process on the configured database: migrations and workers."""
+    """Everything in one process: migrations, the HTTP API and a worker."""
+    from conveyor.api import create_app
+    from conveyor.api.server import run, url_of
     from conveyor.worker import Worker, WorkerOptions
 
     app = _app(ctx)
     app.store.upgrade()
+    sock = _listen(host, port)
     names = ", ".join(sorted(app.config.pipelines)) or "none"
-    err.print(f"conveyor up: database {app.config.database_url}")
+    err.print(f"conveyor up: {url_of(sock)}; database {_safe_url(app.config.database_url)}")
     err.print(f"artifacts {app.config.artifacts_dir}; pipelines: {names}")
-    w = Worker(app, WorkerOptions(concurrency=concurrency))
-    w.install_signal_handlers()
-    w.run()
+    w = Worker(app, WorkerOptions(concurrency=concurrency, grace=grace))
+    if not run(create_app(app), sock, worker=w):
+        raise CliError("the worker stopped on an error (see the log above)")
+
+
+# ----------------------------------------------------------------------- tokens
+token_cli = typer.Typer(help="API tokens.", no_args_is_help=True)
+cli.add_typer(token_cli, name="token")
+
+
+@token_cli.command("create")
+def token_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option(help="Who uses it; the submitter of what it submits.")],
+    role: Annotated[Role, typer.Option(help="read < submit < admin.")] = Role.READ,
+) -> None:
+    """Make a token and print it, once: only its hash is kept."""
+    app = _app(ctx)
+    app.store.upgrade()  # often the first thing done with a new database
+    token, secret = app.create_token(name, role)
+    out.print(secret, markup=False)
+    err.print(
+        f"token {token.id} {token.name!r} ({token.role.value}): store it now, "
+        "it cannot be shown again"
+    )
+
+
+@token_cli.command("list")
+def token_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Tokens with their role, first characters and when they were last used."""
+    tokens = _app(ctx).list_tokens()
+    if as_json:
+        out.print_json(data=[token_view(t) for t in tokens])
+        return
+    table = Table(box=None)
+    for col in ("id", "name", "role", "token", "created", "last used", "revoked"):
+        table.add_column(col)
+    for t in tokens:
+        table.add_row(
+            str(t.id),
+            t.name,
+            t.role.value,
+            f"{t.prefix}…",
+            _ts(t.created_at),
+            _ts(t.last_used_at),
+            _ts(t.revoked_at),
+        )
+    out.print(table)
+
+
+@token_cli.command("revoke")
+def token_revoke(
+    ctx: typer.Context,
+    name_or_id: Annotated[str, typer.Argument(help="The token's name (or its id).")],
+) -> None:
+    """Revoke a token: it stops working at once."""
+    token = _app(ctx).revoke_token(name_or_id)
+    out.print(f"revoked token {token.id} {token.name!r}")
 
 
 @db_cli.command("upgrade")
@@ -544,6 +646,7 @@ def main(argv: list[str] | None = None) -> None:
         TransitionError,
         HandlerError,
         StoreError,
+        TokenNameError,
     ) as exc:
         message = str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
         if isinstance(exc, ParamsError):

@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,11 +75,43 @@ class _ConveyorModel(BaseModel):
     poll_interval: float = Field(default=1.0, gt=0)
 
 
+class _ApiModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    read_open: bool = False
+    max_body: int = Field(default=1_048_576, ge=1024, le=1 << 30)
+
+
+class _LegacyModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pipeline: str = "spotbot"
+    require_token: bool = False
+
+
 class _FileModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     conveyor: _ConveyorModel = _ConveyorModel()
+    api: _ApiModel = _ApiModel()
+    legacy: _LegacyModel = _LegacyModel()
     pipelines: dict[str, _PipelineModel] = {}
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """`[api]`: the HTTP API."""
+
+    read_open: bool = False  # reading needs no token (submitting and changing still do)
+    max_body: int = 1_048_576  # bytes; a larger request body is refused with 413
+
+
+@dataclass(frozen=True)
+class LegacySettings:
+    """`[legacy]`: the Spotbot-compatible endpoint."""
+
+    pipeline: str = "spotbot"  # the pipeline its SUBMIT feeds
+    require_token: bool = False  # when true, a submit token is needed to use it
 
 
 @dataclass(frozen=True)
@@ -91,6 +123,8 @@ class Config:
     lease: float = 30.0
     poll_interval: float = 1.0
     source: Path | None = None
+    api: ApiSettings = field(default_factory=ApiSettings)
+    legacy: LegacySettings = field(default_factory=LegacySettings)
 
 
 def _load_schema(value: dict[str, Any] | str | None, base: Path, where: str) -> Any:
@@ -155,6 +189,11 @@ def parse_config(
         loc = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"{loc}: {err['msg']}") from None
     pipelines = {name: _pipeline(name, m, base) for name, m in model.pipelines.items()}
+    if "pipeline" in model.legacy.model_fields_set and model.legacy.pipeline not in pipelines:
+        raise ConfigError(
+            f"legacy.pipeline: no pipeline {model.legacy.pipeline!r} is configured "
+            f"(known: {', '.join(sorted(pipelines)) or 'none'})"
+        )
     data_dir = data_dir or base
     database = env.get("CONVEYOR_DATABASE_URL") or model.conveyor.database
     if not database:
@@ -168,6 +207,10 @@ def parse_config(
         lease=model.conveyor.lease,
         poll_interval=model.conveyor.poll_interval,
         source=source,
+        api=ApiSettings(read_open=model.api.read_open, max_body=model.api.max_body),
+        legacy=LegacySettings(
+            pipeline=model.legacy.pipeline, require_token=model.legacy.require_token
+        ),
     )
 
 

@@ -7,10 +7,12 @@ from dataclasses import asdict
 from typing import Any
 
 from conveyor.events import Event
+from conveyor.pipelines import Pipeline
 from conveyor.queues import QueueStats
 from conveyor.requests import Request
 from conveyor.store import WorkerInfo
 from conveyor.tasks import Task
+from conveyor.tokens import Token
 
 
 def task_view(t: Task) -> dict[str, Any]:
@@ -71,3 +73,33 @@ def worker_view(w: WorkerInfo) -> dict[str, Any]:
 
 def event_view(e: Event) -> dict[str, Any]:
     return asdict(e)
+
+
+def pipeline_view(p: Pipeline) -> dict[str, Any]:
+    """What a submitter needs to know; not the command, handler or environment."""
+    return {
+        "name": p.name,
+        "description": p.description,
+        "executor": p.executor,
+        "split": p.split,
+        "queue": p.queue,
+        "priority": p.priority,
+        "timeout": p.timeout,
+        "max_attempts": p.retry.max_attempts,
+        "concurrency": p.concurrency,
+        "cache": p.cache,
+        "params_schema": None if p.schema is None else dict(p.schema),
+    }
+
+
+def token_view(t: Token) -> dict[str, Any]:
+    """A token's record: never the token, nor its hash."""
+    return {
+        "id": t.id,
+        "name": t.name,
+        "role": t.role.value,
+        "prefix": t.prefix,
+        "created_at": t.created_at,
+        "last_used_at": t.last_used_at,
+        "revoked_at": t.revoked_at,
+    }

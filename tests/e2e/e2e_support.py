@@ -22,9 +22,7 @@ def toml_list(items: Sequence[str]) -> str:
     return json.dumps(list(items))
 
 
-def wait_for(
-    predicate: Callable[[], _T], timeout: float, what: str, interval: float = 0.05
-) -> _T:
+def wait_for(predicate: Callable[[], _T], timeout: float, what: str, interval: float = 0.05) -> _T:
     """Poll until `predicate()` is truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -68,8 +66,9 @@ def live_pids_with(marker: str) -> list[int]:
 
 def live_pids_in_group(pgid: int) -> list[int]:
     """Live (not zombie) members of a process group."""
-    return [pid for pid, state, pgrp, _ in _proc_entries()
-            if pgrp == pgid and state not in ("Z", "X")]
+    return [
+        pid for pid, state, pgrp, _ in _proc_entries() if pgrp == pgid and state not in ("Z", "X")
+    ]
 
 
 def kill_marked(marker: str) -> list[int]:

@@ -68,23 +68,27 @@ def test_command_fan_out_runs_in_parallel(tmp_path: Path, db_url: str) -> None:
 
         [pipelines.fanout]
         executor = "command"
-        command = {toml_list(["{conveyor.python}", "-c", INTERVAL_SCRIPT,
-                              "{out_dir}/{name}.times"])}
+        command = {
+            toml_list(["{conveyor.python}", "-c", INTERVAL_SCRIPT, "{out_dir}/{name}.times"])
+        }
         split = "parts"
         queue = "default"
         """,
     )
     env = cli_env(db_url, config)
     params = tmp_path / "params.json"
-    params.write_text(json.dumps(
-        {"out_dir": str(out_dir), "parts": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}
-    ))
+    params.write_text(
+        json.dumps(
+            {"out_dir": str(out_dir), "parts": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}
+        )
+    )
 
     submitted = ok(run_cli("submit", "fanout", str(params), env=env, cwd=tmp_path))
     rid = int(submitted.stdout.strip())
 
-    worker = ok(run_cli("worker", "--burst", "--concurrency", "3", env=env, cwd=tmp_path,
-                        timeout=60))
+    worker = ok(
+        run_cli("worker", "--burst", "--concurrency", "3", env=env, cwd=tmp_path, timeout=60)
+    )
     assert "3 succeeded" in worker.stderr, worker.stderr
 
     intervals = []
@@ -144,7 +148,8 @@ def test_spotbot_example_end_to_end(tmp_path: Path, sqlite_url: str) -> None:
         con = sqlite3.connect(db_file)
         try:
             headers = con.execute(
-                "SELECT source_bin, record_count FROM annotation_header").fetchall()
+                "SELECT source_bin, record_count FROM annotation_header"
+            ).fetchall()
             assert headers == [(str(b), 200)]
             (rows,) = con.execute("SELECT count(*) FROM annotation").fetchone()
             assert rows == 200
@@ -172,15 +177,19 @@ def test_submit_list_queues_workers(tmp_path: Path, db_url: str) -> None:
     env = cli_env(db_url, write_config(tmp_path, NOOP_CONFIG))
 
     upgraded, plain, as_json, *keyed = (
-        ok(r) for r in run_many(
-            [["db", "upgrade"],
-             ["submit", "noop", "--set", "n=1"],
-             ["submit", "noop", "--set", "n=2", "--json"],
-             # the same idempotency key three times at once: one request, created once
-             ["submit", "noop", "--set", "n=3", "--key", "order-17", "--json"],
-             ["submit", "noop", "--set", "n=3", "--key", "order-17", "--json"],
-             ["submit", "noop", "--set", "n=3", "--key", "order-17"]],
-            env=env, cwd=tmp_path,
+        ok(r)
+        for r in run_many(
+            [
+                ["db", "upgrade"],
+                ["submit", "noop", "--set", "n=1"],
+                ["submit", "noop", "--set", "n=2", "--json"],
+                # the same idempotency key three times at once: one request, created once
+                ["submit", "noop", "--set", "n=3", "--key", "order-17", "--json"],
+                ["submit", "noop", "--set", "n=3", "--key", "order-17", "--json"],
+                ["submit", "noop", "--set", "n=3", "--key", "order-17"],
+            ],
+            env=env,
+            cwd=tmp_path,
         )
     )
     assert "latest schema" in upgraded.stdout
@@ -201,8 +210,12 @@ def test_submit_list_queues_workers(tmp_path: Path, db_url: str) -> None:
     assert len({first, second, third}) == 3
 
     listed, queues = (
-        ok(r) for r in run_many([["list", "--status", "requested", "--json"],
-                                 ["queues", "--json"]], env=env, cwd=tmp_path)
+        ok(r)
+        for r in run_many(
+            [["list", "--status", "requested", "--json"], ["queues", "--json"]],
+            env=env,
+            cwd=tmp_path,
+        )
     )
     assert sorted(r["id"] for r in json.loads(listed.stdout)) == sorted([first, second, third])
     by_name = {q["name"]: q for q in json.loads(queues.stdout)}
@@ -212,11 +225,14 @@ def test_submit_list_queues_workers(tmp_path: Path, db_url: str) -> None:
     ok(run_cli("worker", "--burst", env=env, cwd=tmp_path, timeout=60))
 
     done, workers_all, workers_alive, table = run_many(
-        [["list", "--status", "succeeded", "--json"],
-         ["workers", "--all", "--json"],
-         ["workers", "--json"],
-         ["list", "--status", "succeeded"]],
-        env=env, cwd=tmp_path,
+        [
+            ["list", "--status", "succeeded", "--json"],
+            ["workers", "--all", "--json"],
+            ["workers", "--json"],
+            ["list", "--status", "succeeded"],
+        ],
+        env=env,
+        cwd=tmp_path,
     )
     assert sorted(r["id"] for r in json.loads(ok(done).stdout)) == sorted([first, second, third])
     (w,) = json.loads(ok(workers_all).stdout)
@@ -237,14 +253,18 @@ def test_bad_input_gives_one_clear_line(tmp_path: Path, sqlite_url: str) -> None
     env = cli_env(sqlite_url)
     down = cli_env("postgresql://postgres@127.0.0.1:1/x")  # nothing listens there
 
-    log = {"rawbinlog_bin": "/data/a.bin", "rawbinlog_time": "/data/a.time",
-           "protocols_xml": "/data/p.xml", "output_dir": "/data/out"}
+    log = {
+        "rawbinlog_bin": "/data/a.bin",
+        "rawbinlog_time": "/data/a.time",
+        "protocols_xml": "/data/p.xml",
+        "output_dir": "/data/out",
+    }
     wrong_type = tmp_path / "wrong_type.json"
     wrong_type.write_text(json.dumps({"logs_to_process": [{**log, "output_dir": 7}]}))
     missing_field = tmp_path / "missing_field.json"
-    missing_field.write_text(json.dumps(
-        {"logs_to_process": [log, {k: v for k, v in log.items() if k != "output_dir"}]}
-    ))
+    missing_field.write_text(
+        json.dumps({"logs_to_process": [log, {k: v for k, v in log.items() if k != "output_dir"}]})
+    )
     malformed = tmp_path / "malformed.json"
     malformed.write_text('{"logs_to_process": [\n  {"rawbinlog_bin": "x",}\n]}\n')
 
@@ -271,11 +291,23 @@ def test_bad_input_gives_one_clear_line(tmp_path: Path, sqlite_url: str) -> None
         app.close()
     cases.append((["wait", str(rid), "--timeout", "0.5"], 2, env))
 
-    results = run_many([args for args, _, _ in cases], env=env, cwd=tmp_path,
-                       envs=[e for _, _, e in cases])
+    results = run_many(
+        [args for args, _, _ in cases], env=env, cwd=tmp_path, envs=[e for _, _, e in cases]
+    )
     lines = [one_line_error(r, code) for r, (_, code, _) in zip(results, cases, strict=True)]
-    (unknown, wrong, missing, absent, bad_json, bad_set, no_request, bad_status, no_task,
-     *unreachable, timed_out) = lines
+    (
+        unknown,
+        wrong,
+        missing,
+        absent,
+        bad_json,
+        bad_set,
+        no_request,
+        bad_status,
+        no_task,
+        *unreachable,
+        timed_out,
+    ) = lines
 
     assert "unknown pipeline 'nope'" in unknown
     assert "noop, sleep, spotbot" in unknown  # the known ones

@@ -76,8 +76,9 @@ def request_status(store: Store, request_id: int) -> str:
 
 
 def finished(store: Store, *request_ids: int) -> bool:
-    return all(request_status(store, rid) in ("succeeded", "failed", "cancelled")
-               for rid in request_ids)
+    return all(
+        request_status(store, rid) in ("succeeded", "failed", "cancelled") for rid in request_ids
+    )
 
 
 def stop(procs: Processes, worker: subprocess.Popen[bytes], timeout: float = 15) -> str:
@@ -119,7 +120,8 @@ def test_sigkill_drill(tmp_path: Path, db_url: str, procs: Processes, open_db: O
     worker_a = procs.start("worker", "--lease", "2", env=env, cwd=tmp_path)
     task = wait_for(
         lambda: (t := only_task(store, rid)).status == TaskStatus.RUNNING and t,
-        20, "worker A to start the task",
+        20,
+        "worker A to start the task",
     )
     assert task.attempts == 1
     wait_for(lambda: live_pids_with(marker), 10, "the task's command to start")
@@ -130,7 +132,8 @@ def test_sigkill_drill(tmp_path: Path, db_url: str, procs: Processes, open_db: O
     # (the fixture kills it at the end).
     wait_for(
         lambda: (only_task(store, rid).lease_expires_at or 0) < time.time(),
-        10, "worker A's lease to expire",
+        10,
+        "worker A's lease to expire",
     )
 
     worker_b = procs.start("worker", "--burst", "--lease", "2", env=env, cwd=tmp_path)
@@ -171,11 +174,13 @@ def test_two_workers_drain_2000_tasks_each_once(
     env = cli_env(pg_url, config, PYTHONPATH=pythonpath)
     store = open_db(pg_url)
 
-    workers = [procs.start("worker", "--concurrency", "8", env=env, cwd=tmp_path)
-               for _ in range(2)]
+    workers = [procs.start("worker", "--concurrency", "8", env=env, cwd=tmp_path) for _ in range(2)]
     # Both compete from the first task on.
-    wait_for(lambda: len(store.list_workers(alive_since=time.time() - 60)) == 2,
-             20, "both workers to register")
+    wait_for(
+        lambda: len(store.list_workers(alive_since=time.time() - 60)) == 2,
+        20,
+        "both workers to register",
+    )
 
     per_request = 1000
     batches = []
@@ -187,8 +192,12 @@ def test_two_workers_drain_2000_tasks_each_once(
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
     rids = [int(r.stdout) for r in results]
 
-    wait_for(lambda: store.count_tasks(status="succeeded") == 2000, 90,
-             "2000 tasks to succeed", interval=0.2)
+    wait_for(
+        lambda: store.count_tasks(status="succeeded") == 2000,
+        90,
+        "2000 tasks to succeed",
+        interval=0.2,
+    )
     outputs = [stop(procs, w) for w in workers]
 
     task_ids: set[int] = set()
@@ -211,8 +220,9 @@ def test_two_workers_drain_2000_tasks_each_once(
     assert len(every_run) == 2000, f"{len(every_run)} runs of 2000 tasks"
     assert set(every_run) == task_ids
 
-    succeeded = [e.task_id for rid in rids for e in events_of(store, rid)
-                 if e.kind == "task.succeeded"]
+    succeeded = [
+        e.task_id for rid in rids for e in events_of(store, rid) if e.kind == "task.succeeded"
+    ]
     assert sorted(succeeded) == sorted(task_ids)
 
 
@@ -243,8 +253,11 @@ def test_timeout_kills_the_whole_process_group(
     rid = submit(env, tmp_path, "hang", {"marker": marker, "pidfile": str(pidfile)})
 
     worker = procs.start("worker", "--burst", env=env, cwd=tmp_path)
-    pgid = int(wait_for(lambda: pidfile.is_file() and pidfile.read_text().strip(), 20,
-                        "the command to start"))
+    pgid = int(
+        wait_for(
+            lambda: pidfile.is_file() and pidfile.read_text().strip(), 20, "the command to start"
+        )
+    )
     wait_for(lambda: len(live_pids_in_group(pgid)) >= 3, 5, "both sleeps to start")
     assert procs.wait(worker, 20) == 0, procs.output(worker)
 
@@ -357,8 +370,11 @@ def test_cancel_stops_the_running_command(
     rid = submit(env, tmp_path, "long", {"marker": marker, "pidfile": str(pidfile)})
 
     worker = procs.start("worker", "--lease", "3", env=env, cwd=tmp_path)
-    pgid = int(wait_for(lambda: pidfile.is_file() and pidfile.read_text().strip(), 20,
-                        "the command to start"))
+    pgid = int(
+        wait_for(
+            lambda: pidfile.is_file() and pidfile.read_text().strip(), 20, "the command to start"
+        )
+    )
     assert only_task(store, rid).status == TaskStatus.RUNNING
 
     cancelled = run_cli("cancel", str(rid), env=env, cwd=tmp_path)
@@ -377,8 +393,11 @@ def test_cancel_stops_the_running_command(
     # the worker carries on
     assert worker.poll() is None, procs.output(worker)
     after = submit(env, tmp_path, "noop", {})
-    wait_for(lambda: request_status(store, after) == "succeeded", 15,
-             "the worker to run the next request")
+    wait_for(
+        lambda: request_status(store, after) == "succeeded",
+        15,
+        "the worker to run the next request",
+    )
     assert only_task(store, after).lease_owner == task.lease_owner
     stop(procs, worker)
 
@@ -406,9 +425,13 @@ def test_pause_and_resume_with_a_live_worker(
     paused = run_cli("pause", "qx", env=env, cwd=tmp_path)
     assert (paused.returncode, paused.stdout.strip()) == (0, "paused qx"), paused.stderr
     sub_x, sub_y, queues = run_many(
-        [["submit", "noop", "--queue", "qx"], ["submit", "noop", "--queue", "qy"],
-         ["queues", "--json"]],
-        env=env, cwd=tmp_path,
+        [
+            ["submit", "noop", "--queue", "qx"],
+            ["submit", "noop", "--queue", "qy"],
+            ["queues", "--json"],
+        ],
+        env=env,
+        cwd=tmp_path,
     )
     rx, ry = int(sub_x.stdout), int(sub_y.stdout)
     states = {q["name"]: q["paused"] for q in json.loads(queues.stdout)}
@@ -426,16 +449,22 @@ def test_pause_and_resume_with_a_live_worker(
     # the global stop flag: nothing is taken from any queue
     everything = run_cli("pause", env=env, cwd=tmp_path)
     assert everything.stdout.strip() == "paused all queues", everything.stderr
-    sub_x, sub_y = run_many([["submit", "noop", "--queue", "qx"],
-                             ["submit", "noop", "--queue", "qy"]], env=env, cwd=tmp_path)
+    sub_x, sub_y = run_many(
+        [["submit", "noop", "--queue", "qx"], ["submit", "noop", "--queue", "qy"]],
+        env=env,
+        cwd=tmp_path,
+    )
     rx2, ry2 = int(sub_x.stdout), int(sub_y.stdout)
     time.sleep(1.0)
     assert [request_status(store, r) for r in (rx2, ry2)] == ["requested", "requested"]
 
     resumed = run_cli("resume", env=env, cwd=tmp_path)
     assert resumed.stdout.strip() == "resumed all queues", resumed.stderr
-    wait_for(lambda: [request_status(store, r) for r in (rx2, ry2)] == ["succeeded"] * 2,
-             10, "both requests to be done after the global resume")
+    wait_for(
+        lambda: [request_status(store, r) for r in (rx2, ry2)] == ["succeeded"] * 2,
+        10,
+        "both requests to be done after the global resume",
+    )
     stop(procs, worker)
 
 
@@ -465,8 +494,7 @@ def test_urgent_queue_and_higher_priority_go_first(
     dev_high = submit(env, tmp_path, "quick", items, "--priority", "5")
     urgent = submit(env, tmp_path, "quick", items, "--queue", "urgent")
 
-    result = run_cli("worker", "--burst", "--concurrency", "1", env=env, cwd=tmp_path,
-                     timeout=60)
+    result = run_cli("worker", "--burst", "--concurrency", "1", env=env, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
 
     def starts(rid: int) -> list[float]:

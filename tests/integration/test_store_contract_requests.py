@@ -41,8 +41,9 @@ from conveyor.tasks import Outcome, TaskAction, TaskStatus
 
 def test_submit_creates_the_request_and_one_task_per_item(store: Store) -> None:
     done = store.submit(
-        new_request("p", ["a", "b", "c"], max_attempts=3, timeout=60.0, submitter="ann",
-                    extra={"shared": 1}),
+        new_request(
+            "p", ["a", "b", "c"], max_attempts=3, timeout=60.0, submitter="ann", extra={"shared": 1}
+        ),
         T0,
     )
 
@@ -491,7 +492,10 @@ def test_workers_register_heartbeat_and_stop(store: Store) -> None:
     stopped = {w.id: w for w in store.list_workers()}["w3"]
     assert stopped.status == "stopped" and stopped.stopped_at == T0 + 100
     assert kinds(store.events()) == [
-        "worker.started", "worker.started", "worker.started", "worker.stopped"
+        "worker.started",
+        "worker.started",
+        "worker.started",
+        "worker.stopped",
     ]
 
 
@@ -511,10 +515,16 @@ def test_events_are_ordered_and_filtered(store: Store) -> None:
 
     mine = store.events(request_id=r1)
     assert kinds(mine) == [
-        "request.submitted", "request.running", "task.running", "task.succeeded",
+        "request.submitted",
+        "request.running",
+        "task.running",
+        "task.succeeded",
         "request.succeeded",
     ] or kinds(mine) == [
-        "request.submitted", "task.running", "request.running", "task.succeeded",
+        "request.submitted",
+        "task.running",
+        "request.running",
+        "task.succeeded",
         "request.succeeded",
     ]
     assert {e.request_id for e in mine} == {r1}

@@ -34,8 +34,9 @@ def test_the_workers_queue_order_is_the_priority(store: Store) -> None:
     # a worker that lists default first takes default first
     submit(store, T0 + 30, queue="urgent", items=["u4"])
     d = submit(store, T0 + 31, queue="default", items=["d3"])
-    assert [t.request_id for t in claim(store, queues=["default", "urgent"], n=1,
-                                        now=T0 + 32)] == [d]
+    assert [t.request_id for t in claim(store, queues=["default", "urgent"], n=1, now=T0 + 32)] == [
+        d
+    ]
 
 
 def test_a_batch_spans_queues_in_order(store: Store) -> None:
@@ -92,7 +93,10 @@ def test_a_claim_leases_the_task_and_starts_the_request(store: Store) -> None:
     stored = store.get_task(task.id)
     assert stored is not None
     assert (stored.status, stored.attempts, stored.lease_owner, stored.lease_expires_at) == (
-        TaskStatus.RUNNING, 1, "w-7", T0 + 65
+        TaskStatus.RUNNING,
+        1,
+        "w-7",
+        T0 + 65,
     )
 
     req = store.get_request(rid)
@@ -154,7 +158,12 @@ def test_queue_stats_reports_counts_and_pauses(store: Store) -> None:
     stats = {q.name: q for q in store.queue_stats()}
     d = stats["default"]
     assert (d.queued, d.running, d.succeeded, d.failed, d.cancelled, d.paused) == (
-        1, 1, 1, 1, 0, False
+        1,
+        1,
+        1,
+        1,
+        0,
+        False,
     )
     u = stats["urgent"]
     assert (u.queued, u.running, u.paused) == (1, 0, True)
@@ -220,8 +229,9 @@ def test_succeed_records_the_result_and_finishes_the_request(store: Store) -> No
     rid = submit(store, items=["a", "b"])
     a, b = claim(store, "w1", n=2, now=T0 + 1)
 
-    assert store.finish("w1", [Outcome(a.id, TaskAction.SUCCEED, result={"n": [1, 2]})],
-                        T0 + 2) == [a.id]
+    assert store.finish(
+        "w1", [Outcome(a.id, TaskAction.SUCCEED, result={"n": [1, 2]})], T0 + 2
+    ) == [a.id]
     half = store.get_request(rid)
     assert half is not None
     assert half.status == RequestStatus.RUNNING and half.finished_at is None
@@ -521,8 +531,11 @@ def test_progress_is_reset_when_the_task_is_claimed_again(store: Store) -> None:
 def test_request_counts_follow_every_outcome(store: Store, action: TaskAction) -> None:
     rid = submit(store, items=[str(i) for i in range(5)], max_attempts=2)
     tasks = claim(store, "w1", n=5, now=T0 + 1)
-    store.finish("w1", [Outcome(tasks[0].id, TaskAction.RETRY, delay=0),
-                        Outcome(tasks[1].id, TaskAction.RELEASE)], T0 + 2)
+    store.finish(
+        "w1",
+        [Outcome(tasks[0].id, TaskAction.RETRY, delay=0), Outcome(tasks[1].id, TaskAction.RELEASE)],
+        T0 + 2,
+    )
     store.finish("w1", [Outcome(t.id, action, error="e") for t in tasks[2:]], T0 + 3)
 
     req = store.get_request(rid)

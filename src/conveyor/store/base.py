@@ -11,6 +11,7 @@ from conveyor.events import Event
 from conveyor.queues import QueueStats
 from conveyor.requests import NewRequest, Request
 from conveyor.tasks import Outcome, Progress, RetryPolicy, Task
+from conveyor.tokens import NewToken, Token
 
 
 class StoreError(Exception):
@@ -53,6 +54,7 @@ class RequestFilter:
     created_after: float | None = None
     created_before: float | None = None
     before_id: int | None = None  # cursor: only requests older than this id
+    text: str | None = None  # appears in the params' JSON (case-insensitive)
     limit: int = 50
 
 
@@ -91,7 +93,9 @@ class Store(Protocol):
 
     def get_request(self, request_id: int, with_tasks: bool = True) -> Request | None: ...
 
-    def list_requests(self, flt: RequestFilter) -> list[Request]: ...
+    def list_requests(self, flt: RequestFilter) -> list[Request]:
+        """Newest first, every field of the filter applied (`text` too)."""
+        ...
 
     def cancel_request(self, request_id: int, now: float) -> Request: ...
 
@@ -109,6 +113,9 @@ class Store(Protocol):
         now: float,
         limits: Mapping[str, int] | None = None,
     ) -> list[Task]: ...
+
+    def next_available(self, queues: Sequence[str]) -> float | None:
+        """The earliest time a queued task of these (unpaused) queues becomes claimable."""
 
     def heartbeat(self, worker_id: str, lease: float, now: float, running: int) -> set[int]: ...
 
@@ -141,6 +148,25 @@ class Store(Protocol):
         self, after_id: int = 0, request_id: int | None = None, limit: int = 1000
     ) -> list[Event]: ...
 
+    def latest_event_id(self) -> int:
+        """The id of the newest event (0 when there is none)."""
+        ...
+
     def listener(self) -> Listener: ...
+
+    # API tokens (only their hashes)
+    def create_token(self, new: NewToken, now: float) -> Token:
+        """Raises Conflict when an active token has that name."""
+        ...
+
+    def token_by_hash(self, token_hash: str) -> Token | None: ...
+
+    def list_tokens(self) -> list[Token]: ...
+
+    def revoke_token(self, name_or_id: str, now: float) -> Token:
+        """Revoke the active token of that name, else the token of that id; NotFound."""
+        ...
+
+    def touch_token(self, token_id: int, now: float) -> None: ...
 
     def count_tasks(self, **where: Any) -> int: ...

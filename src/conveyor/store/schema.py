@@ -89,12 +89,6 @@ tasks = sa.Table(
         postgresql_where=sa.text("status = 'running'"),
         sqlite_where=sa.text("status = 'running'"),
     ),
-    sa.Index(
-        "ix_tasks_running_pipeline",
-        "pipeline",
-        postgresql_where=sa.text("status = 'running'"),
-        sqlite_where=sa.text("status = 'running'"),
-    ),
 )
 
 events = sa.Table(
@@ -109,7 +103,6 @@ events = sa.Table(
     sa.Column("queue", sa.Text, nullable=True),
     sa.Column("data", sa.JSON, nullable=True),
     sa.Index("ix_events_request_id", "request_id"),
-    sa.Index("ix_events_ts", "ts"),
 )
 
 workers = sa.Table(
@@ -133,4 +126,27 @@ queue_settings = sa.Table(
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("updated_at", Time, nullable=False),
+)
+
+# API tokens: only a hash of each token is kept. An active token's name is unique; a
+# revoked one keeps its row (and name) for the record.
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("token_hash", sa.Text, nullable=False),
+    sa.Column("prefix", sa.Text, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("last_used_at", Time, nullable=True),
+    sa.Column("revoked_at", Time, nullable=True),
+    sa.Index("ix_api_tokens_token_hash", "token_hash", unique=True),
+    sa.Index(
+        "ix_api_tokens_name",
+        "name",
+        unique=True,
+        postgresql_where=sa.text("revoked_at IS NULL"),
+        sqlite_where=sa.text("revoked_at IS NULL"),
+    ),
 )

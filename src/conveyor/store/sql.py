@@ -22,7 +22,6 @@ from conveyor.store import schema as t
 from conveyor.store.base import (
     Conflict,
     NotFound,
-    RequestFilter,
     Submitted,
 )
 from conveyor.store.rows import (
@@ -225,26 +224,6 @@ class SQLStore(SQLBase):
         with self._read() as conn:
             row = conn.execute(sa.select(t.requests).where(t.requests.c.id == request_id)).first()
             return None if row is None else self._load_request(conn, row, with_tasks)
-
-    def list_requests(self, flt: RequestFilter) -> list[Request]:
-        r = t.requests.c
-        q = sa.select(t.requests).order_by(r.id.desc()).limit(max(1, min(flt.limit, 1000)))
-        if flt.status:
-            q = q.where(r.status == flt.status)
-        if flt.pipeline:
-            q = q.where(r.pipeline == flt.pipeline)
-        if flt.queue:
-            q = q.where(r.queue == flt.queue)
-        if flt.submitter:
-            q = q.where(r.submitter == flt.submitter)
-        if flt.created_after is not None:
-            q = q.where(r.created_at >= flt.created_after)
-        if flt.created_before is not None:
-            q = q.where(r.created_at < flt.created_before)
-        if flt.before_id is not None:
-            q = q.where(r.id < flt.before_id)
-        with self._read() as conn:
-            return [request_from_row(row) for row in conn.execute(q)]
 
     def cancel_request(self, request_id: int, now: float) -> Request:
         with self._write() as conn:

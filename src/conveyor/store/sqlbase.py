@@ -19,13 +19,16 @@ from conveyor.events import Event
 from conveyor.queues import QueueStats
 from conveyor.requests import (
     REQUEST_TRANSITIONS,
+    Request,
     RequestStatus,
     derive_request_status,
     request_sources,
 )
 from conveyor.store import schema as t
+from conveyor.store import tokens as token_sql
 from conveyor.store.base import (
     Listener,
+    RequestFilter,
     Unavailable,
     WorkerInfo,
 )
@@ -36,11 +39,13 @@ from conveyor.store.rows import (
     describe_error,
     event_row,
     in_list,
+    request_from_row,
 )
 from conveyor.tasks import (
     Task,
     TaskStatus,
 )
+from conveyor.tokens import NewToken, Token
 
 _T = TypeVar("_T")
 _RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
@@ -51,8 +56,10 @@ _COUNTER_OF = {
 }
 
 
-class _Retryable(Exception):
-    pass
+class _Retryable(Unavailable):
+    """The database aborted the transaction for a deadlock or a serialisation conflict;
+    it was rolled back whole. Verbs run through `_retrying` run it again; elsewhere it
+    is a transient unavailability the caller already handles."""
 
 
 class SQLBase:
@@ -365,5 +372,69 @@ class SQLBase:
                 for r in conn.execute(q)
             ]
 
+    def latest_event_id(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(sa.select(sa.func.max(t.events.c.id))).scalar() or 0)
+
     def listener(self) -> Listener:
         return self.wakeup.listener()
+
+    # ----------------------------------------------------------------- requests
+    def list_requests(self, flt: RequestFilter) -> list[Request]:
+        r = t.requests.c
+        # (up to 5000: a caller may ask one more than a page to learn whether another follows)
+        q = sa.select(t.requests).order_by(r.id.desc()).limit(max(1, min(flt.limit, 5000)))
+        for column, value in (
+            (r.status, flt.status),
+            (r.pipeline, flt.pipeline),
+            (r.queue, flt.queue),
+            (r.submitter, flt.submitter),
+        ):
+            if value:
+                q = q.where(column == value)
+        if flt.created_after is not None:
+            q = q.where(r.created_at >= flt.created_after)
+        if flt.created_before is not None:
+            q = q.where(r.created_at < flt.created_before)
+        if flt.before_id is not None:
+            q = q.where(r.id < flt.before_id)
+        if flt.text:
+            q = q.where(
+                sa.func.lower(sa.cast(r.params, sa.Text)).like(params_pattern(flt.text), escape="!")
+            )
+        with self._read() as conn:
+            return [request_from_row(row) for row in conn.execute(q)]
+
+    # --------------------------------------------------------------- API tokens
+    def create_token(self, new: NewToken, now: float) -> Token:
+        try:
+            with self._write() as conn:
+                return token_sql.insert_token(conn, new, now)
+        except sa.exc.IntegrityError:
+            raise token_sql.name_taken(new.name) from None
+
+    def token_by_hash(self, token_hash: str) -> Token | None:
+        with self._read() as conn:
+            return token_sql.token_by_hash(conn, token_hash)
+
+    def list_tokens(self) -> list[Token]:
+        with self._read() as conn:
+            return token_sql.all_tokens(conn)
+
+    def revoke_token(self, name_or_id: str, now: float) -> Token:
+        with self._write() as conn:
+            return token_sql.revoke(conn, name_or_id, now)
+
+    def touch_token(self, token_id: int, now: float) -> None:
+        with self._write() as conn:
+            token_sql.touch(conn, token_id, now)
+
+
+def params_pattern(text: str) -> str:
+    """A LIKE pattern (escape character `!`) for `text` inside stored params. Params are
+    stored as JSON text, so the text is matched in its JSON-encoded form: quotes,
+    backslashes and non-ASCII characters are escaped there just as they are in storage,
+    and both databases compare the same ASCII text."""
+    encoded = json.dumps(text)[1:-1].lower()
+    escaped = encoded.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    return f"%{escaped}%"

@@ -1,0 +1,191 @@
+"""Tasks: one task, and its log (streamed, optionally followed while the attempt runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path as FilePath
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from conveyor.api import models, problems
+from conveyor.api.auth import Reader, conveyor_of
+from conveyor.api.models import ID_MAX
+from conveyor.api.stream import EventHub
+from conveyor.app import Conveyor
+from conveyor.store import NotFound
+from conveyor.tasks import Task, TaskStatus
+from conveyor.views import task_view
+
+router = APIRouter(tags=["tasks"])
+
+TaskId = Annotated[int, Path(ge=1, le=ID_MAX, description="Task id.")]
+CHUNK = 64 * 1024
+FOLLOW_POLL = 0.2  # seconds between looks at a followed log
+STATUS_POLL = 0.5  # seconds between looks at a followed task's status
+
+
+@router.get(
+    "/tasks/{task_id}",
+    summary="A task",
+    response_model=None,
+    responses={
+        200: {"description": "The task", "model": models.Task},
+        **problems.responses(401, 403, 404, 422, 503),
+    },
+    openapi_extra={"x-required-role": "read"},
+)
+def get_task(request: Request, caller: Reader, task_id: TaskId) -> JSONResponse:
+    return JSONResponse(task_view(conveyor_of(request).task(task_id)))
+
+
+def attempt_over(task: Task, attempt: int) -> bool:
+    """Whether an attempt can write no more to its log."""
+    if task.status.terminal or task.attempts > attempt:
+        return True
+    return task.attempts == attempt and task.status != TaskStatus.RUNNING
+
+
+def attempt_may_come(task: Task, attempt: int | None) -> bool:
+    """Whether following may yet see a log for this attempt (any attempt: None)."""
+    if task.status.terminal:
+        return False
+    return attempt is None or not attempt_over(task, attempt)
+
+
+def tail_offset(path: FilePath, lines: int) -> int:
+    """Where the last `lines` lines of a file begin (a last line without a newline
+    counts)."""
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        if lines <= 0:
+            return end
+        pos = end
+        found = 0
+        skip_last = True  # a newline ending the file ends the last line, it does not start one
+        while pos > 0:
+            step = min(CHUNK, pos)
+            pos -= step
+            f.seek(pos)
+            block = f.read(step)
+            i = len(block)
+            while True:
+                i = block.rfind(b"\n", 0, i)
+                if i < 0:
+                    break
+                if skip_last and pos + i == end - 1:
+                    skip_last = False
+                    continue
+                skip_last = False
+                found += 1
+                if found == lines:
+                    return pos + i + 1
+        return 0
+
+
+def _read(path: FilePath, pos: int) -> bytes:
+    try:
+        with path.open("rb") as f:
+            f.seek(pos)
+            return f.read(CHUNK)
+    except FileNotFoundError:
+        return b""
+
+
+async def _log_stream(
+    app: Conveyor,
+    hub: EventHub,
+    task: Task,
+    attempt: int | None,
+    tail: int | None,
+    follow: bool,
+    timeout: float | None,
+) -> AsyncIterator[bytes]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    path: FilePath | None = None
+    pos = 0
+    next_look = 0.0  # look at once: a finished attempt needs no waiting
+    while True:
+        if path is None:
+            _, logged = await run_in_threadpool(app.log_attempts, task.id)
+            chosen = attempt if attempt is not None else (logged[-1] if logged else None)
+            if chosen is not None and chosen in logged:
+                attempt = chosen
+                path = app.artifacts.log_path(task.request_id, task.id, chosen)
+                pos = tail_offset(path, tail) if tail is not None else 0
+        if path is not None:
+            chunk = _read(path, pos)
+            if chunk:
+                pos += len(chunk)
+                yield chunk
+                continue
+        if not follow or hub.closed:
+            return
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return
+        if now >= next_look:
+            next_look = now + STATUS_POLL
+            task = await run_in_threadpool(app.task, task.id)
+            if path is not None and attempt is not None and attempt_over(task, attempt):
+                while chunk := _read(path, pos):  # what was written before it ended
+                    pos += len(chunk)
+                    yield chunk
+                return
+            if path is None and not attempt_may_come(task, attempt):
+                return
+        await asyncio.sleep(FOLLOW_POLL)
+
+
+@router.get(
+    "/tasks/{task_id}/log",
+    summary="A task attempt's log",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The log (stdout and stderr of the attempt), streamed",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **problems.responses(401, 403, 404, 422, 503),
+    },
+    openapi_extra={"x-required-role": "read"},
+)
+async def task_log(
+    request: Request,
+    caller: Reader,
+    task_id: TaskId,
+    attempt: Annotated[
+        int | None, Query(ge=1, le=1_000_000, description="Attempt (default: the latest).")
+    ] = None,
+    tail: Annotated[
+        int | None, Query(ge=0, le=1_000_000, description="Only the last N lines.")
+    ] = None,
+    follow: Annotated[
+        bool,
+        Query(description="Keep streaming while the attempt runs; end when it finishes."),
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        Query(gt=0, le=86400, description="With follow: stop after this many seconds."),
+    ] = None,
+) -> StreamingResponse:
+    """The attempt's output as it is written. With `follow=true` the answer stays open
+    while the attempt runs (waiting for it to start, if need be) and ends when it ends."""
+    app = conveyor_of(request)
+    task, logged = await run_in_threadpool(app.log_attempts, task_id)
+    chosen = attempt if attempt is not None else (logged[-1] if logged else None)
+    if chosen not in logged and not (follow and attempt_may_come(task, chosen)):
+        if chosen is None:
+            raise NotFound(f"task {task_id} has no log yet")
+        raise NotFound(f"task {task_id} has no log for attempt {chosen}")
+    hub: EventHub = request.app.state.hub
+    return StreamingResponse(
+        _log_stream(app, hub, task, chosen, tail, follow, timeout),
+        media_type="text/plain; charset=utf-8",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
