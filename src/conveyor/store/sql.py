@@ -417,8 +417,9 @@ class SQLStore(SQLBase):
     def _claim_prelude(
         self, conn: Connection, limited: list[str]
     ) -> tuple[set[str], dict[str, int]]:
-        """The paused queues and, for concurrency-limited pipelines (after taking the
-        lock that serialises their claims), how many tasks of each are running."""
+        """The paused queues and, for concurrency-limited pipelines, how many tasks of
+        each are running. Dialects whose writers run side by side first take a lock that
+        serialises claims of limited pipelines; SQLite's write lock already does."""
         paused = {
             r[0]
             for r in conn.execute(
@@ -427,7 +428,6 @@ class SQLStore(SQLBase):
         }
         running: dict[str, int] = {}
         if limited:
-            self._lock_for_limits(conn)
             running = {
                 p: int(c)
                 for p, c in conn.execute(

@@ -127,9 +127,6 @@ class SQLBase:
     def _notify(self, conn: Connection, topic: str) -> None:
         """Tell waiting workers (in other processes too) once `conn` commits."""
 
-    def _lock_for_limits(self, conn: Connection) -> None:
-        """Serialise claims of concurrency-limited pipelines."""
-
     def _claim_tasks(
         self,
         conn: Connection,
