@@ -80,6 +80,7 @@ class _ApiModel(BaseModel):
 
     read_open: bool = False
     max_body: int = Field(default=1_048_576, ge=1024, le=1 << 30)
+    token_cache: float = Field(default=2.0, ge=0, le=60)
 
 
 class _LegacyModel(BaseModel):
@@ -104,6 +105,9 @@ class ApiSettings:
 
     read_open: bool = False  # reading needs no token (submitting and changing still do)
     max_body: int = 1_048_576  # bytes; a larger request body is refused with 413
+    # seconds a checked token is trusted without asking the database again: a revoked
+    # token keeps working this long at most (0: ask on every request)
+    token_cache: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,11 @@ def parse_config(
         lease=model.conveyor.lease,
         poll_interval=model.conveyor.poll_interval,
         source=source,
-        api=ApiSettings(read_open=model.api.read_open, max_body=model.api.max_body),
+        api=ApiSettings(
+            read_open=model.api.read_open,
+            max_body=model.api.max_body,
+            token_cache=model.api.token_cache,
+        ),
         legacy=LegacySettings(
             pipeline=model.legacy.pipeline, require_token=model.legacy.require_token
         ),

@@ -6,8 +6,10 @@ Every test runs on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -68,11 +70,24 @@ async def test_wrong_malformed_and_revoked_tokens_are_refused(api: ApiEnv) -> No
             body = unauthorized(await c.get("/api/v1/queues", headers={"Authorization": header}))
             assert "token" in body["detail"] or "Bearer" in body["detail"]
 
-        good = api.auth("read")
+
+@pytest.mark.parametrize("ttl", [0.0, 0.4])
+async def test_a_revoked_token_stops_working_within_the_token_cache_time(
+    make_api: Any, ttl: float
+) -> None:
+    """A token checked once is trusted for `[api] token_cache` seconds (0: never)."""
+    api: ApiEnv = make_api(toml=f"[api]\ntoken_cache = {ttl}\n" + API_TOML)
+    good = api.auth("read")
+    async with api.client(role=None) as c:
         assert (await c.get("/api/v1/queues", headers=good)).status_code == 200
         api.app.revoke_token("read-user")
-        body = unauthorized(await c.get("/api/v1/queues", headers=good))
-        assert "revoked" in body["detail"]
+        revoked = time.monotonic()
+        while (r := await c.get("/api/v1/queues", headers=good)).status_code == 200:
+            assert ttl and time.monotonic() - revoked < ttl + 0.5, "still trusted"
+            await anyio.sleep(0.05)
+        assert "revoked" in unauthorized(r)["detail"]
+        # and, being revoked, it is not trusted again
+        assert (await c.get("/api/v1/queues", headers=good)).status_code == 401
 
 
 async def test_a_role_below_the_one_needed_is_403(api: ApiEnv) -> None:

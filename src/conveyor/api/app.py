@@ -21,6 +21,7 @@ from conveyor.api import (
     routes_system,
     routes_tasks,
 )
+from conveyor.api.auth import TokenCache
 from conveyor.api.middleware import AccessLog, BodyLimit
 from conveyor.api.models import Submit
 from conveyor.api.problems import ProblemModel
@@ -67,6 +68,7 @@ def create_app(conveyor: Conveyor, *, heartbeat: float = 15.0) -> FastAPI:
     )
     api.state.conveyor = conveyor
     api.state.hub = hub
+    api.state.tokens = TokenCache(conveyor.config.api.token_cache)
     api.state.heartbeat = heartbeat
     problems.install(api)
 

@@ -1,0 +1,88 @@
+"""`conveyor bench` (the store and workers) and `conveyor bench-api` (the HTTP API)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from conveyor.cli.common import JsonOption, cli, err, out
+
+
+@cli.command()
+def bench(
+    ctx: typer.Context,
+    tasks: Annotated[int, typer.Option(min=1, help="How many no-op tasks.")] = 10_000,
+    per_request: Annotated[int, typer.Option(min=1, help="Tasks per request.")] = 100,
+    concurrency: Annotated[int, typer.Option(min=1, help="Worker concurrency.")] = 64,
+    batch: Annotated[int, typer.Option(min=1, help="Claim batch size.")] = 500,
+    database: Annotated[
+        str | None, typer.Option(help="Database URL (default: a fresh SQLite file).")
+    ] = None,
+    pickups: Annotated[
+        int, typer.Option(min=0, help="Single tasks timed for pickup latency.")
+    ] = 200,
+    claim_scale: Annotated[
+        int, typer.Option(min=0, help="Also time claims with this many tasks queued (0: skip).")
+    ] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Enqueue N no-op tasks, drain them with one worker process, and time it."""
+    from conveyor.bench import BenchOptions, run_bench
+
+    result = run_bench(
+        BenchOptions(
+            tasks=tasks,
+            per_request=per_request,
+            concurrency=concurrency,
+            batch=batch,
+            database=database,
+            pickups=pickups,
+            claim_scale=claim_scale,
+        ),
+        progress=None if as_json else err,
+    )
+    if as_json:
+        out.print_json(data=result)
+    else:
+        for k, v in result.items():
+            out.print(f"{k}: {v}")
+
+
+@cli.command("bench-api")
+def bench_api(
+    database: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL server URL (default: a temporary SQLite file)."),
+    ] = None,
+    clients: Annotated[int, typer.Option(min=1, max=256, help="Connections submitting.")] = 32,
+    readers: Annotated[
+        int, typer.Option(min=0, max=256, help="Connections reading requests meanwhile.")
+    ] = 4,
+    seconds: Annotated[float, typer.Option(min=1, max=600, help="Seconds measured.")] = 20.0,
+    warmup: Annotated[float, typer.Option(min=0, max=60, help="Seconds not measured.")] = 2.0,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Server processes (serve --workers).")
+    ] = 2,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit rate and status latency of the HTTP API, against `conveyor serve` on a
+    scratch database, from this process."""
+    from conveyor.bench_api import ApiBenchOptions, run_api_bench
+
+    result = run_api_bench(
+        ApiBenchOptions(
+            database=database,
+            clients=clients,
+            readers=readers,
+            seconds=seconds,
+            warmup=warmup,
+            workers=workers,
+        ),
+        say=None if as_json else err.print,
+    )
+    if as_json:
+        out.print_json(data=result)
+    else:
+        for k, v in result.items():
+            out.print(f"{k}: {v}")

@@ -1,0 +1,206 @@
+"""Commands that run or steer the service: serve, up, worker, workers, queues, pause,
+resume, db upgrade."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from conveyor.app import Conveyor
+from conveyor.cli.common import CliError, JsonOption, app_of, cli, err, out, safe_url, ts
+from conveyor.views import queue_view, worker_view
+
+db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+
+
+@cli.command()
+def queues(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Queues in priority order, with task counts."""
+    stats = app_of(ctx).queues()
+    if as_json:
+        out.print_json(data=[queue_view(q) for q in stats])
+        return
+    table = Table(box=None)
+    for col in ("queue", "state", "queued", "running", "succeeded", "failed", "cancelled"):
+        table.add_column(col)
+    for q in stats:
+        table.add_row(
+            q.name,
+            "paused" if q.paused else "open",
+            str(q.queued),
+            str(q.running),
+            str(q.succeeded),
+            str(q.failed),
+            str(q.cancelled),
+        )
+    out.print(table)
+
+
+@cli.command()
+def pause(
+    ctx: typer.Context,
+    queue: Annotated[str | None, typer.Argument(help="Queue; none: everything.")] = None,
+) -> None:
+    """Stop workers taking tasks from a queue (or from all); running tasks finish."""
+    app_of(ctx).pause(queue)
+    out.print(f"paused {queue or 'all queues'}")
+
+
+@cli.command()
+def resume(
+    ctx: typer.Context,
+    queue: Annotated[str | None, typer.Argument(help="Queue; none: everything.")] = None,
+) -> None:
+    """Let workers take tasks from a queue (or all) again."""
+    app_of(ctx).resume(queue)
+    out.print(f"resumed {queue or 'all queues'}")
+
+
+@cli.command()
+def workers(
+    ctx: typer.Context,
+    all_: Annotated[bool, typer.Option("--all", help="Include stopped workers.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Workers with their host, pid, queues and last heartbeat."""
+    found = app_of(ctx).workers(alive_only=not all_)
+    if as_json:
+        out.print_json(data=[worker_view(w) for w in found])
+        return
+    table = Table(box=None)
+    for col in ("worker", "status", "queues", "running", "heartbeat"):
+        table.add_column(col)
+    for w in found:
+        table.add_row(
+            w.id,
+            w.status,
+            ",".join(w.queues),
+            f"{w.running}/{w.concurrency}",
+            ts(w.last_heartbeat),
+        )
+    out.print(table)
+
+
+def _queues_opt(value: str | None) -> list[str]:
+    return [q.strip() for q in value.split(",") if q.strip()] if value else []
+
+
+@cli.command()
+def worker(
+    ctx: typer.Context,
+    queues_: Annotated[str | None, typer.Option("--queues", help="a,b,c (default: all).")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Tasks at once.")] = 4,
+    burst: Annotated[bool, typer.Option(help="Exit when nothing is left to do.")] = False,
+    lease: Annotated[float | None, typer.Option(min=1, help="Lease seconds.")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="Most tasks claimed at once.")] = None,
+    grace: Annotated[
+        float, typer.Option(help="On SIGTERM, seconds running tasks may take.")
+    ] = 30.0,
+) -> None:
+    """Run a worker until SIGTERM (or, with --burst, until the queues are empty)."""
+    from conveyor.worker import Worker, WorkerOptions
+
+    app = app_of(ctx)
+    app.store.upgrade()
+    w = Worker(
+        app,
+        WorkerOptions(
+            queues=_queues_opt(queues_),
+            concurrency=concurrency,
+            burst=burst,
+            lease=lease,
+            batch=batch,
+            grace=grace,
+        ),
+    )
+    w.install_signal_handlers()
+    err.print(f"worker {w.id} on {', '.join(w.queues)} (concurrency {concurrency})")
+    stats = w.run()
+    err.print(
+        f"worker {w.id} stopped: {stats.succeeded} succeeded, {stats.failed} failed, "
+        f"{stats.retried} retried, {stats.released} released"
+    )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    from conveyor.api.server import listen
+
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+@cli.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Server processes sharing the port.")
+    ] = 1,
+) -> None:
+    """Serve the HTTP API (and the legacy Spotbot endpoint) until SIGTERM."""
+    from conveyor.api import create_app
+    from conveyor.api.server import run, serve_processes, url_of
+
+    app = app_of(ctx)
+    app.store.upgrade()
+    sock = _listen(host, port)
+    where = f"{url_of(sock)} (database {safe_url(app.config.database_url)})"
+    if workers == 1:
+        err.print(f"conveyor serve: {where}")
+        run(create_app(app), sock)
+        return
+    config = app.config
+    app.close()  # each process makes its own connections
+    err.print(f"conveyor serve: {where}, {workers} processes")
+
+    def serve_one() -> bool:
+        own = Conveyor(config)
+        try:
+            return run(create_app(own), sock, signals=(signal.SIGTERM,))
+        finally:
+            own.close()
+
+    if not serve_processes(serve_one, workers):
+        raise CliError("a server process failed (see the log above)")
+
+
+@cli.command()
+def up(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Tasks at once.")] = 4,
+    grace: Annotated[
+        float, typer.Option(help="On SIGTERM, seconds running tasks may take.")
+    ] = 30.0,
+) -> None:
+    """Everything in one process: migrations, the HTTP API and a worker."""
+    from conveyor.api import create_app
+    from conveyor.api.server import run, url_of
+    from conveyor.worker import Worker, WorkerOptions
+
+    app = app_of(ctx)
+    app.store.upgrade()
+    sock = _listen(host, port)
+    names = ", ".join(sorted(app.config.pipelines)) or "none"
+    err.print(f"conveyor up: {url_of(sock)}; database {safe_url(app.config.database_url)}")
+    err.print(f"artifacts {app.config.artifacts_dir}; pipelines: {names}")
+    w = Worker(app, WorkerOptions(concurrency=concurrency, grace=grace))
+    if not run(create_app(app), sock, worker=w):
+        raise CliError("the worker stopped on an error (see the log above)")
+
+
+@db_cli.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Apply the schema migrations."""
+    app = app_of(ctx)
+    app.store.upgrade()
+    out.print(f"database at the latest schema: {app.config.database_url}")
