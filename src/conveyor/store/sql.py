@@ -3,6 +3,7 @@ share. The dialect modules supply the claim, the bulk writes and the wake-ups.""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,30 +52,29 @@ from conveyor.tasks import (
 class SQLStore(SQLBase):
     # ----------------------------------------------------------------- requests
     def submit(self, new: NewRequest, now: float) -> Submitted:
-        submitted = self.submit_many([new], now)[0]
-        if submitted.created and submitted.request.counts.total:
-            # submit_many leaves the tasks out (bulk callers do not need them); one
-            # request's answer shows them.
-            full = self.get_request(submitted.request.id)
-            if full is not None:
-                return Submitted(full, created=True)
-        return submitted
+        # One request's answer shows its tasks; bulk callers (submit_many) need not.
+        return self._submit([new], now, with_tasks=True)[0]
 
     def submit_many(self, batch: Sequence[NewRequest], now: float) -> list[Submitted]:
+        return self._submit(batch, now, with_tasks=False)
+
+    def _submit(
+        self, batch: Sequence[NewRequest], now: float, with_tasks: bool
+    ) -> list[Submitted]:
         try:
             with self._write() as conn:
-                out = self._submit_many(conn, batch, now)
+                out = self._submit_many(conn, batch, now, with_tasks)
         except sa.exc.IntegrityError:
             # A concurrent submit with the same idempotency key won the race: answer
             # with what it stored.
             with self._write() as conn:
-                out = self._submit_many(conn, batch, now)
+                out = self._submit_many(conn, batch, now, with_tasks)
         if any(s.created for s in out):
             self.wakeup.fire()
         return out
 
     def _submit_many(
-        self, conn: Connection, batch: Sequence[NewRequest], now: float
+        self, conn: Connection, batch: Sequence[NewRequest], now: float, with_tasks: bool
     ) -> list[Submitted]:
         results: list[Submitted | None] = [None] * len(batch)
         fresh: list[tuple[int, NewRequest, int | None]] = []
@@ -205,8 +205,16 @@ class SQLStore(SQLBase):
             row.id: row
             for row in conn.execute(sa.select(t.requests).where(t.requests.c.id.in_(ids)))
         }
+        tasks: dict[int, list[Task]] = defaultdict(list)
+        if with_tasks and task_rows:
+            for row in conn.execute(
+                sa.select(t.tasks)
+                .where(t.tasks.c.request_id.in_(ids))
+                .order_by(t.tasks.c.request_id, t.tasks.c.seq)
+            ):
+                tasks[row.request_id].append(task_from_row(row))
         for rid, (i, _, _) in zip(ids, fresh, strict=True):
-            results[i] = Submitted(request_from_row(stored[rid]), created=True)
+            results[i] = Submitted(request_from_row(stored[rid], tasks[rid]), created=True)
         return [r for r in results if r is not None]
 
     def _load_request(self, conn: Connection, row: Row[Any], with_tasks: bool = True) -> Request:
