@@ -16,29 +16,11 @@ from conveyor.executors import ExecResult, TaskContext, executor_for
 from conveyor.executors.command import CommandExecutor
 from conveyor.executors.python import NonRetryable, PythonExecutor
 from conveyor.pipelines import Pipeline
-from conveyor.tasks import Progress, Task, TaskStatus
+from conveyor.tasks import Progress
+
+from .factories import make_task
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def make_task(params=None, timeout=None, **kw):
-    defaults = dict(
-        id=11,
-        request_id=5,
-        pipeline="p",
-        queue="default",
-        priority=0,
-        seq=0,
-        params={} if params is None else params,
-        status=TaskStatus.RUNNING,
-        attempts=1,
-        max_attempts=3,
-        timeout=timeout,
-        created_at=0.0,
-        available_at=0.0,
-    )
-    defaults.update(kw)
-    return Task(**defaults)
 
 
 class Run:
@@ -49,7 +31,7 @@ class Run:
         self.log_file = tmp_path / "logs" / "11.log"
         self.work = tmp_path / "work" / "11"
         self.ctx = TaskContext(
-            make_task(params, timeout),
+            make_task(params, timeout=timeout),
             lambda: (self.log_file, self.work),
             self.reports.append,
             min_report_interval=0,

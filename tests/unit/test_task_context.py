@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 
 import pytest
 
 from conveyor.executors import TaskContext, parse_progress_line
-from conveyor.tasks import Progress, Task, TaskStatus
+from conveyor.tasks import Progress
 
+from .factories import make_task as make_task_with
 
-def make_task(params=None, **kw):
-    defaults = dict(
-        id=11,
-        request_id=5,
-        pipeline="p",
-        queue="default",
-        priority=0,
-        seq=0,
-        params={} if params is None else params,
-        status=TaskStatus.RUNNING,
-        attempts=2,
-        max_attempts=3,
-        timeout=None,
-        created_at=0.0,
-        available_at=0.0,
-    )
-    defaults.update(kw)
-    return Task(**defaults)
+make_task = partial(make_task_with, attempts=2)
 
 
 class Recorder:
