@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import jsonschema
@@ -136,12 +137,17 @@ class Pipeline:
     cwd: str | None = None
     description: str = ""
 
+    @cached_property
+    def _validator(self) -> Any:
+        """Built once per pipeline, not on every submit."""
+        schema = self.schema if self.schema is not None else True
+        return validator_for(schema)(schema)
+
     def check_params(self, params: Any) -> list[Any]:
         """Validate submitted params; return each task's params."""
         if self.schema is not None:
-            cls = validator_for(self.schema)
             errors = sorted(
-                cls(self.schema).iter_errors(params),
+                self._validator.iter_errors(params),
                 key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))),
             )
             if errors:
