@@ -8,6 +8,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from conveyor.artifacts import LocalArtifacts
 from conveyor.config import Config
 from conveyor.events import Event
+from conveyor.group_commit import SubmitBatcher
 from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
@@ -53,8 +55,11 @@ class Conveyor:
         self.store = store or open_store(config.database_url)
         self.artifacts = LocalArtifacts(config.artifacts_dir)
         self.clock = clock
+        self._batcher: SubmitBatcher | None = None
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         self.store.close()
 
     # pipelines --------------------------------------------------------------
@@ -99,6 +104,17 @@ class Conveyor:
     def submit(self, pipeline: str, params: Any, opts: SubmitOptions | None = None) -> Submitted:
         new = self.prepare(pipeline, params, opts or SubmitOptions())
         return self.store.submit(new, self.clock())
+
+    def submit_grouped(
+        self, pipeline: str, params: Any, opts: SubmitOptions | None = None
+    ) -> Future[Submitted]:
+        """Check the submission now, store it together with the other submissions
+        waiting at the same moment (one transaction for all; see `group_commit`). For
+        servers answering many clients at once."""
+        new = self.prepare(pipeline, params, opts or SubmitOptions())
+        if self._batcher is None:
+            self._batcher = SubmitBatcher(self.store, self.clock)
+        return self._batcher.submit(new)
 
     def get(self, request_id: int, with_tasks: bool = True) -> Request:
         req = self.store.get_request(request_id, with_tasks=with_tasks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import math
@@ -9,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import WithJsonSchema
 
@@ -72,7 +72,7 @@ async def submit(request: Request, caller: Submitter) -> JSONResponse:
         submitter=caller.name,
         cache=CachePolicy(read=body.cache.read, write=body.cache.write),
     )
-    submitted = await run_in_threadpool(app.submit, body.pipeline, body.params, opts)
+    submitted = await asyncio.wrap_future(app.submit_grouped(body.pipeline, body.params, opts))
     req, created = submitted.request, submitted.created
     return _view(req, 201 if created else 200, Location=f"/api/v1/requests/{req.id}")
 

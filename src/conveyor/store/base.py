@@ -89,7 +89,12 @@ class Store(Protocol):
     # requests
     def submit(self, new: NewRequest, now: float) -> Submitted: ...
 
-    def submit_many(self, batch: Sequence[NewRequest], now: float) -> list[Submitted]: ...
+    def submit_many(
+        self, batch: Sequence[NewRequest], now: float, with_tasks: bool = False
+    ) -> list[Submitted]:
+        """Submit several requests in one transaction, answering in their order; with
+        `with_tasks` the answers carry their tasks as `submit`'s do."""
+        ...
 
     def get_request(self, request_id: int, with_tasks: bool = True) -> Request | None: ...
 

@@ -55,8 +55,10 @@ class SQLStore(SQLBase):
         # One request's answer shows its tasks; bulk callers (submit_many) need not.
         return self._submit([new], now, with_tasks=True)[0]
 
-    def submit_many(self, batch: Sequence[NewRequest], now: float) -> list[Submitted]:
-        return self._submit(batch, now, with_tasks=False)
+    def submit_many(
+        self, batch: Sequence[NewRequest], now: float, with_tasks: bool = False
+    ) -> list[Submitted]:
+        return self._submit(batch, now, with_tasks=with_tasks)
 
     def _submit(
         self, batch: Sequence[NewRequest], now: float, with_tasks: bool
