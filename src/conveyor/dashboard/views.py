@@ -113,10 +113,12 @@ def ago(ts: float | None, now: float) -> str:
 
 
 def percent(t: Task) -> int | None:
+    """How far the task has come (None: it has not said); a succeeded task is done,
+    whatever it last reported."""
+    if t.status.value == "succeeded":
+        return 100
     f = t.progress.fraction
-    if f is None:
-        return 100 if t.status.value == "succeeded" else None
-    return round(f * 100)
+    return None if f is None else round(f * 100)
 
 
 def pretty_json(value: Any) -> str:
