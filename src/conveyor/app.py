@@ -19,7 +19,6 @@ from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
 from conveyor.stats import (
-    ACTIVITY_BUCKET,
     DURATION_BUCKETS,
     ActivityRow,
     IngestTotals,
@@ -217,10 +216,11 @@ class Conveyor:
     def status_counts(self) -> list[StatusCount]:
         return self.store.status_counts()
 
-    def activity(self, window: float) -> list[ActivityRow]:
-        """Tasks finished in the last `window` seconds, in ACTIVITY_BUCKET buckets."""
-        since = (self.clock() - window) // ACTIVITY_BUCKET * ACTIVITY_BUCKET
-        return self.store.activity(since, ACTIVITY_BUCKET)
+    def activity(self, window: float, width: float) -> list[ActivityRow]:
+        """Tasks that succeeded or failed in the last `window` seconds (from the start
+        of a bucket), counted in `width`-second buckets."""
+        since = (self.clock() - window) // width * width
+        return self.store.activity(since, width)
 
     def pipeline_totals(self) -> list[PipelineTotals]:
         return self.store.pipeline_totals(DURATION_BUCKETS)

@@ -18,10 +18,8 @@ _T = TypeVar("_T")
 
 HOUR = 3600.0
 DAY = 86400.0
-# The grain of the activity the store answers with: fine enough for a queue's rate over
-# the last minutes, coarse enough that two weeks are a few thousand rows at most.
-ACTIVITY_BUCKET = 300.0
 RATE_WINDOW = 900.0  # a queue's rate: tasks finished per minute over the last 15 minutes
+RATE_BUCKET = 300.0
 # Task durations (seconds) at which the metrics' histograms cut.
 DURATION_BUCKETS: tuple[float, ...] = (
     0.1,
@@ -140,13 +138,17 @@ def bars(rows: Iterable[ActivityRow], now: float, width: float, count: int) -> l
 
 
 def rates(rows: Iterable[ActivityRow], now: float, window: float = RATE_WINDOW) -> dict[str, float]:
-    """Tasks finished per minute in each queue over the last `window` seconds."""
+    """Tasks finished per minute in each queue over about the last `window` seconds:
+    the buckets that overlap it, over the time they span."""
     since = now - window
     done: dict[str, int] = defaultdict(int)
+    first = now
     for r in rows:
-        if r.start + ACTIVITY_BUCKET > since:
+        if r.start + RATE_BUCKET > since:
             done[r.queue] += r.n
-    return {q: n / (window / 60.0) for q, n in done.items()}
+            first = min(first, r.start)
+    span = max(window, now - first)
+    return {q: n / (span / 60.0) for q, n in done.items()}
 
 
 def failure_rate(bars_: Sequence[Bar]) -> float | None:

@@ -14,7 +14,7 @@ from conveyor.api.routes_tasks import attempt_over, tail_offset
 from conveyor.dashboard import charts, views
 from conveyor.dashboard.ui import dashboard_of
 from conveyor.queues import ALL_QUEUES
-from conveyor.stats import DAY, HOUR, bars, failure_rate, rates
+from conveyor.stats import DAY, HOUR, bars, failure_rate
 from conveyor.store import NotFound, RequestFilter
 from conveyor.tasks import Task
 
@@ -268,7 +268,7 @@ def queues_page(request: Request) -> Response:
     rows = views.queue_rows(
         app.status_counts(),
         paused,
-        rates(ui.activity(), app.clock()),
+        ui.rates(),
         app.config.queue_order,
         everything,
     )

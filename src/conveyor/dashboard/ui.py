@@ -23,7 +23,7 @@ from conveyor.dashboard.session import (
     same,
     secret_key,
 )
-from conveyor.stats import ActivityRow, Recent
+from conveyor.stats import HOUR, RATE_BUCKET, RATE_WINDOW, ActivityRow, Recent, rates
 from conveyor.tokens import Role
 
 HERE = Path(__file__).resolve().parent
@@ -56,13 +56,19 @@ class Dashboard:
         self.env.filters.update(views.FILTERS)
         self.env.globals.update(version=__version__, refresh=settings.refresh)
         self._activity: Recent[list[ActivityRow]] = Recent(settings.stats_cache)
+        self._recent: Recent[list[ActivityRow]] = Recent(settings.stats_cache)
 
     # ------------------------------------------------------------------ figures
     def activity(self) -> list[ActivityRow]:
-        """Tasks finished over the last two weeks, in 5-minute buckets: the charts and
-        queue rates. Reused for `[dashboard] stats_cache` seconds, so pages refreshing
-        every other second in many browsers cost one aggregate query per period."""
-        return self._activity.get(lambda: self.app.activity(ACTIVITY_WINDOW))
+        """Tasks finished over the last two weeks, by hour: the charts. Reused for
+        `[dashboard] stats_cache` seconds, so pages refreshing every other second in
+        many browsers cost one aggregate query per period."""
+        return self._activity.get(lambda: self.app.activity(ACTIVITY_WINDOW, HOUR))
+
+    def rates(self) -> dict[str, float]:
+        """Tasks finished per minute in each queue, lately."""
+        rows = self._recent.get(lambda: self.app.activity(RATE_WINDOW, RATE_BUCKET))
+        return rates(rows, self.app.clock())
 
     # -------------------------------------------------------------- who is looking
     def viewer(self, request: Request, needed: Role = Role.READ) -> Viewer:
