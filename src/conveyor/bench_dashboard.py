@@ -322,9 +322,11 @@ def run_dashboard_bench(
         try:
             _, token = app.create_token("bench", Role.READ)
             middle = opts.requests // 2
+            day = time.strftime("%Y-%m-%dT%H:%M", time.gmtime(now - 20 * 86400))
             pages = {
                 "overview": "/",
                 "requests_filtered": "/requests?status=failed&pipeline=spotbot&queue=production",
+                "requests_time_range": f"/requests?submitter=etl-3&until={day}",
                 "request_detail": f"/requests/{middle}",
             }
             timed = asyncio.run(_time_pages(app, token, pages, opts.rounds))

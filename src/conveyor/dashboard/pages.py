@@ -20,6 +20,7 @@ from conveyor.tasks import Task
 
 router = APIRouter(include_in_schema=False)
 PAGE = 50
+MAX_TASKS = 500  # tasks listed on a request's page (a request may have thousands)
 LOG_TAIL_FAILED = 20  # lines of log shown with each failed task
 Text = Annotated[str | None, Query(max_length=500)]
 
@@ -169,6 +170,7 @@ def request_page(request: Request, request_id: int) -> Response:
         viewer,
         fragment="_request.html",
         req=req,
+        shown=req.tasks[:MAX_TASKS],
         events=app.events(request_id=request_id, limit=500),
         timeline=charts.gantt(req.tasks, now),
         durations={t.id: views.task_duration(t, now) for t in req.tasks},
