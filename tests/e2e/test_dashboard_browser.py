@@ -150,6 +150,9 @@ def test_dashboard_in_a_browser(tmp_path: Path, procs: Processes, browser: Any) 
     context = browser.new_context(viewport=WIDE)
     context.set_default_timeout(20_000)
     page = context.new_page()
+    complaints: list[str] = []
+    page.on("console", lambda m: complaints.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: complaints.append(str(e)))
     try:
         # -------------------------------------------------------------- log in
         page.goto(f"{url}/requests")
@@ -232,6 +235,8 @@ def test_dashboard_in_a_browser(tmp_path: Path, procs: Processes, browser: Any) 
         # --------------------------------------------------------------- log out
         page.get_by_role("button", name="Log out").click()
         page.wait_for_url(re.compile(r".*/login$"))
+        # no script error, nothing the content security policy had to stop
+        assert not complaints, complaints
     finally:
         context.close()
         api.close()

@@ -64,7 +64,9 @@ async def test_pages_need_a_login_and_show_what_is_stored(api: ApiEnv) -> None:
     api.store.register_worker(WorkerInfo("w-1", "host-a", 4242, ("default", "test"), 3), now)
 
     async with login(api, "read") as c:
-        overview = (await c.get("/")).text
+        answer = await c.get("/")
+        overview = answer.text
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
         assert "Tasks finished per hour" in overview and "<svg" in overview
         assert re.search(r'<th scope="row"><a href="/requests\?queue=test">test</a></th>', overview)
         assert "1</span> workers running" in overview.replace("\n", "")

@@ -233,7 +233,11 @@ def task_log_file(
     return Response(
         body,
         media_type="text/plain; charset=utf-8",
-        headers={"Content-Disposition": f'inline; filename="{name}"'},
+        headers={
+            "Content-Disposition": f'inline; filename="{name}"',
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-store",
+        },
     )
 
 

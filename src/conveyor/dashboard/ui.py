@@ -30,6 +30,20 @@ HERE = Path(__file__).resolve().parent
 ACTIVITY_WINDOW = 14 * 86400.0  # the longest chart: tasks per day over two weeks
 
 
+# Pages load nothing from elsewhere and run no inline script; nobody may frame them
+# (their buttons pause queues).
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
+
+
 class LoginNeeded(Exception):
     def __init__(self, next_url: str) -> None:
         super().__init__("log in to see the dashboard")
@@ -117,7 +131,7 @@ class Dashboard:
             config=self.app.config,
             **context,
         )
-        return HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(html, status_code=status_code, headers=PAGE_HEADERS)
 
 
 def dashboard_of(request: Request) -> Dashboard:
