@@ -201,7 +201,8 @@ def task_log(
     text = ""
     if chosen is not None and chosen in logged:
         text = _tail(ui.app.artifacts.log_path(task.request_id, task.id, chosen), tail)
-    live = follow and not _attempt_over(task, chosen)
+    over = _attempt_over(task, chosen)
+    live = follow and not over
     return ui.render(
         request,
         "_log.html",
@@ -212,6 +213,7 @@ def task_log(
         text=text,
         tail=tail,
         live=live,
+        over=over,
         follow=follow,
         missing=None,
     )
