@@ -20,6 +20,13 @@ from conveyor.group_commit import SubmitBatcher
 from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
+from conveyor.stats import (
+    DURATION_BUCKETS,
+    ActivityRow,
+    IngestTotals,
+    PipelineTotals,
+    StatusCount,
+)
 from conveyor.store import NotFound, RequestFilter, Store, Submitted, WorkerInfo, open_store
 from conveyor.tasks import RetryPolicy, Task
 from conveyor.tokens import Role, Token, hash_secret, needs_touch, new_token, plausible
@@ -221,6 +228,32 @@ class Conveyor:
     def latest_event_id(self) -> int:
         return self.store.latest_event_id()
 
+    # figures (the dashboard and the metrics) ---------------------------------
+    def status_counts(self) -> list[StatusCount]:
+        return self.store.status_counts()
+
+    def activity(self, window: float, width: float) -> list[ActivityRow]:
+        """Tasks that succeeded or failed in the last `window` seconds (from the start
+        of a bucket), counted in `width`-second buckets."""
+        since = (self.clock() - window) // width * width
+        return self.store.activity(since, width)
+
+    def pipeline_totals(self) -> list[PipelineTotals]:
+        return self.store.pipeline_totals(DURATION_BUCKETS)
+
+    def lease_expiries(self) -> int:
+        return self.store.count_events("task.lease_expired")
+
+    def ingest_totals(self) -> list[IngestTotals]:
+        """Each ingest source's totals, for the dashboard and the metrics. None while no
+        spool directory is configured: both then show nothing about ingestion."""
+        return []
+
+    def failed_tasks(
+        self, limit: int = 50, before_id: int | None = None, text: str | None = None
+    ) -> list[Task]:
+        return self.store.failed_tasks(limit, before_id, text)
+
     def ready(self) -> None:
         """Raises Unavailable when the database cannot be reached."""
         self.store.ping()
@@ -236,6 +269,11 @@ class Conveyor:
 
     def revoke_token(self, name_or_id: str) -> Token:
         return self.store.revoke_token(name_or_id, self.clock())
+
+    def session_token(self, token_hash: str) -> Token | None:
+        """The active token a login session was opened with, or None (revoked since)."""
+        token = self.store.token_by_hash(token_hash)
+        return token if token is not None and token.active else None
 
     def authenticate(self, secret: str) -> Token | None:
         """The active token this is, or None; notes when the token was last used."""

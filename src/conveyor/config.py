@@ -83,6 +83,22 @@ class _ApiModel(BaseModel):
     token_cache: float = Field(default=2.0, ge=0, le=60)
 
 
+class _DashboardModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secret_file: str | None = None
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 90)
+    refresh: float = Field(default=2.0, ge=0.5, le=2.0)
+    stats_cache: float = Field(default=5.0, ge=0, le=300)
+
+
+class _MetricsModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    public: bool = False
+    cache: float = Field(default=5.0, ge=0, le=300)
+
+
 class _LegacyModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -96,6 +112,8 @@ class _FileModel(BaseModel):
     conveyor: _ConveyorModel = _ConveyorModel()
     api: _ApiModel = _ApiModel()
     legacy: _LegacyModel = _LegacyModel()
+    dashboard: _DashboardModel = _DashboardModel()
+    metrics: _MetricsModel = _MetricsModel()
     pipelines: dict[str, _PipelineModel] = {}
 
 
@@ -108,6 +126,27 @@ class ApiSettings:
     # seconds a checked token is trusted without asking the database again: a revoked
     # token keeps working this long at most (0: ask on every request)
     token_cache: float = 2.0
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """`[dashboard]`: the web dashboard at `/`."""
+
+    # the key that signs session cookies: $CONVEYOR_DASHBOARD_SECRET, else this file,
+    # made (random, mode 0600) on first use; None: `dashboard.secret` in the artifacts
+    secret_file: Path | None = None
+    session_hours: float = 12.0  # a login lasts this long
+    refresh: float = 2.0  # seconds between live updates of a page (at most 2)
+    # seconds the throughput charts' aggregate may be reused (0: query every time)
+    stats_cache: float = 5.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """`[metrics]`: the Prometheus endpoint `/metrics`."""
+
+    public: bool = False  # true: scraping needs no token (else a read token, or read_open)
+    cache: float = 5.0  # seconds the database figures may be reused between scrapes
 
 
 @dataclass(frozen=True)
@@ -129,6 +168,8 @@ class Config:
     source: Path | None = None
     api: ApiSettings = field(default_factory=ApiSettings)
     legacy: LegacySettings = field(default_factory=LegacySettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 def _load_schema(value: dict[str, Any] | str | None, base: Path, where: str) -> Any:
@@ -219,6 +260,17 @@ def parse_config(
         legacy=LegacySettings(
             pipeline=model.legacy.pipeline, require_token=model.legacy.require_token
         ),
+        dashboard=DashboardSettings(
+            secret_file=(
+                (base / model.dashboard.secret_file).resolve()
+                if model.dashboard.secret_file
+                else None
+            ),
+            session_hours=model.dashboard.session_hours,
+            refresh=model.dashboard.refresh,
+            stats_cache=model.dashboard.stats_cache,
+        ),
+        metrics=MetricsSettings(public=model.metrics.public, cache=model.metrics.cache),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import tempfile
 from typing import Annotated
 
 import typer
@@ -168,8 +169,14 @@ def serve(
         finally:
             own.close()
 
-    if not serve_processes(serve_one, workers):
-        raise CliError("a server process failed (see the log above)")
+    # The processes count their API requests in files here, which /metrics of any of
+    # them sums; the directory goes when they do.
+    with tempfile.TemporaryDirectory(prefix="conveyor-metrics-") as counts:
+        from conveyor.metrics import enable_multiprocess
+
+        enable_multiprocess(counts)
+        if not serve_processes(serve_one, workers):
+            raise CliError("a server process failed (see the log above)")
 
 
 @cli.command()

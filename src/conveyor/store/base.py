@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from conveyor.events import Event
 from conveyor.queues import QueueStats
 from conveyor.requests import NewRequest, Request
+from conveyor.stats import ActivityRow, PipelineTotals, StatusCount
 from conveyor.tasks import Outcome, Progress, RetryPolicy, Task
 from conveyor.tokens import NewToken, Token
 
@@ -175,3 +176,23 @@ class Store(Protocol):
     def touch_token(self, token_id: int, now: float) -> None: ...
 
     def count_tasks(self, **where: Any) -> int: ...
+
+    # aggregates (the dashboard, the metrics)
+    def status_counts(self) -> list[StatusCount]:
+        """Requests and tasks by queue, pipeline and status."""
+        ...
+
+    def activity(self, since: float, width: float) -> list[ActivityRow]:
+        """Tasks that succeeded or failed since `since`, in `width`-second buckets."""
+        ...
+
+    def pipeline_totals(self, bounds: Sequence[float]) -> list[PipelineTotals]: ...
+
+    def count_events(self, kind: str) -> int: ...
+
+    def failed_tasks(
+        self, limit: int = 50, before_id: int | None = None, text: str | None = None
+    ) -> list[Task]:
+        """Failed tasks, newest first; `text`: a task or request id, or text in the
+        error or the params."""
+        ...

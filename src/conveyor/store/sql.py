@@ -35,7 +35,7 @@ from conveyor.store.rows import (
     request_from_row,
     task_from_row,
 )
-from conveyor.store.sqlbase import SQLBase
+from conveyor.store.stats import SQLStats
 from conveyor.tasks import (
     Outcome,
     Progress,
@@ -49,7 +49,7 @@ from conveyor.tasks import (
 )
 
 
-class SQLStore(SQLBase):
+class SQLStore(SQLStats):
     # ----------------------------------------------------------------- requests
     def submit(self, new: NewRequest, now: float) -> Submitted:
         # One request's answer shows its tasks; bulk callers (submit_many) need not.
@@ -60,9 +60,7 @@ class SQLStore(SQLBase):
     ) -> list[Submitted]:
         return self._submit(batch, now, with_tasks=with_tasks)
 
-    def _submit(
-        self, batch: Sequence[NewRequest], now: float, with_tasks: bool
-    ) -> list[Submitted]:
+    def _submit(self, batch: Sequence[NewRequest], now: float, with_tasks: bool) -> list[Submitted]:
         try:
             with self._write() as conn:
                 out = self._submit_many(conn, batch, now, with_tasks)
