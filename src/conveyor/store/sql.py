@@ -25,6 +25,7 @@ from conveyor.store.base import (
     NotFound,
     Submitted,
 )
+from conveyor.store.outbox import OutboxVerbs
 from conveyor.store.rows import (
     OUTCOME_EVENTS,
     EventRow,
@@ -35,7 +36,6 @@ from conveyor.store.rows import (
     request_from_row,
     task_from_row,
 )
-from conveyor.store.sqlbase import SQLBase
 from conveyor.tasks import (
     Outcome,
     Progress,
@@ -49,7 +49,7 @@ from conveyor.tasks import (
 )
 
 
-class SQLStore(SQLBase):
+class SQLStore(OutboxVerbs):
     # ----------------------------------------------------------------- requests
     def submit(self, new: NewRequest, now: float) -> Submitted:
         # One request's answer shows its tasks; bulk callers (submit_many) need not.
