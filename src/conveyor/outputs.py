@@ -34,14 +34,16 @@ def collect_outputs(work_dir: Path, patterns: Sequence[str], limit: int) -> Foun
     and said so: outputs never carry other files off the machine."""
     root = work_dir.resolve()
     seen: dict[str, Path] = {}
+    refused: set[str] = set()
     skipped: list[str] = []
     for pattern in patterns:
         for path in sorted(work_dir.glob(pattern)):
             name = path.relative_to(work_dir).as_posix()
-            if name in seen or not path.is_file():
+            if name in seen or name in refused or not path.is_file():
                 continue
             real = path.resolve()
             if not real.is_relative_to(root):
+                refused.add(name)
                 skipped.append(f"{name}: leads outside the work dir")
                 continue
             seen[name] = real

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from conveyor.artifacts.keys import ArtifactKeyError, check_key
+from conveyor.artifacts.errors import ArtifactError, ArtifactKeyError, ArtifactMissing
+from conveyor.artifacts.keys import check_key
 
 
 class LocalArtifacts:
@@ -41,15 +42,6 @@ class LocalArtifacts:
     def work_dir(self, request_id: int, task_id: int) -> Path:
         """A scratch directory for the task (made by whoever first needs it)."""
         return Path(f"{self._root}/work/{request_id}/{task_id}")
-
-
-class ArtifactError(Exception):
-    """The artifact store failed (unreachable, timed out, refused); the message says
-    which key and why."""
-
-
-class ArtifactMissing(ArtifactError, LookupError):
-    """No object under that key."""
 
 
 class ArtifactKind(enum.StrEnum):

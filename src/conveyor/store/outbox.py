@@ -173,8 +173,8 @@ class OutboxVerbs(SQLBase):
                             "state": NotificationStatus.PENDING.value,
                             "attempts": 0,
                             "max_attempts": n.max_attempts,
-                            "next_at": n.created_at,
-                            "created_at": n.created_at,
+                            "next_at": now,
+                            "created_at": now,
                         }
                         for n in new
                     ],
