@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_support import make_env
 from artifact_support import expected_db, outputs_pipeline, run_worker
 
+from api_support import make_env
 from conftest import cli_env, run_cli, write_config
 from conveyor.artifacts import ArtifactError, ArtifactMissing
 from conveyor.artifacts.local import LocalStore
