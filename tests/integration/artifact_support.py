@@ -14,7 +14,7 @@ from conveyor.worker import Worker, WorkerOptions, WorkerStats
 WRITE_OUTPUTS = (
     "import hashlib, pathlib, sys; name, code = sys.argv[1], int(sys.argv[2]); "
     "pathlib.Path(name + '.csv').write_text('id,rank\\n1,' + name + '\\n'); "
-    "d = pathlib.Path('out/deep'); d.mkdir(parents=True); "
+    "d = pathlib.Path('out/deep'); d.mkdir(parents=True, exist_ok=True); "
     "(d / (name + '.db')).write_bytes(b''.join(hashlib.sha256(name.encode() "
     "+ bytes([i % 256, i // 256])).digest() for i in range(6250))); "
     "pathlib.Path('scratch.tmp').write_text('not an output'); "
