@@ -153,15 +153,26 @@ class Notifier:
                 self._stop.wait(self.poll)
 
     def start(self) -> threading.Thread:
+        """Run in a thread of its own; what finishes from now on is announced (the
+        first look, which places a new cursor, is made before this returns)."""
+        try:
+            self.fill()
+        except Unavailable as exc:
+            log.warning("notifier: database unavailable: %s", exc)
         self._thread = threading.Thread(target=self.run, name="conveyor-notify", daemon=True)
         self._thread.start()
         return self._thread
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop; sends under way get `timeout` seconds (unfinished ones stay due)."""
+        """Stop, after one last look (so what finished just before is sent now); sends
+        get `timeout` seconds, and what is left stays due for the next notifier."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            try:
+                self.run_once()
+            except Exception:
+                log.warning("notifier: the last look failed; what is due stays due")
         self.wait_idle(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()

@@ -250,6 +250,10 @@ upload_logs = false
     assert task.error is not None
     assert "keeping outputs failed" in task.error and "did not answer within 0.5s" in task.error
     assert all(app.get(r).status.value == "succeeded" for r in quick)
+    # the other slot kept working while the upload stalled
+    quick_done = max(app.get(r).finished_at or 0 for r in quick)
+    assert task.started_at is not None and task.finished_at is not None
+    assert quick_done < task.finished_at
     assert (stats.succeeded, stats.failed, stats.retried) == (6, 1, 1)
     # the log says what happened
     log = app.log_path(task.id).read_text()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from artifact_support import outputs_pipeline, run_worker
 
-from conftest import make_config
+from conftest import cli_env, make_config, run_cli, write_config
 from conveyor.app import Conveyor
 from conveyor.config import ConfigError
 from conveyor.notifications import NotificationStatus, verify
@@ -270,3 +270,22 @@ def test_a_missing_secret_stops_the_notifier_from_starting(tmp_path: Path, sqlit
     with pytest.raises(ConfigError, match="CONVEYOR_TEST_HOOK_SECRET is not set"):
         Notifier(app, env={})
     app.close()
+
+
+def test_a_burst_worker_sends_what_its_tasks_finished(
+    tmp_path: Path, sqlite_url: str, receiver: Receiver
+) -> None:
+    config = write_config(tmp_path, notify_toml(receiver.url))
+    env = cli_env(sqlite_url, config, CONVEYOR_TEST_HOOK_SECRET=SECRET)
+    r = run_cli(
+        "submit", "ranks", "--set", 'items=[{"name": "a", "code": 0}]', env=env, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    # the notifier starts following when it first runs: before this request finishes
+    r = run_cli("worker", "--burst", env=env, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sorted(b["event"] for b in receiver.bodies()) == ["request.succeeded", "task.succeeded"]
+    assert all(verify(raw, SECRET, h["X-Conveyor-Signature"]) for h, raw in receiver.got)
+    missing = run_cli("notify", env=cli_env(sqlite_url, config), cwd=tmp_path, timeout=60)
+    assert missing.returncode == 1
+    assert "CONVEYOR_TEST_HOOK_SECRET is not set" in missing.stderr

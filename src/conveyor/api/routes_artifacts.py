@@ -78,8 +78,8 @@ def _link(app: Conveyor, artifact: Artifact) -> str | None:
     response_class=StreamingResponse,
     responses={
         200: {
-            "description": "The file, streamed",
-            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+            "description": "The file, streamed, with the media type its name suggests",
+            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
         },
         307: {"description": "A time-limited link to the file in the artifact store"},
         502: {"description": "The artifact store failed"},

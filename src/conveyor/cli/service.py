@@ -26,13 +26,11 @@ NotifyOption = Annotated[
 
 def _notifier(app: Conveyor, wanted: bool) -> Notifier | None:
     """A started notifier, when asked for and some pipeline has `notify` set."""
-    from conveyor.notifier import Notifier
+    from conveyor.notifier import Notifier, notify_settings
 
-    if not wanted:
+    if not wanted or not notify_settings(app):
         return None
     notifier = Notifier(app)
-    if not notifier.enabled:
-        return None
     notifier.start()
     return notifier
 
