@@ -104,6 +104,16 @@ class Publisher:
     def wanted(self, pipeline: Pipeline) -> bool:
         return bool(pipeline.outputs) or self._upload_logs()
 
+    def before_attempt(self, pipeline: Pipeline, ctx: TaskContext) -> None:
+        """Remove what an earlier attempt left matching the outputs globs: an attempt's
+        outputs are the files it wrote itself (the rest of the work dir stays)."""
+        if not pipeline.outputs or ctx.attempt <= 1:
+            return
+        found = collect_outputs(ctx.work_dir, pipeline.outputs, limit=1_000_000)
+        for name, path in found.files:
+            path.unlink(missing_ok=True)
+            ctx.log(f"conveyor: removed {name}, left by an earlier attempt")
+
     def after_attempt(self, pipeline: Pipeline, ctx: TaskContext, result: ExecResult) -> ExecResult:
         """Keep the attempt's outputs and log; the result, or why keeping them failed."""
         task = ctx.task

@@ -249,6 +249,8 @@ class Worker:
             if run is None:
                 return
             try:
+                if run.pipeline.outputs:
+                    self.publisher.before_attempt(run.pipeline, run.ctx)
                 result = executor_for(run.pipeline).run(run.pipeline, run.ctx, run.deadline)
             except Exception as exc:  # an executor bug must not lose the task
                 log.exception("executor failed on task %s", run.task.id)

@@ -113,3 +113,28 @@ def test_cli_lists_and_downloads_outputs(tmp_path: Path, db_url: str) -> None:
     missing = run_cli("download", "1", "nope.csv", env=env, cwd=tmp_path)
     assert missing.returncode == 1
     assert missing.stderr.strip() == "conveyor: task 1 has no artifact 'nope.csv'"
+
+
+# Attempt 1 writes an output and fails; attempt 2 writes nothing and succeeds.
+FLAKY_SCRIPT = (
+    "import sys, pathlib; a = int(sys.argv[1]); "
+    "a == 1 and pathlib.Path('stale.csv').write_text('x'); sys.exit(1 if a == 1 else 0)"
+)
+FLAKY = f"""
+[pipelines.flaky]
+executor = "command"
+command = ["{{conveyor.python}}", "-c", "{FLAKY_SCRIPT}", "{{conveyor.attempt}}"]
+outputs = ["*.csv"]
+retries = 1
+backoff = 0
+"""
+
+
+def test_an_attempt_keeps_only_what_it_wrote(make_app: Any) -> None:
+    app = make_app(FLAKY)
+    rid = app.submit("flaky", {}).request.id
+    run_worker(app)
+    (task,) = app.get(rid).tasks
+    assert task.status.value == "succeeded" and task.attempts == 2
+    assert app.task_artifacts(task.id) == []
+    assert "removed stale.csv, left by an earlier attempt" in app.log_path(task.id).read_text()
