@@ -41,7 +41,7 @@ def outputs(
         return
     table = Table(box=None)
     for col in ("name", "kind", "attempt", "size", "sha256", "url", "kept"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a URL is shown whole, if on two lines
     for a in found:
         table.add_row(
             a.name,
