@@ -33,7 +33,17 @@ PG_SERVER = os.environ.get(
     "CONVEYOR_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-TABLES = ["events", "tasks", "requests", "workers", "queue_settings", "api_tokens"]
+TABLES = [
+    "events",
+    "tasks",
+    "requests",
+    "workers",
+    "queue_settings",
+    "api_tokens",
+    "artifacts",
+    "notifications",
+    "event_cursors",
+]
 
 
 def _missing(what: str) -> None:

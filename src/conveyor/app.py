@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -13,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conveyor.artifacts import LocalArtifacts
+from conveyor.artifacts import (
+    Artifact,
+    ArtifactKind,
+    ArtifactStore,
+    LocalArtifacts,
+    Readable,
+    latest_outputs,
+    open_artifact_store,
+)
 from conveyor.config import Config
 from conveyor.events import Event
 from conveyor.group_commit import SubmitBatcher
@@ -63,11 +72,31 @@ class Conveyor:
         self.artifacts = LocalArtifacts(config.artifacts_dir)
         self.clock = clock
         self._batcher: SubmitBatcher | None = None
+        self._artifact_store: ArtifactStore | None = None
+        self._artifact_lock = threading.Lock()
 
     def close(self) -> None:
         if self._batcher is not None:
             self._batcher.close()
+        if self._artifact_store is not None:
+            self._artifact_store.close()
         self.store.close()
+
+    @property
+    def artifact_store(self) -> ArtifactStore:
+        """Where outputs are kept (opened on first use)."""
+        with self._artifact_lock:
+            if self._artifact_store is None:
+                s = self.config.artifact_settings
+                self._artifact_store = open_artifact_store(
+                    s.url,
+                    timeout=s.timeout,
+                    retries=s.retries,
+                    endpoint_url=s.endpoint_url,
+                    region=s.region,
+                    profile=s.profile,
+                )
+            return self._artifact_store
 
     # pipelines --------------------------------------------------------------
     def pipeline(self, name: str) -> Pipeline:
@@ -191,6 +220,36 @@ class Conveyor:
         if chosen not in attempts:
             raise NotFound(f"task {task_id} has no log for attempt {chosen}")
         return self.artifacts.log_path(task.request_id, task.id, chosen)
+
+    # artifacts --------------------------------------------------------------
+    def task_artifacts(self, task_id: int) -> list[Artifact]:
+        """What the task kept: its latest attempt's outputs and every attempt's log."""
+        self.task(task_id)  # NotFound for an unknown task
+        return latest_outputs(self.store.list_artifacts(task_id=task_id))
+
+    def request_outputs(self, request_id: int) -> dict[int, list[Artifact]]:
+        """Each task's artifacts, by task id."""
+        by_task: dict[int, list[Artifact]] = {}
+        for a in self.store.list_artifacts(request_id=request_id):
+            by_task.setdefault(a.task_id, []).append(a)
+        return {tid: latest_outputs(found) for tid, found in by_task.items()}
+
+    def artifact(self, task_id: int, name: str) -> Artifact:
+        """One of the task's artifacts by name (an output before a log of that name)."""
+        found = [a for a in self.task_artifacts(task_id) if a.name == name]
+        found.sort(key=lambda a: (a.kind != ArtifactKind.OUTPUT, -a.attempt))
+        if not found:
+            raise NotFound(f"task {task_id} has no artifact {name!r}")
+        return found[0]
+
+    def open_artifact(self, artifact: Artifact) -> Readable:
+        return self.artifact_store.open(artifact.key)
+
+    def artifact_link(self, artifact: Artifact) -> str | None:
+        """A time-limited download link, when `[artifacts] presign` asks for them and the
+        store can make them; None: download through Conveyor."""
+        seconds = self.config.artifact_settings.presign
+        return self.artifact_store.link(artifact.key, seconds) if seconds > 0 else None
 
     # queues and workers -------------------------------------------------------
     def pause(self, queue: str | None = None) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import jsonschema
 from jsonschema.validators import validator_for
 
+from conveyor.notifications import NotifySettings
 from conveyor.queues import DEFAULT_QUEUE
 from conveyor.requests import split_params
 from conveyor.tasks import RetryPolicy
@@ -136,6 +137,9 @@ class Pipeline:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     description: str = ""
+    # globs, relative to the task's work dir, of the files kept as its outputs
+    outputs: tuple[str, ...] = ()
+    notify: NotifySettings | None = None
 
     @cached_property
     def _validator(self) -> Any:

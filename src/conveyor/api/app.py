@@ -17,6 +17,7 @@ from conveyor import __version__
 from conveyor.api import (
     legacy,
     problems,
+    routes_artifacts,
     routes_events,
     routes_metrics,
     routes_requests,
@@ -80,6 +81,7 @@ def create_app(conveyor: Conveyor, *, heartbeat: float = 15.0) -> FastAPI:
     for router in (
         routes_requests.router,
         routes_tasks.router,
+        routes_artifacts.router,
         routes_events.router,
         routes_system.router,
         routes_system.health,

@@ -87,8 +87,10 @@ async def submit(request: Request, caller: Submitter) -> JSONResponse:
 )
 def get_request(request: Request, caller: Reader, request_id: RequestId) -> JSONResponse:
     """Status, tasks with progress and attempts, timestamps, and where the result was
-    reused from the cache (`reused_request_id`)."""
-    return _view(conveyor_of(request).get(request_id))
+    reused from the cache (`reused_request_id`), and each task's outputs."""
+    app = conveyor_of(request)
+    req = app.get(request_id)
+    return JSONResponse(request_view(req, outputs=app.request_outputs(request_id)))
 
 
 def encode_cursor(last_id: int) -> str:

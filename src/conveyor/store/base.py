@@ -3,11 +3,13 @@ and queues. Dialect differences stay behind it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from conveyor.artifacts import Artifact
 from conveyor.events import Event
+from conveyor.notifications import NewNotification, Notification
 from conveyor.queues import QueueStats
 from conveyor.requests import NewRequest, Request
 from conveyor.stats import ActivityRow, PipelineTotals, StatusCount
@@ -196,3 +198,45 @@ class Store(Protocol):
         """Failed tasks, newest first; `text`: a task or request id, or text in the
         error or the params."""
         ...
+    # artifacts
+    def record_artifacts(self, artifacts: Sequence[Artifact]) -> None:
+        """Record what attempts kept; an attempt's artifact recorded again replaces it."""
+        ...
+
+    def list_artifacts(
+        self, task_id: int | None = None, request_id: int | None = None
+    ) -> list[Artifact]: ...
+
+    # the notifications outbox
+    def enqueue_notifications(
+        self,
+        cursor: str,
+        plan: Callable[[Sequence[Event]], list[NewNotification]],
+        now: float,
+        limit: int = 500,
+        settle: float = 10.0,
+    ) -> tuple[int, int]:
+        """Follow the events from the named cursor (made at the newest event when new):
+        store the notifications `plan` makes of them and move the cursor, together.
+        Returns how many were stored and the event id the cursor is at."""
+        ...
+
+    def next_notification_at(self) -> float | None:
+        """When the next pending notification is due (None: none is pending)."""
+        ...
+
+    def claim_notifications(self, n: int, lease: float, now: float) -> list[Notification]: ...
+
+    def settle_notification(
+        self,
+        notification_id: int,
+        now: float,
+        error: str | None = None,
+        retry_at: float | None = None,
+    ) -> None:
+        """Sent (no error), due again at `retry_at`, or failed for good."""
+        ...
+
+    def list_notifications(
+        self, request_id: int | None = None, limit: int = 100
+    ) -> list[Notification]: ...

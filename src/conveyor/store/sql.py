@@ -25,6 +25,7 @@ from conveyor.store.base import (
     NotFound,
     Submitted,
 )
+from conveyor.store.outbox import OutboxVerbs
 from conveyor.store.rows import (
     OUTCOME_EVENTS,
     EventRow,
@@ -49,7 +50,7 @@ from conveyor.tasks import (
 )
 
 
-class SQLStore(SQLStats):
+class SQLStore(SQLStats, OutboxVerbs):
     # ----------------------------------------------------------------- requests
     def submit(self, new: NewRequest, now: float) -> Submitted:
         # One request's answer shows its tasks; bulk callers (submit_many) need not.
