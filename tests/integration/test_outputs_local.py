@@ -5,16 +5,17 @@ streams them, the CLI lists and downloads them."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from artifact_support import expected_db, outputs_pipeline, run_worker
-from conveyor.artifacts.local import LocalStore
 
 from api_support import make_env
 from conftest import cli_env, run_cli, write_config
 from conveyor.artifacts import ArtifactError, ArtifactMissing
+from conveyor.artifacts.local import LocalStore
 
 pytestmark = pytest.mark.anyio
 
@@ -93,6 +94,23 @@ async def test_outputs_are_kept_listed_and_streamed(make_app: Any, tmp_path: Pat
     async with env.client(None) as anonymous:
         r = await anonymous.get(f"/api/v1/tasks/{ok.id}/artifacts/alpha.csv")
         assert r.status_code == 401
+        r = await anonymous.get(f"/tasks/{ok.id}/outputs/alpha.csv")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+
+    # the dashboard lists them on the request's page and hands them out to its viewers
+    async with env.client(None) as browser:
+        page = await browser.get("/login")
+        found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert found
+        r = await browser.post(
+            "/login", data={"token": env.tokens["read"], "csrf": found.group(1), "next": "/"}
+        )
+        assert r.status_code == 303
+        detail = (await browser.get(f"/requests/{done.id}")).text
+        assert f'href="/tasks/{ok.id}/outputs/out/deep/alpha.db"' in detail
+        r = await browser.get(f"/tasks/{ok.id}/outputs/out/deep/alpha.db")
+        assert r.status_code == 200 and r.content == expected_db("alpha")
+        assert (await browser.get(f"/tasks/{bad.id}/outputs/alpha.csv")).status_code == 404
 
 
 def test_cli_lists_and_downloads_outputs(tmp_path: Path, db_url: str) -> None:

@@ -100,6 +100,12 @@ async def download_artifact(
     with a redirect to one (unless `stream=true`)."""
     app = conveyor_of(request)
     artifact = await run_in_threadpool(app.artifact, task_id, name)
+    return await artifact_response(app, artifact, stream)
+
+
+async def artifact_response(app: Conveyor, artifact: Artifact, stream: bool) -> Response:
+    """The artifact's bytes, streamed; or, where the store makes links and `stream` is
+    not asked for, a redirect to a time-limited one. (The API and the dashboard.)"""
     if not stream:
         link = await run_in_threadpool(_link, app, artifact)
         if link is not None:

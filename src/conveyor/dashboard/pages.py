@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from conveyor.api.routes_artifacts import artifact_response
 from conveyor.api.routes_tasks import attempt_over, tail_offset
 from conveyor.dashboard import charts, views
 from conveyor.dashboard.ui import dashboard_of
@@ -176,6 +178,7 @@ def request_page(request: Request, request_id: int) -> Response:
         durations={t.id: views.task_duration(t, now) for t in req.tasks},
         percent=views.percent,
         outputs=views.outputs,
+        kept=app.request_outputs(request_id),
     )
 
 
@@ -217,6 +220,19 @@ def task_log(
         follow=follow,
         missing=None,
     )
+
+
+@router.get("/tasks/{task_id}/outputs/{name:path}")
+async def task_output(request: Request, task_id: int, name: str) -> Response:
+    """An output (or uploaded log) of the task, for a logged-in viewer: streamed, or a
+    redirect to a time-limited link where the store makes them."""
+    ui = dashboard_of(request)
+    await run_in_threadpool(ui.viewer, request)
+    try:
+        artifact = await run_in_threadpool(ui.app.artifact, task_id, name)
+    except NotFound as exc:
+        return Response(f"{exc}\n", status_code=404, media_type="text/plain")
+    return await artifact_response(ui.app, artifact, stream=False)
 
 
 @router.get("/tasks/{task_id}/log.txt")
