@@ -5,7 +5,9 @@ the config, the store and the artifacts."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +18,9 @@ from typing import Any
 
 from conveyor.artifacts import (
     Artifact,
+    ArtifactError,
     ArtifactKind,
+    ArtifactMissing,
     ArtifactStore,
     LocalArtifacts,
     Readable,
@@ -29,6 +33,7 @@ from conveyor.group_commit import SubmitBatcher
 from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
+from conveyor.retention import Pruned
 from conveyor.stats import (
     DURATION_BUCKETS,
     ActivityRow,
@@ -39,6 +44,8 @@ from conveyor.stats import (
 from conveyor.store import NotFound, RequestFilter, Store, Submitted, WorkerInfo, open_store
 from conveyor.tasks import RetryPolicy, Task
 from conveyor.tokens import Role, Token, hash_secret, needs_touch, new_token, plausible
+
+log = logging.getLogger(__name__)
 
 
 class UnknownPipeline(LookupError):
@@ -250,6 +257,46 @@ class Conveyor:
         store can make them; None: download through Conveyor."""
         seconds = self.config.artifact_settings.presign
         return self.artifact_store.link(artifact.key, seconds) if seconds > 0 else None
+
+    # retention --------------------------------------------------------------
+    def prune(
+        self,
+        older_than: float,
+        batch: int = 500,
+        on_batch: Callable[[Pruned], None] | None = None,
+    ) -> Pruned:
+        """Delete requests that finished more than `older_than` seconds ago, with all
+        that was recorded and kept about them: the rows first, a batch per transaction,
+        then each batch's files (logs, work dirs, stored outputs) once it committed."""
+        cutoff = self.clock() - older_than
+        total = Pruned()
+        while True:
+            done = self.store.prune(cutoff, batch)
+            if not done.requests:
+                break
+            self._forget_files(done)
+            total += done
+            if on_batch is not None:
+                on_batch(done)
+        self.store.prune_unattached(cutoff)
+        return total
+
+    def prunable(self, older_than: float) -> Pruned:
+        """What `prune(older_than)` would delete."""
+        return self.store.count_prunable(self.clock() - older_than)
+
+    def _forget_files(self, done: Pruned) -> None:
+        for rid in done.request_ids:
+            for kind in ("logs", "work"):
+                shutil.rmtree(self.artifacts.root / kind / str(int(rid)), ignore_errors=True)
+        for key in done.artifact_keys:
+            try:
+                self.artifact_store.delete(key)
+            except ArtifactMissing:
+                pass
+            except ArtifactError as exc:
+                # The row is gone already: the object is an orphan, not a dangling link.
+                log.warning("could not delete artifact %s: %s", key, exc)
 
     # queues and workers -------------------------------------------------------
     def pause(self, queue: str | None = None) -> None:

@@ -24,6 +24,7 @@ from conveyor.artifacts.keys import DEFAULT_KEY_TEMPLATE, ArtifactKeyError, chec
 from conveyor.notifications import NotifySettings
 from conveyor.pipelines import Pipeline, TemplateError, template_fields
 from conveyor.queues import DEFAULT_QUEUE, DEFAULT_QUEUE_ORDER
+from conveyor.retention import AgeError, parse_age
 from conveyor.tasks import RetryPolicy
 
 _HANDLER = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
@@ -102,6 +103,18 @@ class _ConveyorModel(BaseModel):
     queues: list[str] = list(DEFAULT_QUEUE_ORDER)
     lease: float = Field(default=30.0, gt=0)
     poll_interval: float = Field(default=1.0, gt=0)
+    # How long finished requests are kept ("30d", "12h", or days); none: for ever.
+    retention: str | float | None = None
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, v: str | float | None) -> str | float | None:
+        if v is not None:
+            try:
+                parse_age(v)
+            except AgeError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
 
 class _ArtifactsModel(BaseModel):
@@ -235,6 +248,7 @@ class Config:
     queue_order: tuple[str, ...] = DEFAULT_QUEUE_ORDER
     lease: float = 30.0
     poll_interval: float = 1.0
+    retention: float | None = None  # seconds finished requests are kept; None: for ever
     source: Path | None = None
     api: ApiSettings = field(default_factory=ApiSettings)
     legacy: LegacySettings = field(default_factory=LegacySettings)
@@ -348,6 +362,9 @@ def parse_config(
         queue_order=tuple(model.conveyor.queues),
         lease=model.conveyor.lease,
         poll_interval=model.conveyor.poll_interval,
+        retention=(
+            None if model.conveyor.retention is None else parse_age(model.conveyor.retention)
+        ),
         source=source,
         api=ApiSettings(
             read_open=model.api.read_open,

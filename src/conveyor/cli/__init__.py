@@ -6,8 +6,8 @@ error or, for `wait`, a time-out; 3 the database (or the server) cannot be reach
 
 Each module registers its commands on the root command: `requests` (submit, status,
 wait, list, cancel, retry, logs), `artifacts` (outputs, download), `service` (queues,
-pause, resume, workers, worker, serve, up, notify, db), `tokens`, `bench` (bench,
-bench-api) and `scan`.
+pause, resume, workers, worker, serve, up, notify, db), `retention` (prune), `tokens`,
+`bench` (bench, bench-api) and `scan`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,20 @@ from conveyor.tokens import TokenNameError
 
 # Commands are listed in the order they are registered: this order.
 # isort: off
-from conveyor.cli import requests, artifacts, scan, service, tokens, bench
+from conveyor.cli import requests, artifacts, scan, service, retention, tokens, bench
 # isort: on
 
-__all__ = ["artifacts", "bench", "cli", "main", "requests", "scan", "service", "tokens"]
+__all__ = [
+    "artifacts",
+    "bench",
+    "cli",
+    "main",
+    "requests",
+    "retention",
+    "scan",
+    "service",
+    "tokens",
+]
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -217,9 +217,11 @@ def up(
     ] = 30.0,
     notify: NotifyOption = True,
 ) -> None:
-    """Everything in one process: migrations, the HTTP API, a worker and the notifier."""
+    """Everything in one process: migrations, the HTTP API, a worker, the notifier and,
+    with `[conveyor] retention`, pruning every hour."""
     from conveyor.api import create_app
     from conveyor.api.server import run, url_of
+    from conveyor.housekeeping import Housekeeper
     from conveyor.worker import Worker, WorkerOptions
 
     app = app_of(ctx)
@@ -230,10 +232,13 @@ def up(
     err.print(f"artifacts {app.config.artifacts_dir}; pipelines: {names}")
     w = Worker(app, WorkerOptions(concurrency=concurrency, grace=grace))
     notifier = _notifier(app, notify)
+    keeper = Housekeeper(app)
+    keeper.start()
     try:
         if not run(create_app(app), sock, worker=w):
             raise CliError("the worker stopped on an error (see the log above)")
     finally:
+        keeper.stop()
         if notifier is not None:
             notifier.stop()
 

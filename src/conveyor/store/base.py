@@ -12,6 +12,7 @@ from conveyor.events import Event
 from conveyor.notifications import NewNotification, Notification
 from conveyor.queues import QueueStats
 from conveyor.requests import NewRequest, Request
+from conveyor.retention import Pruned
 from conveyor.stats import ActivityRow, PipelineTotals, StatusCount
 from conveyor.tasks import Outcome, Progress, RetryPolicy, Task
 from conveyor.tokens import NewToken, Token
@@ -240,3 +241,16 @@ class Store(Protocol):
     def list_notifications(
         self, request_id: int | None = None, limit: int = 100
     ) -> list[Notification]: ...
+
+    # retention
+    def prune(self, finished_before: float, limit: int = 500) -> Pruned:
+        """Delete up to `limit` requests that finished before `finished_before`, oldest
+        first, with their tasks, events, artifact records and notifications (one
+        transaction); a request whose result a newer one reused stays."""
+        ...
+
+    def count_prunable(self, finished_before: float) -> Pruned: ...
+
+    def prune_unattached(self, before: float) -> int:
+        """Forget workers silent since `before` and request-less events older than it."""
+        ...

@@ -26,6 +26,7 @@ from conveyor.store.base import (
     Submitted,
 )
 from conveyor.store.outbox import OutboxVerbs
+from conveyor.store.retention import RetentionVerbs
 from conveyor.store.rows import (
     OUTCOME_EVENTS,
     EventRow,
@@ -50,7 +51,7 @@ from conveyor.tasks import (
 )
 
 
-class SQLStore(SQLStats, OutboxVerbs):
+class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
     # ----------------------------------------------------------------- requests
     def submit(self, new: NewRequest, now: float) -> Submitted:
         # One request's answer shows its tasks; bulk callers (submit_many) need not.

@@ -1,0 +1,112 @@
+"""Store contract, retention: what `prune` deletes and what it keeps. On SQLite and
+PostgreSQL (the `store` fixture)."""
+
+from __future__ import annotations
+
+from store_helpers import T0, claim, new_request, run_to_success, submit
+
+from conveyor.artifacts import Artifact, ArtifactKind
+from conveyor.store import Store, WorkerInfo
+from conveyor.tasks import Outcome, TaskAction
+
+DAY = 86400.0
+TTL = 1000 * DAY  # results stay reusable for the whole test
+
+
+def _artifact(task_id: int, request_id: int, name: str) -> Artifact:
+    return Artifact(
+        task_id=task_id,
+        request_id=request_id,
+        attempt=1,
+        kind=ArtifactKind.OUTPUT,
+        name=name,
+        key=f"k/{request_id}/{task_id}/{name}",
+        url=f"file:///objects/k/{request_id}/{task_id}/{name}",
+        size=3,
+        sha256="0" * 64,
+        created_at=T0,
+    )
+
+
+def _finished(store: Store, now: float, fail: bool = False, **kw: object) -> int:
+    rid = submit(store, now, items=["a", "b"], **kw)
+    if fail:
+        tasks = claim(store, "w", n=1000, now=now)
+        store.finish("w", [Outcome(t.id, TaskAction.FAIL, error="no") for t in tasks], now)
+    else:
+        run_to_success(store, rid, now)
+    return rid
+
+
+def test_prune_deletes_old_finished_requests_with_all_they_hold(store: Store) -> None:
+    old_ok = _finished(store, T0)
+    old_failed = _finished(store, T0 + 1, fail=True)
+    cancelled = submit(store, T0 + 2)
+    store.cancel_request(cancelled, T0 + 2)
+    recent = _finished(store, T0 + 10 * DAY)
+    running = submit(store, T0 + 3)
+    claim(store, "w2", n=1, now=T0 + 3)
+    queued = submit(store, T0 + 4)
+    req = store.get_request(old_ok)
+    assert req is not None
+    store.record_artifacts([_artifact(t.id, old_ok, "out.csv") for t in req.tasks])
+    recent_req = store.get_request(recent)
+    assert recent_req is not None
+    store.record_artifacts([_artifact(recent_req.tasks[0].id, recent, "keep.csv")])
+
+    cutoff = T0 + 5 * DAY
+    would = store.count_prunable(cutoff)
+    assert (would.requests, would.tasks, would.artifacts) == (3, 5, 2)
+    assert would.events > 0
+    assert store.get_request(old_ok) is not None, "counting deletes nothing"
+
+    done = store.prune(cutoff)
+    assert sorted(done.request_ids) == sorted([old_ok, old_failed, cancelled])
+    assert (done.requests, done.tasks, done.artifacts) == (3, 5, 2)
+    assert done.events == would.events
+    assert sorted(done.artifact_keys) == sorted(f"k/{old_ok}/{t.id}/out.csv" for t in req.tasks)
+    for rid in (old_ok, old_failed, cancelled):
+        assert store.get_request(rid) is None
+        assert store.events(request_id=rid) == []
+        assert store.list_artifacts(request_id=rid) == []
+    for rid in (recent, running, queued):
+        assert store.get_request(rid) is not None
+    assert len(store.list_artifacts(request_id=recent)) == 1
+    assert store.count_tasks() == 2 + 1 + 1  # recent (2), running, queued
+    assert store.prune(cutoff).requests == 0, "nothing left to prune"
+
+
+def test_prune_goes_in_batches_oldest_first(store: Store) -> None:
+    ids = [_finished(store, T0 + i) for i in range(5)]
+    first = store.prune(T0 + DAY, limit=2)
+    assert first.request_ids == tuple(ids[:2])
+    second = store.prune(T0 + DAY, limit=2)
+    assert second.request_ids == tuple(ids[2:4])
+    assert store.prune(T0 + DAY, limit=2).request_ids == (ids[4],)
+
+
+def test_a_reused_result_stays_while_its_reuse_does(store: Store) -> None:
+    source = _finished(store, T0, cache_ttl=TTL)
+    reuse = store.submit(new_request("p", ["a", "b"], cache_ttl=TTL), T0 + 10 * DAY)
+    assert reuse.request.reused_request_id == source
+    assert store.prune(T0 + 5 * DAY).requests == 0
+    assert store.get_request(source) is not None
+    # once the reuse is old too, both go (the reuse's link first)
+    done = store.prune(T0 + 20 * DAY, limit=1)
+    assert done.request_ids == (source,)
+    left = store.get_request(reuse.request.id)
+    assert left is not None and left.reused_request_id is None
+    assert store.prune(T0 + 20 * DAY).request_ids == (reuse.request.id,)
+
+
+def test_prune_unattached_forgets_silent_workers_and_old_request_less_events(
+    store: Store,
+) -> None:
+    store.register_worker(WorkerInfo("gone", "h", 1, ("default",), 1), T0)
+    store.register_worker(WorkerInfo("alive", "h", 2, ("default",), 1), T0 + 10 * DAY)
+    store.pause("default", T0)
+    store.resume("default", T0 + 10 * DAY)
+    assert store.prune_unattached(T0 + 5 * DAY) >= 2
+    assert [w.id for w in store.list_workers()] == ["alive"]
+    kinds = [e.kind for e in store.events(limit=1000) if e.request_id is None]
+    assert kinds == ["worker.started", "queue.resumed"]  # the ones since the cut-off
