@@ -33,7 +33,22 @@ PG_SERVER = os.environ.get(
     "CONVEYOR_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-TABLES = ["events", "tasks", "requests", "workers", "queue_settings", "api_tokens"]
+TABLES = [
+    "events",
+    "tasks",
+    "requests",
+    "workers",
+    "queue_settings",
+    "api_tokens",
+    "annotation",
+    "annotation_header",
+    "ingest_counters",
+    "kcidb_checkouts",
+    "kcidb_builds",
+    "kcidb_tests",
+    "kcidb_issues",
+    "kcidb_incidents",
+]
 
 
 def _missing(what: str) -> None:
