@@ -15,6 +15,8 @@ from typing import Any
 from conveyor.artifacts import LocalArtifacts
 from conveyor.config import Config
 from conveyor.events import Event
+from conveyor.ingest.pipeline import Ingester, IngestStats, open_ingester
+from conveyor.ingest.settings import BUILTIN_KCIDB, SinkConfig, SpoolConfig
 from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
@@ -28,6 +30,10 @@ class UnknownPipeline(LookupError):
         names = ", ".join(sorted(known)) or "none configured"
         super().__init__(f"unknown pipeline {name!r} (known: {names})")
         self.name = name
+
+
+class UnknownSink(LookupError):
+    pass
 
 
 class WaitTimeout(TimeoutError):
@@ -208,6 +214,39 @@ class Conveyor:
     def ready(self) -> None:
         """Raises Unavailable when the database cannot be reached."""
         self.store.ping()
+
+    # ingestion ------------------------------------------------------------------
+    def sink(self, name: str) -> SinkConfig:
+        found = self.config.sinks.get(name)
+        if found is not None:
+            return found
+        if name == BUILTIN_KCIDB.name:
+            return BUILTIN_KCIDB
+        known = sorted({*self.config.sinks, BUILTIN_KCIDB.name})
+        raise UnknownSink(f"unknown sink {name!r} (known: {', '.join(known)})")
+
+    def ingester(
+        self, spool: SpoolConfig, on_progress: Callable[[IngestStats], None] | None = None
+    ) -> Ingester:
+        """An ingester for the spool, its counters and events kept in this store."""
+        blobs = spool.blobs or self.config.artifacts_dir / "ingest"
+        return open_ingester(
+            spool,
+            self.sink(spool.sink),
+            self.config.database_url,
+            str(blobs),
+            report=self.record_ingest,
+            on_progress=on_progress,
+        )
+
+    def record_ingest(
+        self, spool: str, counts: Mapping[str, int], kind: str, data: dict[str, Any]
+    ) -> None:
+        self.store.record_ingest(spool, counts, self.clock(), kind, data)
+
+    def ingest_counters(self) -> dict[str, dict[str, int]]:
+        """Per spool: files (archived), rows, empty, failed.<stage> — for /metrics."""
+        return self.store.ingest_counters()
 
     # API tokens -------------------------------------------------------------------
     def create_token(self, name: str, role: Role) -> tuple[Token, str]:

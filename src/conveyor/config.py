@@ -20,6 +20,14 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from conveyor.ingest.settings import (
+    SinkConfig,
+    SinkModel,
+    SpoolConfig,
+    SpoolModel,
+    sink_config,
+    spool_config,
+)
 from conveyor.pipelines import Pipeline, TemplateError, template_fields
 from conveyor.queues import DEFAULT_QUEUE, DEFAULT_QUEUE_ORDER
 from conveyor.tasks import RetryPolicy
@@ -97,6 +105,8 @@ class _FileModel(BaseModel):
     api: _ApiModel = _ApiModel()
     legacy: _LegacyModel = _LegacyModel()
     pipelines: dict[str, _PipelineModel] = {}
+    spools: dict[str, SpoolModel] = {}
+    sinks: dict[str, SinkModel] = {}
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,8 @@ class Config:
     source: Path | None = None
     api: ApiSettings = field(default_factory=ApiSettings)
     legacy: LegacySettings = field(default_factory=LegacySettings)
+    spools: Mapping[str, SpoolConfig] = field(default_factory=dict)
+    sinks: Mapping[str, SinkConfig] = field(default_factory=dict)
 
 
 def _load_schema(value: dict[str, Any] | str | None, base: Path, where: str) -> Any:
@@ -199,6 +211,17 @@ def parse_config(
             f"(known: {', '.join(sorted(pipelines)) or 'none'})"
         )
     data_dir = data_dir or base
+    try:
+        sinks = {name: sink_config(name, m, base) for name, m in model.sinks.items()}
+        spools = {name: spool_config(name, m, base) for name, m in model.spools.items()}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for name, spool in spools.items():
+        if spool.sink not in sinks and spool.sink != "kcidb":
+            raise ConfigError(
+                f"spools.{name}.sink: no sink {spool.sink!r} is configured "
+                f"(known: {', '.join(sorted({*sinks, 'kcidb'}))})"
+            )
     database = env.get("CONVEYOR_DATABASE_URL") or model.conveyor.database
     if not database:
         database = f"sqlite:///{(data_dir / 'conveyor.db').resolve()}"
@@ -219,6 +242,8 @@ def parse_config(
         legacy=LegacySettings(
             pipeline=model.legacy.pipeline, require_token=model.legacy.require_token
         ),
+        spools=spools,
+        sinks=sinks,
     )
 
 

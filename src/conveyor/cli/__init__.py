@@ -6,7 +6,8 @@ error or, for `wait`, a time-out; 3 the database (or the server) cannot be reach
 
 Each module registers its commands on the root command: `requests` (submit, status,
 wait, list, cancel, retry, logs), `service` (queues, pause, resume, workers, worker,
-serve, up, db), `tokens`, `bench` (bench, bench-api) and `scan`.
+serve, up, db), `tokens`, `bench` (bench, bench-api), `scan` and `ingest` (ingest, load-sqlite,
+bench-ingest).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from conveyor.tokens import TokenNameError
 
 # Commands are listed in the order they are registered: this order.
 # isort: off
-from conveyor.cli import requests, scan, service, tokens, bench
+from conveyor.cli import requests, scan, service, tokens, bench, ingest
 # isort: on
 
-__all__ = ["bench", "cli", "main", "requests", "scan", "service", "tokens"]
+__all__ = ["bench", "cli", "ingest", "main", "requests", "scan", "service", "tokens"]
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -170,3 +170,14 @@ class Store(Protocol):
     def touch_token(self, token_id: int, now: float) -> None: ...
 
     def count_tasks(self, **where: Any) -> int: ...
+
+    # ingestion
+    def record_ingest(
+        self, spool: str, counts: Mapping[str, int], now: float, kind: str, data: Any
+    ) -> None:
+        """Add to a spool's counters and record an `ingest.*` event, together."""
+        ...
+
+    def ingest_counters(self) -> dict[str, dict[str, int]]:
+        """Every spool's counters: {spool: {name: value}}."""
+        ...

@@ -58,9 +58,7 @@ class SQLStore(SQLBase):
     def submit_many(self, batch: Sequence[NewRequest], now: float) -> list[Submitted]:
         return self._submit(batch, now, with_tasks=False)
 
-    def _submit(
-        self, batch: Sequence[NewRequest], now: float, with_tasks: bool
-    ) -> list[Submitted]:
+    def _submit(self, batch: Sequence[NewRequest], now: float, with_tasks: bool) -> list[Submitted]:
         try:
             with self._write() as conn:
                 out = self._submit_many(conn, batch, now, with_tasks)

@@ -1,0 +1,131 @@
+"""`conveyor ingest` (a spool directory into a sink), `conveyor load-sqlite` (SQLite
+result files into tables) and `conveyor bench-ingest`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from conveyor.cli.common import EXIT_ERROR, CliError, app_of, cli, err, out
+from conveyor.ingest.pipeline import IngestStats
+from conveyor.ingest.settings import SpoolConfig
+
+
+def _spool(
+    declared: dict[str, SpoolConfig], name: str | None, spool_dir: Path | None, sink: str | None
+) -> SpoolConfig:
+    if name is not None:
+        if name not in declared:
+            known = ", ".join(sorted(declared)) or "none configured"
+            raise CliError(f"unknown spool {name!r} (known: {known})")
+        spool = declared[name]
+    elif spool_dir is not None:
+        resolved = spool_dir.resolve()
+        spool = next(
+            (s for s in declared.values() if s.dir == resolved),
+            SpoolConfig(name=resolved.name, dir=resolved, sink=sink or "kcidb"),
+        )
+    else:
+        raise CliError("name a spool (--spool NAME) or a directory (--spool-dir DIR)")
+    if sink is not None:
+        spool = dataclasses.replace(spool, sink=sink)
+    if not spool.dir.is_dir():
+        raise CliError(f"spool directory does not exist: {spool.dir}")
+    return spool
+
+
+@cli.command()
+def ingest(
+    ctx: typer.Context,
+    spool_dir: Annotated[
+        Path | None, typer.Option("--spool-dir", help="The spool directory.")
+    ] = None,
+    sink: Annotated[str | None, typer.Option(help="Sink name (a [sinks.NAME], or kcidb).")] = None,
+    spool_name: Annotated[
+        str | None, typer.Option("--spool", help="A spool declared as [spools.NAME].")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, max=64, help="Parsing processes (0: in-process).")
+    ] = None,
+    interval: Annotated[float | None, typer.Option(min=0.01, help="Seconds between scans.")] = None,
+    settle: Annotated[
+        float | None,
+        typer.Option(min=0, help="Seconds a file must be unchanged before it is taken."),
+    ] = None,
+    once: Annotated[bool, typer.Option(help="Ingest what is there, then exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the totals as JSON.")] = False,
+) -> None:
+    """Ingest a spool directory of JSON submissions into a sink, until SIGTERM (or, with
+    --once, until the spool is empty). Exit 1 with --once when a file failed."""
+    app = app_of(ctx)
+    app.store.upgrade()
+    spool = _spool(dict(app.config.spools), spool_name, spool_dir, sink)
+    changes = {
+        k: v
+        for k, v in {"workers": workers, "interval": interval, "settle": settle}.items()
+        if v is not None
+    }
+    spool = dataclasses.replace(spool, **changes)  # type: ignore[arg-type]
+    try:
+        app.sink(spool.sink)
+    except LookupError as exc:
+        raise CliError(str(exc.args[0])) from None
+    show_bar = once and err.is_terminal and not as_json
+    bar = Progress(
+        TextColumn(f"ingest {spool.name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rows]} rows, {task.fields[failed]} failed"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not show_bar,
+    )
+    task = bar.add_task("ingest", total=None, rows=0, failed=0)
+
+    def progress(stats: IngestStats) -> None:
+        bar.update(
+            task,
+            completed=stats.files + stats.failed_total,
+            rows=stats.rows,
+            failed=stats.failed_total,
+        )
+
+    try:
+        ingester = app.ingester(spool, on_progress=progress)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if show_bar:
+        bar.update(task, total=ingester.spool.count())
+
+    def stop(_sig: int, _frame: FrameType | None) -> None:
+        ingester.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if not once:
+        err.print(f"conveyor ingest: {spool.dir} -> sink {spool.sink} ({spool.workers} workers)")
+    try:
+        with bar:
+            stats = ingester.run(once=once)
+    finally:
+        ingester.writer.close()
+    totals = stats.as_dict()
+    if as_json:
+        out.print_json(json.dumps(totals))
+    else:
+        failed = ", ".join(f"{n} at {stage}" for stage, n in sorted(stats.failed.items()))
+        out.print(
+            f"ingested {stats.files} files ({stats.rows} rows) in {totals['seconds']}s; "
+            f"failed {stats.failed_total}{' (' + failed + ')' if failed else ''}; "
+            f"empty deleted {stats.empty}"
+        )
+    if once and stats.failed_total:
+        raise typer.Exit(EXIT_ERROR)

@@ -1,0 +1,392 @@
+"""The ingester: scans a spool, prepares files in worker processes, writes their rows
+in batches through one writer, then moves the files.
+
+Flow and bounds: at most `2 x workers` files are being prepared at once and at most one
+batch (`batch_rows` rows, `batch_bytes` bytes, `batch_seconds` old) waits for the
+database, so memory stays flat whatever the backlog. A file is archived only after the
+transaction holding its rows commits. When the database fails the batch is kept and
+tried again with back-off, and nothing new is taken meanwhile; the files stay pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from conveyor.ingest.prepare import (
+    Outcome,
+    Plan,
+    Prepared,
+    Stages,
+    init_process,
+    prepare_in_process,
+)
+from conveyor.ingest.settings import SinkConfig, SpoolConfig
+from conveyor.ingest.sinks import Rows, TableSpec, spec_of
+from conveyor.ingest.sinks.kcidb import kcidb_specs
+from conveyor.ingest.sinks.table import TableMapping
+from conveyor.ingest.spool import FileError, Spool, Stage
+from conveyor.ingest.writer import RowWriter, SinkRejected, SinkUnavailable
+
+log = logging.getLogger(__name__)
+
+# counters(spool, {name: increment}, event kind, event data): keeps the counts and
+# announces them (the application stores both).
+Report = Callable[[str, Mapping[str, int], str, dict[str, Any]], None]
+
+
+@dataclass
+class IngestStats:
+    files: int = 0  # archived
+    rows: int = 0
+    failed: Counter[str] = field(default_factory=Counter)  # by stage
+    empty: int = 0
+    retried: int = 0  # database errors survived
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {
+            "files": self.files,
+            "rows": self.rows,
+            "failed": dict(self.failed),
+            "empty": self.empty,
+            "retried": self.retried,
+            "seconds": round(elapsed, 3),
+            "files_per_s": round(self.files / elapsed, 1),
+            "rows_per_s": round(self.rows / elapsed, 1),
+        }
+
+
+def table_specs(
+    sink: SinkConfig, engine: sa.Engine
+) -> tuple[dict[str, TableSpec], tuple[TableMapping, ...]]:
+    """The target tables of a sink: KCIDB's, or the configured ones as they are in the
+    database (reflected, so a missing table or column is reported before any file)."""
+    if sink.type == "kcidb":
+        return kcidb_specs(), ()
+    meta = sa.MetaData()
+    specs: dict[str, TableSpec] = {}
+    mappings = []
+    for target in sink.tables:
+        try:
+            table = sa.Table(target.table, meta, autoload_with=engine)
+        except sa.exc.NoSuchTableError:
+            raise ValueError(
+                f"sinks.{sink.name}: no table {target.table!r} in the database"
+            ) from None
+        missing = [c for c in target.columns.values() if c not in table.c]
+        if missing:
+            raise ValueError(
+                f"sinks.{sink.name}: table {target.table!r} has no column {missing[0]!r}"
+            )
+        spec = spec_of(table, target.key)
+        if not spec.key:
+            raise ValueError(f"sinks.{sink.name}: table {target.table!r} needs a key (key = [...])")
+        specs[target.table] = spec
+        mappings.append(TableMapping(target.path, target.table, dict(target.columns)))
+    return specs, tuple(mappings)
+
+
+def make_plan(spool: SpoolConfig, sink: SinkConfig, engine: sa.Engine, blobs: str | None) -> Plan:
+    tables, mappings = table_specs(sink, engine)
+    return Plan(
+        spool_dir=str(spool.dir),
+        sink_name=sink.name,
+        sink_type=sink.type,
+        tables=tables,
+        mappings=mappings,
+        schema=sink.schema,
+        transforms=spool.transforms,
+        blobs=blobs,
+        text_threshold=spool.text_threshold,
+        offload_fields=spool.offload_fields,
+        offload_timeout=spool.offload_timeout,
+        offload_cache=spool.offload_cache,
+    )
+
+
+@dataclass
+class _Batch:
+    files: list[Prepared] = field(default_factory=list)
+    rows: int = 0
+    size: int = 0
+    since: float = 0.0
+
+    def add(self, p: Prepared) -> None:
+        if not self.files:
+            self.since = time.monotonic()
+        self.files.append(p)
+        self.rows += p.count
+        self.size += p.size
+
+    def merged(self) -> Rows:
+        out: Rows = {}
+        for p in self.files:
+            for table, rows in p.rows.items():
+                out.setdefault(table, []).extend(rows)
+        return out
+
+
+class Ingester:
+    def __init__(
+        self,
+        spool: SpoolConfig,
+        plan: Plan,
+        writer: RowWriter,
+        report: Report | None = None,
+        on_progress: Callable[[IngestStats], None] | None = None,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.cfg = spool
+        self.plan = plan
+        self.writer = writer
+        self.spool = Spool(spool.dir, spool.settle)
+        self.report = report
+        self.on_progress = on_progress
+        self.backoff_max = backoff_max
+        self.stats = IngestStats()
+        self.stop_event = threading.Event()
+        self._pending_counts: Counter[str] = Counter()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    # -------------------------------------------------------------------- main loop
+    def run(self, once: bool = False) -> IngestStats:
+        """Ingest until stopped (or, with `once`, until the spool is empty)."""
+        self.spool.ensure()
+        workers = self.cfg.workers
+        pool: ProcessPoolExecutor | None = None
+        inline: Stages | None = None
+        if workers > 0:
+            pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_process,
+                initargs=(self.plan,),
+            )
+        else:
+            inline = Stages(self.plan)
+        limit = max(2, 2 * workers)
+        inflight: dict[Future[Prepared], str] = {}
+        queue: list[str] = []
+        batch = _Batch()
+        next_scan = 0.0
+        try:
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if not queue and (now >= next_scan or (once and not inflight)):
+                    ready, deleted = self.spool.scan(
+                        skip=set(inflight.values()) | self._batched(batch)
+                    )
+                    queue = [r.name for r in ready]
+                    if deleted:
+                        self.stats.empty += deleted
+                        self._count({"empty": deleted})
+                    next_scan = now + (0 if len(ready) >= 4096 else self.cfg.interval)
+                    if once and not queue and not inflight:
+                        break
+                # feed the workers (bounded)
+                while queue and len(inflight) < limit:
+                    name = queue.pop(0)
+                    if pool is not None:
+                        inflight[pool.submit(prepare_in_process, name)] = name
+                    else:
+                        assert inline is not None
+                        fut: Future[Prepared] = Future()
+                        fut.set_result(inline.run(name))
+                        inflight[fut] = name
+                timeout = self._wait_for(batch, next_scan, bool(queue))
+                done: set[Future[Prepared]] = set()
+                if inflight:
+                    done, _ = wait(list(inflight), timeout=timeout, return_when=FIRST_COMPLETED)
+                elif not self._due(batch, force=False) and timeout > 0:
+                    self.stop_event.wait(timeout)
+                for fut in sorted(done, key=lambda f: inflight[f]):
+                    name = inflight.pop(fut)
+                    self._take(self._result(fut, name), batch)
+                idle = not queue and not inflight
+                if batch.files and (self._due(batch, force=False) or idle):
+                    batch = self._flush(batch)
+            # stopping (or done): what is prepared is written, the rest stays pending
+            for fut, name in list(inflight.items()):
+                self._take(self._result(fut, name), batch)
+            inflight.clear()
+            if batch.files:
+                self._flush(batch)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if inline is not None and inline.offloader is not None:
+                inline.offloader.close()
+            self._send_counts(final=True)
+        return self.stats
+
+    @staticmethod
+    def _batched(batch: _Batch) -> set[str]:
+        return {p.name for p in batch.files}
+
+    def _wait_for(self, batch: _Batch, next_scan: float, queued: bool) -> float:
+        now = time.monotonic()
+        until = next_scan - now if not queued else 0.5
+        if batch.files:
+            until = min(until, batch.since + self.cfg.batch_seconds - now)
+        return max(0.0, min(until, 1.0))
+
+    def _due(self, batch: _Batch, force: bool) -> bool:
+        if not batch.files:
+            return False
+        return (
+            force
+            or batch.rows >= self.cfg.batch_rows
+            or batch.size >= self.cfg.batch_bytes
+            or time.monotonic() - batch.since >= self.cfg.batch_seconds
+        )
+
+    @staticmethod
+    def _result(fut: Future[Prepared], name: str) -> Prepared:
+        try:
+            return fut.result()
+        except Exception as exc:  # a worker process died, or a bug in a stage
+            log.exception("preparing %s failed", name)
+            return Prepared(name, Outcome.RETRY, error=FileError(Stage.READ, str(exc)))
+
+    def _take(self, p: Prepared, batch: _Batch) -> None:
+        if p.outcome is Outcome.ROWS:
+            batch.add(p)
+        elif p.outcome is Outcome.FAILED:
+            assert p.error is not None
+            self._fail(p.name, p.error)
+        elif p.error is not None:
+            log.warning("%s: %s (%s); will try again", p.name, p.error.reason, p.error.stage.value)
+
+    def _fail(self, name: str, error: FileError) -> None:
+        try:
+            self.spool.fail(name, error)
+        except FileNotFoundError:
+            return
+        self.stats.failed[error.stage.value] += 1
+        log.warning(
+            "%s failed at %s: %s %s", name, error.stage.value, error.path or "", error.reason
+        )
+        self._count({f"failed.{error.stage.value}": 1})
+        self._event("ingest.file.failed", {"file": name, **error.as_json(name)})
+        self._progress()
+
+    # ------------------------------------------------------------------- writing
+    def _flush(self, batch: _Batch) -> _Batch:
+        """Commit the batch (trying again while the database is unavailable), then move
+        its files. Returns a new, empty batch."""
+        delay = 0.2
+        while True:
+            try:
+                self._commit(batch.files)
+                break
+            except SinkUnavailable as exc:
+                self.stats.retried += 1
+                log.warning(
+                    "database unavailable (%s); %d files kept, retrying in %.1fs",
+                    exc,
+                    len(batch.files),
+                    delay,
+                )
+                self._event("ingest.retry", {"files": len(batch.files), "reason": str(exc)})
+                if self.stop_event.wait(delay):
+                    return _Batch()  # stopping: the files stay pending
+                delay = min(delay * 2, self.backoff_max)
+        return _Batch()
+
+    def _commit(self, files: list[Prepared]) -> None:
+        merged: Rows = {}
+        for p in files:
+            for table, table_rows in p.rows.items():
+                merged.setdefault(table, []).extend(table_rows)
+        try:
+            self.writer.commit(merged)
+        except SinkRejected as exc:
+            if len(files) == 1:
+                self._fail(files[0].name, FileError(Stage.SINK, str(exc)))
+                return
+            # One file's rows were refused: find it by writing them one by one.
+            for p in files:
+                self._commit([p])
+            return
+        rows = 0
+        for p in files:
+            try:
+                self.spool.archive(p.name)
+            except FileNotFoundError:
+                continue
+            rows += p.count
+        self.stats.files += len(files)
+        self.stats.rows += rows
+        self._count({"files": len(files), "rows": rows})
+        self._progress()
+
+    # ------------------------------------------------------------------ visibility
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.stats)
+
+    def _count(self, counts: Mapping[str, int]) -> None:
+        self._pending_counts.update(counts)
+        self._send_counts()
+
+    def _event(self, kind: str, data: dict[str, Any]) -> None:
+        if self.report is None:
+            return
+        try:
+            self.report(self.cfg.name, {}, kind, {"spool": self.cfg.name, **data})
+        except Exception as exc:  # visibility must never stop ingestion
+            log.warning("cannot record %s: %s", kind, exc)
+
+    def _send_counts(self, final: bool = False) -> None:
+        if self.report is None or not self._pending_counts:
+            return
+        counts = dict(self._pending_counts)
+        try:
+            self.report(
+                self.cfg.name,
+                counts,
+                "ingest.progress",
+                {"spool": self.cfg.name, "delta": counts, "total": self.stats.as_dict()},
+            )
+        except Exception as exc:
+            log.warning("cannot record ingest counters: %s", exc)
+            return
+        self._pending_counts.clear()
+
+
+def open_ingester(
+    spool: SpoolConfig,
+    sink: SinkConfig,
+    database_url: str,
+    blobs: str | None,
+    report: Report | None = None,
+    on_progress: Callable[[IngestStats], None] | None = None,
+) -> Ingester:
+    """An ingester for a spool and its sink, writing to `sink.database` (else
+    `database_url`); the caller closes `ingester.writer` when done."""
+    from conveyor.ingest.writer import make_engine
+
+    engine = make_engine(sink.database or database_url)
+    try:
+        plan = make_plan(spool, sink, engine, blobs)
+    except BaseException:
+        engine.dispose()
+        raise
+    return Ingester(spool, plan, RowWriter(engine, plan.tables), report, on_progress)

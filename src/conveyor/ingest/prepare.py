@@ -1,0 +1,145 @@
+"""The per-file stages before the database, run in worker processes (they are
+CPU-bound): read → parse → transforms → validate (and upgrade) → tree names → offload
+of long text → rows. Pure but for reading the file and storing long text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from conveyor.ingest.offload import LocalBlobStore, Offloader, OffloadUnavailable
+from conveyor.ingest.sinks import MappingError, Rows, Sink, TableSpec
+from conveyor.ingest.sinks.kcidb import KcidbSink
+from conveyor.ingest.sinks.table import TableMapping, TableSink
+from conveyor.ingest.spool import FileError, Stage
+from conveyor.ingest.transforms import TransformError, Transforms, apply_after, apply_before
+from conveyor.ingest.validate import (
+    Invalid,
+    JsonSchemaValidator,
+    KcidbValidator,
+    NoValidation,
+    Validator,
+)
+
+
+class Outcome(StrEnum):
+    ROWS = "rows"  # ready for the writer
+    FAILED = "failed"  # goes to failed/
+    RETRY = "retry"  # a transient failure (the blob store): stays pending
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a worker process needs, sent to it once."""
+
+    spool_dir: str
+    sink_name: str
+    sink_type: str  # kcidb | table
+    tables: Mapping[str, TableSpec]
+    mappings: tuple[TableMapping, ...] = ()
+    schema: Any = None
+    transforms: Transforms = field(default_factory=Transforms)
+    blobs: str | None = None  # a directory; None: long text stays in the rows
+    text_threshold: int = 256
+    offload_fields: tuple[str, ...] = ("log_excerpt",)
+    offload_timeout: float = 10.0
+    offload_cache: int = 100_000
+
+
+@dataclass(frozen=True)
+class Prepared:
+    name: str
+    outcome: Outcome
+    rows: Rows = field(default_factory=dict)
+    count: int = 0
+    size: int = 0
+    error: FileError | None = None
+    offloaded: int = 0
+
+
+class Stages:
+    """The stages of one plan, built once per process."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.root = Path(plan.spool_dir)
+        self.validator: Validator
+        self.sink: Sink
+        if plan.sink_type == "kcidb":
+            self.validator = KcidbValidator()
+            self.sink = KcidbSink(plan.sink_name, plan.tables)
+        else:
+            self.validator = (
+                JsonSchemaValidator(plan.schema) if plan.schema is not None else NoValidation()
+            )
+            self.sink = TableSink(plan.sink_name, plan.mappings, plan.tables)
+        self.offloader = (
+            Offloader(
+                LocalBlobStore(Path(plan.blobs)),
+                threshold=plan.text_threshold,
+                fields=plan.offload_fields,
+                cache_size=plan.offload_cache,
+                timeout=plan.offload_timeout,
+            )
+            if plan.blobs
+            else None
+        )
+
+    def run(self, name: str) -> Prepared:
+        def failed(stage: Stage, reason: str, path: str | None = None) -> Prepared:
+            return Prepared(name, Outcome.FAILED, error=FileError(stage, reason, path))
+
+        try:
+            raw = (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return Prepared(name, Outcome.RETRY, error=FileError(Stage.READ, "file vanished"))
+        except OSError as exc:
+            return failed(Stage.READ, exc.strerror or str(exc))
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            return failed(
+                Stage.PARSE, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            )
+        except UnicodeDecodeError as exc:
+            return failed(Stage.PARSE, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+        try:
+            doc = apply_before(doc, self.plan.transforms)
+        except TransformError as exc:
+            return failed(Stage.TRANSFORM, exc.reason, exc.path)
+        try:
+            doc = self.validator(doc)
+        except Invalid as exc:
+            return failed(Stage.VALIDATE, exc.reason, exc.path)
+        except RecursionError:
+            return failed(Stage.VALIDATE, "nested too deeply")
+        doc = apply_after(doc, self.plan.transforms)
+        moved = 0
+        if self.offloader is not None:
+            try:
+                moved = self.offloader(doc)
+            except OffloadUnavailable as exc:
+                return Prepared(name, Outcome.RETRY, error=FileError(Stage.OFFLOAD, str(exc)))
+        try:
+            rows = self.sink.rows(doc)
+        except MappingError as exc:
+            return failed(Stage.MAP, exc.reason, exc.path)
+        count = sum(len(r) for r in rows.values())
+        return Prepared(name, Outcome.ROWS, rows, count, len(raw), offloaded=moved)
+
+
+# The stages of the plan this worker process was started with (set by its initializer;
+# each pool process has its own).
+_PROCESS_STAGES: list[Stages] = []
+
+
+def init_process(plan: Plan) -> None:
+    _PROCESS_STAGES[:] = [Stages(plan)]
+
+
+def prepare_in_process(name: str) -> Prepared:
+    return _PROCESS_STAGES[0].run(name)

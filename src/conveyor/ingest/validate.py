@@ -1,0 +1,90 @@
+"""Validation of a submission: KCIDB's schema lineage (any version, upgraded to the
+latest) for the `kcidb` sink, a JSON Schema for the others. A failure names the JSON
+path and the reason."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from conveyor.pipelines import json_path
+
+
+class Invalid(ValueError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class Validator(Protocol):
+    def __call__(self, doc: Any) -> Any:
+        """The data, valid (upgraded where the schema has versions); raises Invalid."""
+
+
+def _best(errors: Any) -> Invalid | None:
+    from jsonschema.exceptions import best_match
+
+    err = best_match(errors)
+    if err is None:
+        return None
+    return Invalid(json_path(err.absolute_path), err.message)
+
+
+class KcidbValidator:
+    """kcidb-io: the document's own schema version is found in KCIDB's lineage, the
+    document validated against it, and upgraded to the latest version (the upgraded
+    data is what is kept)."""
+
+    def __init__(self) -> None:
+        import kcidb_io
+
+        self.latest = kcidb_io.schema.LATEST
+
+    def __call__(self, doc: Any) -> Any:
+        from jsonschema.exceptions import ValidationError
+        from kcidb_io.schema.abstract import InheritanceImpossible
+
+        if not isinstance(doc, dict):
+            raise Invalid("$", f"expected a KCIDB object, got {type(doc).__name__}")
+        version = self.latest.get_exactly_compatible(doc)
+        if version is None:
+            raise Invalid(
+                "$.version",
+                f"no KCIDB schema version {doc.get('version')!r} "
+                f"(known: {', '.join(str(v) for v in self.latest.history)})",
+            )
+        from kcidb_io.schema.abstract import _build_validator_for
+
+        validator = _build_validator_for(version)
+        try:
+            validator.validate(doc)
+        except ValidationError:
+            bad = _best(validator.iter_errors(doc))
+            if bad is not None:
+                raise bad from None
+            raise
+        if version is self.latest:
+            return doc
+        try:
+            return self.latest.upgrade(doc, copy=False)
+        except InheritanceImpossible as exc:
+            raise Invalid("$", f"cannot upgrade from schema {version}: {exc}") from None
+
+
+class JsonSchemaValidator:
+    def __init__(self, schema: Any) -> None:
+        from jsonschema import FormatChecker
+        from jsonschema.validators import validator_for
+
+        self._v = validator_for(schema)(schema, format_checker=FormatChecker())
+
+    def __call__(self, doc: Any) -> Any:
+        bad = _best(self._v.iter_errors(doc))
+        if bad is not None:
+            raise bad
+        return doc
+
+
+class NoValidation:
+    def __call__(self, doc: Any) -> Any:
+        return doc
