@@ -383,7 +383,7 @@ def open_ingester(
     `database_url`); the caller closes `ingester.writer` when done."""
     from conveyor.ingest.writer import make_engine
 
-    engine = make_engine(sink.database or database_url)
+    engine = make_engine(sink.database or database_url, sink.lock_timeout)
     try:
         plan = make_plan(spool, sink, engine, blobs)
     except BaseException:

@@ -69,6 +69,7 @@ class SinkModel(BaseModel):
 
     type: Literal["kcidb", "table"]
     database: str | None = None
+    lock_timeout: float = Field(default=60.0, gt=0)
     schema_: dict[str, Any] | str | None = Field(default=None, alias="schema")
     tables: dict[str, _TableModel] = {}
 
@@ -86,6 +87,7 @@ class SinkConfig:
     name: str
     type: Literal["kcidb", "table"]
     database: str | None = None
+    lock_timeout: float = 60.0  # seconds a write waits for another client's lock
     schema: Any = None
     tables: tuple[TableTarget, ...] = ()
 
@@ -157,6 +159,7 @@ def sink_config(name: str, m: SinkModel, base: Path) -> SinkConfig:
         name=name,
         type=m.type,
         database=m.database,
+        lock_timeout=m.lock_timeout,
         schema=schema,
         tables=tuple(
             TableTarget(

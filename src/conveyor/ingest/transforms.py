@@ -5,8 +5,11 @@ parsed JSON, configured per spool.
   field named `url` or ending in `_url`.
 - Relative URLs (`build.log`) are not URIs. By default they are kept as they are, so
   a schema that wants a URI (KCIDB's) fails the file naming the JSON path and nothing
-  is guessed; `relative_urls = "resolve"` joins them to `url_base`, `"drop"` removes
-  the field (the data is then lost, so it is never the default).
+  is guessed. `relative_urls = "resolve"` joins them to `url_base`, a template filled
+  from the object holding the URL (`https://storage.kernelci.org/{revision_origin_id}/
+  {architecture}/{misc.defconfig_full}/`), because a relative log URL is relative to its
+  own object's directory, not to one base; `"drop"` removes the field (the data is then
+  lost, so it is never the default).
 - Origin normalisation: `origin` values mapped through a table (`kernelci` →
   `maestro`).
 - Tree names: after validation, an object with a `git_repository_url` and no
@@ -15,12 +18,13 @@ parsed JSON, configured per spool.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from conveyor.pipelines import json_path
 
@@ -120,13 +124,31 @@ def _fix_url(node: dict[str, Any], key: str, value: str, t: Transforms, path: li
     if not value or urlsplit(value).scheme:
         return
     if t.relative_urls is RelativeUrls.RESOLVE and t.url_base:
-        node[key] = urljoin(t.url_base, value)
+        node[key] = urljoin(_fill(t.url_base, node, [*path, key]), value)
     elif t.relative_urls is RelativeUrls.DROP:
         del node[key]
     elif t.relative_urls is RelativeUrls.RESOLVE:
         raise TransformError(
             json_path([*path, key]), f"relative URL {value!r} and no url_base to resolve it"
         )
+
+
+_FIELD = re.compile(r"\{([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)\}")
+
+
+def _fill(template: str, node: dict[str, Any], path: list[Any]) -> str:
+    def value(m: re.Match[str]) -> str:
+        found: Any = node
+        for part in m.group(1).split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if found is None or isinstance(found, dict | list):
+            raise TransformError(
+                json_path(path),
+                f"url_base needs {m.group(1)!r}, which this object does not have",
+            )
+        return quote(str(found), safe="/")
+
+    return _FIELD.sub(value, template)
 
 
 def apply_after(doc: Any, t: Transforms) -> Any:

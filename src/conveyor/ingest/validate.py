@@ -68,7 +68,25 @@ class KcidbValidator:
         try:
             return self.latest.upgrade(doc, copy=False)
         except InheritanceImpossible as exc:
-            raise Invalid("$", f"cannot upgrade from schema {version}: {exc}") from None
+            raise Invalid(
+                _where_value(doc, str(exc)), f"cannot upgrade from schema {version}: {exc}"
+            ) from None
+
+
+def _where_value(doc: Any, message: str) -> str:
+    """The JSON path of the first string value quoted in `message` (kcidb-io names the
+    value that stopped an upgrade, not where it is); `$` when none is found."""
+    stack: list[tuple[Any, list[Any]]] = [(doc, [])]
+    while stack:
+        node, path = stack.pop(0)
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            if isinstance(v, str):
+                if len(v) > 3 and f"'{v}'" in message:
+                    return json_path([*path, k])
+            elif isinstance(v, dict | list):
+                stack.append((v, [*path, k]))
+    return "$"
 
 
 class JsonSchemaValidator:

@@ -30,9 +30,13 @@ class SinkRejected(RuntimeError):
     """The database refused the rows themselves (a type or constraint violation)."""
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, lock_timeout: float = 60.0) -> Engine:
+    """An engine for a sink database. `lock_timeout`: how long a write waits for a lock
+    another client holds before the batch fails (and is tried again later)."""
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        engine = sa.create_engine(
+            url, connect_args={"timeout": lock_timeout, "check_same_thread": False}
+        )
 
         @event.listens_for(engine, "connect")
         def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -40,7 +44,7 @@ def make_engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -55,7 +59,10 @@ def make_engine(url: str) -> Engine:
         pool_size=2,
         max_overflow=2,
         pool_pre_ping=True,
-        connect_args={"connect_timeout": 10, "options": "-c jit=off"},
+        connect_args={
+            "connect_timeout": 10,
+            "options": f"-c jit=off -c lock_timeout={int(lock_timeout * 1000)}",
+        },
     )
 
 
