@@ -129,3 +129,38 @@ def ingest(
         )
     if once and stats.failed_total:
         raise typer.Exit(EXIT_ERROR)
+
+
+@cli.command("bench-ingest")
+def bench_ingest(
+    database: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL server URL (a scratch database is made there)."),
+    ] = None,
+    files: Annotated[int, typer.Option(min=10, help="Files to split the samples into.")] = 2000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 2,
+    samples: Annotated[
+        Path, typer.Option(help="Folder with cki-v5.json, cki-v1.json, kernelci-v1.json.")
+    ] = Path("../shared/data/kcidb"),
+    baseline_files: Annotated[
+        int | None, typer.Option(min=1, help="Time the baseline on this many files only.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Benchmark ingestion: the ingester against the one-file-at-a-time baseline and a
+    bare batched insert of the same rows."""
+    from conveyor.ingest.bench import IngestBenchOptions, run_ingest_bench
+
+    if not (samples / "cki-v5.json").is_file():
+        raise CliError(f"no KCIDB samples in {samples} (use --samples)")
+    results = run_ingest_bench(
+        IngestBenchOptions(
+            samples=samples,
+            files=files,
+            workers=workers,
+            database=database,
+            baseline_files=baseline_files,
+        ),
+        say=(lambda _m: None) if as_json else (lambda m: err.print(m)),
+    )
+    out.print_json(json.dumps(results))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import queue
 import threading
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from conveyor.ingest.prepare import (
     Plan,
     Prepared,
     Stages,
+    adopt_stages,
     init_process,
     prepare_in_process,
 )
@@ -38,6 +40,8 @@ from conveyor.ingest.spool import FileError, Spool, Stage
 from conveyor.ingest.writer import RowWriter, SinkRejected, SinkUnavailable
 
 log = logging.getLogger(__name__)
+_FLUSH = object()  # to the writer: commit what you have now
+_CHUNK = 32  # most files sent to a worker process at once
 
 # counters(spool, {name: increment}, event kind, event data): keeps the counts and
 # announces them (the application stores both).
@@ -133,13 +137,6 @@ class _Batch:
         self.rows += p.count
         self.size += p.size
 
-    def merged(self) -> Rows:
-        out: Rows = {}
-        for p in self.files:
-            for table, rows in p.rows.items():
-                out.setdefault(table, []).extend(rows)
-        return out
-
 
 class Ingester:
     def __init__(
@@ -161,125 +158,186 @@ class Ingester:
         self.stats = IngestStats()
         self.stop_event = threading.Event()
         self._pending_counts: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._pending_lock = threading.Condition()
 
     def stop(self) -> None:
         self.stop_event.set()
 
     # -------------------------------------------------------------------- main loop
     def run(self, once: bool = False) -> IngestStats:
-        """Ingest until stopped (or, with `once`, until the spool is empty)."""
+        """Ingest until stopped (or, with `once`, until the spool is empty).
+
+        This thread scans and feeds the worker processes; a writer thread takes what they
+        prepared through a bounded queue, commits it in batches and moves the files, so
+        preparing goes on while a batch commits."""
         self.spool.ensure()
-        workers = self.cfg.workers
-        pool: ProcessPoolExecutor | None = None
-        inline: Stages | None = None
-        if workers > 0:
-            pool = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=init_process,
-                initargs=(self.plan,),
-            )
-        else:
-            inline = Stages(self.plan)
-        limit = max(2, 2 * workers)
-        inflight: dict[Future[Prepared], str] = {}
-        queue: list[str] = []
-        batch = _Batch()
+        pool, inline = self._workers()
+        handoff: queue.Queue[Prepared | object | None] = queue.Queue(maxsize=max(64, 4 * _CHUNK))
+        writer = threading.Thread(target=self._write_loop, args=(handoff,), name="ingest-writer")
+        writer.start()
+        slots = max(2, 4 * self.cfg.workers)
+        inflight: dict[Future[list[Prepared]], list[str]] = {}
+        todo: list[str] = []
         next_scan = 0.0
+        handed = False
         try:
             while not self.stop_event.is_set():
                 now = time.monotonic()
-                if not queue and (now >= next_scan or (once and not inflight)):
-                    ready, deleted = self.spool.scan(
-                        skip=set(inflight.values()) | self._batched(batch)
-                    )
-                    queue = [r.name for r in ready]
+                if not todo and not inflight and handed:
+                    handoff.put(_FLUSH)  # a lull: write what is prepared now
+                    handed = False
+                    if once:
+                        self._drained()
+                if not todo and (now >= next_scan or (once and not inflight)):
+                    with self._pending_lock:
+                        busy = set(self._pending)
+                    ready, deleted = self.spool.scan(skip=busy)
+                    todo = [r.name for r in ready]
                     if deleted:
-                        self.stats.empty += deleted
-                        self._count({"empty": deleted})
+                        self._empty(deleted)
                     next_scan = now + (0 if len(ready) >= 4096 else self.cfg.interval)
-                    if once and not queue and not inflight:
+                    if once and not todo and not inflight:
                         break
-                # feed the workers (bounded)
-                while queue and len(inflight) < limit:
-                    name = queue.pop(0)
+                while todo and len(inflight) < slots:
+                    # many small files go to a worker together; a short list is spread
+                    # over every worker
+                    size = max(1, min(_CHUNK, len(todo) // slots))
+                    names, todo = todo[:size], todo[size:]
+                    with self._pending_lock:
+                        self._pending.update(names)
                     if pool is not None:
-                        inflight[pool.submit(prepare_in_process, name)] = name
+                        inflight[pool.submit(prepare_in_process, names)] = names
                     else:
                         assert inline is not None
-                        fut: Future[Prepared] = Future()
-                        fut.set_result(inline.run(name))
-                        inflight[fut] = name
-                timeout = self._wait_for(batch, next_scan, bool(queue))
-                done: set[Future[Prepared]] = set()
+                        fut: Future[list[Prepared]] = Future()
+                        fut.set_result([inline.run(n) for n in names])
+                        inflight[fut] = names
                 if inflight:
-                    done, _ = wait(list(inflight), timeout=timeout, return_when=FIRST_COMPLETED)
-                elif not self._due(batch, force=False) and timeout > 0:
-                    self.stop_event.wait(timeout)
-                for fut in sorted(done, key=lambda f: inflight[f]):
-                    name = inflight.pop(fut)
-                    self._take(self._result(fut, name), batch)
-                idle = not queue and not inflight
-                if batch.files and (self._due(batch, force=False) or idle):
-                    batch = self._flush(batch)
+                    done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
+                    for fut in sorted(done, key=lambda f: inflight[f]):
+                        for p in self._result(fut, inflight.pop(fut)):
+                            self._hand(p, handoff)
+                            handed = True
+                elif not todo:
+                    self.stop_event.wait(max(0.0, min(next_scan - time.monotonic(), 1.0)))
             # stopping (or done): what is prepared is written, the rest stays pending
-            for fut, name in list(inflight.items()):
-                self._take(self._result(fut, name), batch)
-            inflight.clear()
-            if batch.files:
-                self._flush(batch)
+            for fut, names in list(inflight.items()):
+                for p in self._result(fut, names):
+                    self._hand(p, handoff)
         finally:
+            handoff.put(None)
+            writer.join()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             if inline is not None and inline.offloader is not None:
                 inline.offloader.close()
-            self._send_counts(final=True)
+            self._send_counts()
         return self.stats
 
+    def _workers(self) -> tuple[ProcessPoolExecutor | None, Stages | None]:
+        workers = self.cfg.workers
+        if workers == 0:
+            return None, Stages(self.plan)
+        # Forking is instant and safe while this process has one thread (`conveyor
+        # ingest`); beside other threads (`conveyor up`) only a fresh interpreter is.
+        if threading.active_count() == 1:
+            warm = Stages(self.plan)  # the children inherit it built and warm
+            warm.warm()
+            return ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=adopt_stages,
+                initargs=(warm,),
+            ), None
+        return ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_process,
+            initargs=(self.plan,),
+        ), None
+
+    def _hand(self, p: Prepared, handoff: queue.Queue[Prepared | object | None]) -> None:
+        if p.outcome is Outcome.RETRY:
+            if p.error is not None:
+                log.warning(
+                    "%s: %s (%s); will try again", p.name, p.error.reason, p.error.stage.value
+                )
+            self._settled(p.name)
+            return
+        handoff.put(p)  # blocks while the writer is behind: the backlog stays on disk
+
+    def _settled(self, name: str) -> None:
+        with self._pending_lock:
+            self._pending.discard(name)
+            if not self._pending:
+                self._pending_lock.notify_all()
+
+    def _drained(self) -> None:
+        """Wait until every file handed on is moved (or the writer gave up on it)."""
+        with self._pending_lock:
+            while self._pending and not self.stop_event.is_set():
+                self._pending_lock.wait(0.2)
+
+    def _empty(self, deleted: int) -> None:
+        with self._stats_lock:
+            self.stats.empty += deleted
+        self._count({"empty": deleted})
+
+    # -------------------------------------------------------------------- writer
+    def _write_loop(self, handoff: queue.Queue[Prepared | object | None]) -> None:
+        batch = _Batch()
+        while True:
+            timeout = None
+            if batch.files:
+                timeout = max(0.0, batch.since + self.cfg.batch_seconds - time.monotonic())
+            try:
+                item = handoff.get(timeout=timeout)
+            except queue.Empty:
+                batch = self._flush(batch)
+                continue
+            if item is None:
+                if batch.files:
+                    self._flush(batch)
+                return
+            if item is _FLUSH:
+                batch = self._flush(batch)
+                continue
+            assert isinstance(item, Prepared)
+            if item.outcome is Outcome.FAILED:
+                assert item.error is not None
+                self._fail(item.name, item.error)
+                continue
+            batch.add(item)
+            if self._due(batch):
+                batch = self._flush(batch)
+
     @staticmethod
-    def _batched(batch: _Batch) -> set[str]:
-        return {p.name for p in batch.files}
-
-    def _wait_for(self, batch: _Batch, next_scan: float, queued: bool) -> float:
-        now = time.monotonic()
-        until = next_scan - now if not queued else 0.5
-        if batch.files:
-            until = min(until, batch.since + self.cfg.batch_seconds - now)
-        return max(0.0, min(until, 1.0))
-
-    def _due(self, batch: _Batch, force: bool) -> bool:
-        if not batch.files:
-            return False
-        return (
-            force
-            or batch.rows >= self.cfg.batch_rows
-            or batch.size >= self.cfg.batch_bytes
-            or time.monotonic() - batch.since >= self.cfg.batch_seconds
-        )
-
-    @staticmethod
-    def _result(fut: Future[Prepared], name: str) -> Prepared:
+    def _result(fut: Future[list[Prepared]], names: list[str]) -> list[Prepared]:
         try:
             return fut.result()
         except Exception as exc:  # a worker process died, or a bug in a stage
-            log.exception("preparing %s failed", name)
-            return Prepared(name, Outcome.RETRY, error=FileError(Stage.READ, str(exc)))
+            log.exception("preparing %s failed", ", ".join(names))
+            err = FileError(Stage.READ, str(exc))
+            return [Prepared(name, Outcome.RETRY, error=err) for name in names]
 
-    def _take(self, p: Prepared, batch: _Batch) -> None:
-        if p.outcome is Outcome.ROWS:
-            batch.add(p)
-        elif p.outcome is Outcome.FAILED:
-            assert p.error is not None
-            self._fail(p.name, p.error)
-        elif p.error is not None:
-            log.warning("%s: %s (%s); will try again", p.name, p.error.reason, p.error.stage.value)
+    def _due(self, batch: _Batch) -> bool:
+        return bool(batch.files) and (
+            batch.rows >= self.cfg.batch_rows
+            or batch.size >= self.cfg.batch_bytes
+            or time.monotonic() - batch.since >= self.cfg.batch_seconds
+        )
 
     def _fail(self, name: str, error: FileError) -> None:
         try:
             self.spool.fail(name, error)
         except FileNotFoundError:
             return
-        self.stats.failed[error.stage.value] += 1
+        finally:
+            self._settled(name)
+        with self._stats_lock:
+            self.stats.failed[error.stage.value] += 1
         log.warning(
             "%s failed at %s: %s %s", name, error.stage.value, error.path or "", error.reason
         )
@@ -297,7 +355,8 @@ class Ingester:
                 self._commit(batch.files)
                 break
             except SinkUnavailable as exc:
-                self.stats.retried += 1
+                with self._stats_lock:
+                    self.stats.retried += 1
                 log.warning(
                     "database unavailable (%s); %d files kept, retrying in %.1fs",
                     exc,
@@ -306,7 +365,9 @@ class Ingester:
                 )
                 self._event("ingest.retry", {"files": len(batch.files), "reason": str(exc)})
                 if self.stop_event.wait(delay):
-                    return _Batch()  # stopping: the files stay pending
+                    for p in batch.files:  # stopping: the files stay pending
+                        self._settled(p.name)
+                    return _Batch()
                 delay = min(delay * 2, self.backoff_max)
         return _Batch()
 
@@ -331,9 +392,12 @@ class Ingester:
                 self.spool.archive(p.name)
             except FileNotFoundError:
                 continue
+            finally:
+                self._settled(p.name)
             rows += p.count
-        self.stats.files += len(files)
-        self.stats.rows += rows
+        with self._stats_lock:
+            self.stats.files += len(files)
+            self.stats.rows += rows
         self._count({"files": len(files), "rows": rows})
         self._progress()
 
@@ -343,7 +407,8 @@ class Ingester:
             self.on_progress(self.stats)
 
     def _count(self, counts: Mapping[str, int]) -> None:
-        self._pending_counts.update(counts)
+        with self._stats_lock:
+            self._pending_counts.update(counts)
         self._send_counts()
 
     def _event(self, kind: str, data: dict[str, Any]) -> None:
@@ -354,10 +419,12 @@ class Ingester:
         except Exception as exc:  # visibility must never stop ingestion
             log.warning("cannot record %s: %s", kind, exc)
 
-    def _send_counts(self, final: bool = False) -> None:
-        if self.report is None or not self._pending_counts:
-            return
-        counts = dict(self._pending_counts)
+    def _send_counts(self) -> None:
+        with self._stats_lock:
+            if self.report is None or not self._pending_counts:
+                return
+            counts = dict(self._pending_counts)
+            self._pending_counts.clear()
         try:
             self.report(
                 self.cfg.name,
@@ -367,8 +434,8 @@ class Ingester:
             )
         except Exception as exc:
             log.warning("cannot record ingest counters: %s", exc)
-            return
-        self._pending_counts.clear()
+            with self._stats_lock:  # kept for the next report
+                self._pending_counts.update(counts)
 
 
 def open_ingester(

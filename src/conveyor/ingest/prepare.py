@@ -89,6 +89,12 @@ class Stages:
             else None
         )
 
+    def warm(self) -> None:
+        """Do the one-off work (compiling the latest schema) now, not on the first file."""
+        warm = getattr(self.validator, "warm", None)
+        if warm is not None:
+            warm()
+
     def run(self, name: str) -> Prepared:
         def failed(stage: Stage, reason: str, path: str | None = None) -> Prepared:
             return Prepared(name, Outcome.FAILED, error=FileError(stage, reason, path))
@@ -141,5 +147,11 @@ def init_process(plan: Plan) -> None:
     _PROCESS_STAGES[:] = [Stages(plan)]
 
 
-def prepare_in_process(name: str) -> Prepared:
-    return _PROCESS_STAGES[0].run(name)
+def adopt_stages(stages: Stages) -> None:
+    _PROCESS_STAGES[:] = [stages]
+
+
+def prepare_in_process(names: list[str]) -> list[Prepared]:
+    """Several files per call: one round trip to the pool for many small files."""
+    stages = _PROCESS_STAGES[0]
+    return [stages.run(name) for name in names]
