@@ -15,7 +15,7 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -41,6 +41,7 @@ from conveyor.ingest.writer import RowWriter, SinkRejected, SinkUnavailable
 
 log = logging.getLogger(__name__)
 _FLUSH = object()  # to the writer: commit what you have now
+_MAX_EVENTS = 1000  # events waiting for the store; beyond, the oldest are dropped
 _CHUNK = 32  # most files sent to a worker process at once
 
 # counters(spool, {name: increment}, event kind, event data): keeps the counts and
@@ -159,6 +160,9 @@ class Ingester:
         self.stop_event = threading.Event()
         self._pending_counts: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
+        self._events: deque[tuple[str, dict[str, Any]]] = deque(maxlen=_MAX_EVENTS)
+        self._wake_reporter = threading.Event()
+        self._reporting_done = threading.Event()
         self._pending: set[str] = set()
         self._pending_lock = threading.Condition()
 
@@ -177,6 +181,8 @@ class Ingester:
         handoff: queue.Queue[Prepared | object | None] = queue.Queue(maxsize=max(64, 4 * _CHUNK))
         writer = threading.Thread(target=self._write_loop, args=(handoff,), name="ingest-writer")
         writer.start()
+        reporter = threading.Thread(target=self._report_loop, name="ingest-report", daemon=True)
+        reporter.start()
         slots = max(2, 4 * self.cfg.workers)
         inflight: dict[Future[list[Prepared]], list[str]] = {}
         todo: list[str] = []
@@ -233,7 +239,9 @@ class Ingester:
                 pool.shutdown(wait=True, cancel_futures=True)
             if inline is not None and inline.offloader is not None:
                 inline.offloader.close()
-            self._send_counts()
+            self._reporting_done.set()
+            self._wake_reporter.set()
+            reporter.join(timeout=10)
         return self.stats
 
     def _workers(self) -> tuple[ProcessPoolExecutor | None, Stages | None]:
@@ -409,32 +417,44 @@ class Ingester:
     def _count(self, counts: Mapping[str, int]) -> None:
         with self._stats_lock:
             self._pending_counts.update(counts)
-        self._send_counts()
+        self._wake_reporter.set()
 
     def _event(self, kind: str, data: dict[str, Any]) -> None:
+        with self._stats_lock:
+            self._events.append((kind, {"spool": self.cfg.name, **data}))
+        self._wake_reporter.set()
+
+    def _report_loop(self) -> None:
+        """Counters and events reach the store from this thread, so a slow or locked
+        store never holds up ingestion; counts wait here until they are stored."""
+        while True:
+            self._wake_reporter.wait(0.5)
+            self._wake_reporter.clear()
+            done = self._reporting_done.is_set()
+            self._send_reports()
+            if done:
+                return
+
+    def _send_reports(self) -> None:
         if self.report is None:
             return
-        try:
-            self.report(self.cfg.name, {}, kind, {"spool": self.cfg.name, **data})
-        except Exception as exc:  # visibility must never stop ingestion
-            log.warning("cannot record %s: %s", kind, exc)
-
-    def _send_counts(self) -> None:
         with self._stats_lock:
-            if self.report is None or not self._pending_counts:
-                return
+            events, self._events = list(self._events), deque(maxlen=_MAX_EVENTS)
             counts = dict(self._pending_counts)
             self._pending_counts.clear()
         try:
-            self.report(
-                self.cfg.name,
-                counts,
-                "ingest.progress",
-                {"spool": self.cfg.name, "delta": counts, "total": self.stats.as_dict()},
-            )
-        except Exception as exc:
-            log.warning("cannot record ingest counters: %s", exc)
-            with self._stats_lock:  # kept for the next report
+            for kind, data in events:
+                self.report(self.cfg.name, {}, kind, data)
+            if counts:
+                self.report(
+                    self.cfg.name,
+                    counts,
+                    "ingest.progress",
+                    {"spool": self.cfg.name, "delta": counts, "total": self.stats.as_dict()},
+                )
+        except Exception as exc:  # visibility must never stop ingestion
+            log.warning("cannot record ingest counters and events: %s", exc)
+            with self._stats_lock:  # the counts are kept for the next report
                 self._pending_counts.update(counts)
 
 

@@ -21,6 +21,7 @@ from conveyor.ingest.validate import (
     Invalid,
     JsonSchemaValidator,
     KcidbValidator,
+    NotUpgradable,
     NoValidation,
     Validator,
 )
@@ -119,6 +120,9 @@ class Stages:
             return failed(Stage.TRANSFORM, exc.reason, exc.path)
         try:
             doc = self.validator(doc)
+        except NotUpgradable as exc:
+            located = exc.located(apply_before(json.loads(raw), self.plan.transforms))
+            return failed(Stage.VALIDATE, located.reason, located.path)
         except Invalid as exc:
             return failed(Stage.VALIDATE, exc.reason, exc.path)
         except RecursionError:

@@ -89,12 +89,18 @@ class KcidbValidator:
         try:
             return self.latest.upgrade(doc, copy=False)
         except InheritanceImpossible as exc:
-            raise Invalid(
-                _where_value(doc, str(exc)), f"cannot upgrade from schema {version}: {exc}"
-            ) from None
+            # the upgrade works in place: the path is found again in the file as sent
+            raise NotUpgradable("$", f"cannot upgrade from schema {version}: {exc}") from None
 
 
-def _where_value(doc: Any, message: str) -> str:
+class NotUpgradable(Invalid):
+    """Valid for its own schema version, but kcidb-io cannot carry it to the latest."""
+
+    def located(self, original: Any) -> Invalid:
+        return Invalid(where_value(original, self.reason), self.reason)
+
+
+def where_value(doc: Any, message: str) -> str:
     """The JSON path of the first string value quoted in `message` (kcidb-io names the
     value that stopped an upgrade, not where it is); `$` when none is found."""
     stack: list[tuple[Any, list[Any]]] = [(doc, [])]
