@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 from conveyor.ingest.samples import split_document
@@ -103,7 +102,8 @@ def test_v1_samples_ingest_after_configured_transforms(
     assert names(spool / "archive") == ["cki-v1.json", "kernelci-v1.json"]
     assert counts(db_url)["tests"] == 3387 + 1408
     assert query(
-        db_url, "SELECT count(*) FROM kcidb_checkouts WHERE substr(git_repository_url, 1, 4) = 'git:'"
+        db_url,
+        "SELECT count(*) FROM kcidb_checkouts WHERE substr(git_repository_url, 1, 4) = 'git:'",
     ) == [(0,)]
     logs = [
         r[0] for r in query(db_url, "SELECT log_url FROM kcidb_builds WHERE origin = 'kernelci'")
@@ -319,7 +319,9 @@ def test_table_sink_maps_records_to_columns(make_app: Any, db_url: str, tmp_path
             [sinks.readings]
             type = "table"
             schema = "readings.schema.json"
-            tables = { readings = { table = "test_readings", columns = { station = "station", t = "ts", v = "value", meta = "extra" } } }
+            [sinks.readings.tables.readings]
+            table = "test_readings"
+            columns = { station = "station", t = "ts", v = "value", meta = "extra" }
             """
         )
         spool = tmp_path / "spool"

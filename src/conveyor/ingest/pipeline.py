@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -257,13 +258,13 @@ class Ingester:
                 max_workers=workers,
                 mp_context=multiprocessing.get_context("fork"),
                 initializer=adopt_stages,
-                initargs=(warm,),
+                initargs=(warm, os.getpid()),
             ), None
         return ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=init_process,
-            initargs=(self.plan,),
+            initargs=(self.plan, os.getpid()),
         ), None
 
     def _hand(self, p: Prepared, handoff: queue.Queue[Prepared | object | None]) -> None:

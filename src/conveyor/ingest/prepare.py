@@ -5,6 +5,9 @@ of long text → rows. Pure but for reading the file and storing long text."""
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -147,12 +150,26 @@ class Stages:
 _PROCESS_STAGES: list[Stages] = []
 
 
-def init_process(plan: Plan) -> None:
+def init_process(plan: Plan, parent: int) -> None:
     _PROCESS_STAGES[:] = [Stages(plan)]
+    _follow_parent(parent)
 
 
-def adopt_stages(stages: Stages) -> None:
+def adopt_stages(stages: Stages, parent: int) -> None:
     _PROCESS_STAGES[:] = [stages]
+    _follow_parent(parent)
+
+
+def _follow_parent(parent: int) -> None:
+    """Exit when the ingester is gone (killed with SIGKILL, say): a forked worker holds
+    both ends of its pipes, so it would never see them close and would linger."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
 
 
 def prepare_in_process(names: list[str]) -> list[Prepared]:
