@@ -12,15 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from conveyor.artifacts import LocalArtifacts
 from conveyor.config import Config
 from conveyor.events import Event
+from conveyor.ingest.loader import LoadResult, SqliteMapping, file_key, load_sqlite, task_key
 from conveyor.ingest.pipeline import Ingester, IngestStats, open_ingester
 from conveyor.ingest.settings import BUILTIN_KCIDB, SinkConfig, SpoolConfig
+from conveyor.ingest.writer import make_engine
 from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
-from conveyor.store import NotFound, RequestFilter, Store, Submitted, WorkerInfo, open_store
+from conveyor.store import (
+    NotFound,
+    RequestFilter,
+    Store,
+    Submitted,
+    Unavailable,
+    WorkerInfo,
+    open_store,
+)
 from conveyor.tasks import RetryPolicy, Task
 from conveyor.tokens import Role, Token, hash_secret, needs_touch, new_token, plausible
 
@@ -243,6 +255,25 @@ class Conveyor:
         self, spool: str, counts: Mapping[str, int], kind: str, data: dict[str, Any]
     ) -> None:
         self.store.record_ingest(spool, counts, self.clock(), kind, data)
+
+    def load_sqlite(
+        self,
+        file: Path,
+        mapping: SqliteMapping,
+        request_id: int | None = None,
+        task_id: int | None = None,
+        database: str | None = None,
+    ) -> LoadResult:
+        """Load a SQLite result file into the database, all or nothing; loading the same
+        task's (or, with no task, the same file's) output again replaces it."""
+        engine = make_engine(database or self.config.database_url)
+        key = task_key(task_id) if task_id is not None else file_key(file)
+        try:
+            return load_sqlite(engine, file, mapping, key, self.clock(), request_id, task_id)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise Unavailable(str(exc.orig).strip().splitlines()[0]) from exc
+        finally:
+            engine.dispose()
 
     def ingest_counters(self) -> dict[str, dict[str, int]]:
         """Per spool: files (archived), rows, empty, failed.<stage> — for /metrics."""

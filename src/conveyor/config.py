@@ -20,6 +20,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from conveyor.ingest.loader import LoadError, SqliteLoad, read_mapping
 from conveyor.ingest.settings import (
     SinkConfig,
     SinkModel,
@@ -37,6 +38,14 @@ _HANDLER = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za
 
 class ConfigError(ValueError):
     pass
+
+
+class _LoadSqliteModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str
+    mapping: str
+    database: str | None = None
 
 
 class _PipelineModel(BaseModel):
@@ -58,6 +67,7 @@ class _PipelineModel(BaseModel):
     env: dict[str, str] = {}
     cwd: str | None = None
     description: str = ""
+    load_sqlite: _LoadSqliteModel | None = None
 
     @field_validator("command")
     @classmethod
@@ -188,7 +198,19 @@ def _pipeline(name: str, m: _PipelineModel, base: Path) -> Pipeline:
         env=dict(m.env),
         cwd=str((base / m.cwd).resolve()) if m.cwd else None,
         description=m.description,
+        load_sqlite=_load_sqlite(m.load_sqlite, base, where),
     )
+
+
+def _load_sqlite(m: _LoadSqliteModel | None, base: Path, where: str) -> SqliteLoad | None:
+    if m is None:
+        return None
+    try:
+        template_fields(m.file)
+        mapping = read_mapping((base / m.mapping).resolve())
+    except (TemplateError, LoadError) as exc:
+        raise ConfigError(f"{where}.load_sqlite: {exc}") from None
+    return SqliteLoad(file=m.file, mapping=mapping, database=m.database)
 
 
 def parse_config(

@@ -6,12 +6,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jsonschema
 from jsonschema.validators import validator_for
 
 from conveyor.queues import DEFAULT_QUEUE
+
+if TYPE_CHECKING:
+    from conveyor.ingest.loader import SqliteLoad
 from conveyor.requests import split_params
 from conveyor.tasks import RetryPolicy
 
@@ -136,6 +139,7 @@ class Pipeline:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     description: str = ""
+    load_sqlite: SqliteLoad | None = None  # a result file loaded when a task succeeds
 
     @cached_property
     def _validator(self) -> Any:

@@ -164,3 +164,40 @@ def bench_ingest(
         say=(lambda _m: None) if as_json else (lambda m: err.print(m)),
     )
     out.print_json(json.dumps(results))
+
+
+@cli.command("load-sqlite")
+def load_sqlite_cmd(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(help="SQLite result files.")],
+    mapping: Annotated[Path, typer.Option(help="Mapping (TOML or YAML).")],
+    request_id: Annotated[int | None, typer.Option(help="Link the rows to this request.")] = None,
+    task_id: Annotated[
+        int | None,
+        typer.Option(help="Link the rows to this task (one file; its load replaces the last)."),
+    ] = None,
+) -> None:
+    """Load SQLite result files into database tables: each file all or nothing, and
+    loading a file again replaces what it loaded before."""
+    from conveyor.ingest.loader import LoadError, read_mapping
+
+    if task_id is not None and len(files) > 1:
+        raise CliError("--task-id links one file to a task: name one file")
+    app = app_of(ctx)
+    app.store.upgrade()
+    try:
+        spec = read_mapping(mapping)
+    except LoadError as exc:
+        raise CliError(str(exc)) from None
+    failed = 0
+    for file in files:
+        try:
+            result = app.load_sqlite(file, spec, request_id, task_id)
+        except LoadError as exc:
+            err.print(f"conveyor: {file}: {exc}", markup=False)
+            failed += 1
+            continue
+        tables = ", ".join(f"{n} {t}" for t, n in result.rows.items())
+        out.print(f"loaded {file}: {tables}", markup=False)
+    if failed:
+        raise CliError(f"{failed} of {len(files)} files not loaded")
