@@ -82,3 +82,26 @@ def test_sigkill_mid_batch_then_restart(db_url: str, tmp_path: Path, procs: Proc
         "issues": 1,
         "incidents": 1138,
     }
+
+
+def test_up_runs_the_declared_spools(sqlite_url: str, tmp_path: Path, procs: Processes) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    config = write_config(
+        tmp_path,
+        f"""
+        [spools.kernelci]
+        dir = "{spool}"
+        workers = 1
+        interval = 0.1
+        settle = 0
+        """,
+    )
+    proc = procs.start("up", "--port", "0", env=cli_env(sqlite_url, config), cwd=tmp_path)
+    wait_for(lambda: "spools: kernelci" in procs.output(proc), 30, "conveyor up to start")
+    for i, part in enumerate(split_document(sample("cki-v5.json"), 5)):
+        put(spool, f"p{i}.json", part)
+    wait_for(lambda: len(names(spool / "archive")) == 5, 60, "the spool to be ingested")
+    proc.send_signal(signal.SIGTERM)
+    assert procs.wait(proc, 30) == 0, procs.output(proc)
+    assert counts(sqlite_url)["tests"] == 3387

@@ -182,9 +182,11 @@ def up(
         float, typer.Option(help="On SIGTERM, seconds running tasks may take.")
     ] = 30.0,
 ) -> None:
-    """Everything in one process: migrations, the HTTP API and a worker."""
+    """Everything in one process: migrations, the HTTP API, a worker and the declared
+    spools' ingesters."""
     from conveyor.api import create_app
     from conveyor.api.server import run, url_of
+    from conveyor.ingest.service import SpoolService
     from conveyor.worker import Worker, WorkerOptions
 
     app = app_of(ctx)
@@ -194,7 +196,15 @@ def up(
     err.print(f"conveyor up: {url_of(sock)}; database {safe_url(app.config.database_url)}")
     err.print(f"artifacts {app.config.artifacts_dir}; pipelines: {names}")
     w = Worker(app, WorkerOptions(concurrency=concurrency, grace=grace))
-    if not run(create_app(app), sock, worker=w):
+    spools = SpoolService(app, app.config.spools.values())
+    if spools.spools:
+        err.print(f"spools: {', '.join(f'{s.name} ({s.dir})' for s in spools.spools)}")
+    spools.start()
+    try:
+        ok = run(create_app(app), sock, worker=w)
+    finally:
+        spools.stop()
+    if not ok:
         raise CliError("the worker stopped on an error (see the log above)")
 
 
