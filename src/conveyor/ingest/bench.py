@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kcidb_io
 import sqlalchemy as sa
 
 from conveyor.bench import scratch_database
 from conveyor.ingest.pipeline import Ingester, make_plan
-from conveyor.ingest.prepare import Stages
 from conveyor.ingest.samples import split_samples, write_spool
 from conveyor.ingest.settings import BUILTIN_KCIDB, SpoolConfig
 from conveyor.ingest.sinks.kcidb import LISTS, KcidbSink
@@ -125,11 +125,12 @@ def run_ingest_bench(opts: IngestBenchOptions, say: Callable[[str], None]) -> di
             # the bare insert of the same rows (prepared beforehand, not timed)
             say("bare batched insert of the same rows, no validation")
             _empty(engine)
-            stages = Stages(plan)
             prepared: list[dict[str, list[dict[str, Any]]]] = []
+            latest = kcidb_io.schema.LATEST
+            sink = KcidbSink()
             for doc_path in sorted((spool.dir / "archive").glob("*.json")):
-                shutil.move(doc_path, spool.dir / doc_path.name)
-                prepared.append(stages.run(doc_path.name).rows)
+                doc = apply_before(json.loads(doc_path.read_bytes()), SAMPLE_TRANSFORMS)
+                prepared.append(sink.rows(latest.upgrade(doc, copy=False)))
             batches: list[dict[str, list[dict[str, Any]]]] = [{}]
             n = 0
             for rows_by_table in prepared:
@@ -157,8 +158,6 @@ def run_ingest_bench(opts: IngestBenchOptions, say: Callable[[str], None]) -> di
 def baseline(folder: Path, files: Spool, writer: RowWriter) -> None:
     """The original ingester's work, file by file: parse, transforms, kcidb-io
     validation and upgrade, an insert in a transaction of its own, the move."""
-    import kcidb_io
-
     latest = kcidb_io.schema.LATEST
     sink = KcidbSink()
     for path in sorted(folder.glob("*.json")):

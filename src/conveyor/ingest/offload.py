@@ -105,9 +105,24 @@ class Offloader:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def __call__(self, doc: Any) -> int:
-        """Replace every long text field in place by its link; the number replaced."""
+    def __call__(self, doc: Any, shallow: bool = False) -> int:
+        """Replace every long text field in place by its link; the number replaced.
+        `shallow`: only in the objects of the document's lists (where KCIDB keeps its
+        log excerpts), which is much quicker than walking everything."""
         moved = 0
+        if shallow and not self.any_field and isinstance(doc, dict):
+            for objs in doc.values():
+                if not isinstance(objs, list):
+                    continue
+                for obj in objs:
+                    if not isinstance(obj, dict):
+                        continue
+                    for key in self.fields:
+                        value = obj.get(key)
+                        if isinstance(value, str) and len(value) > self.threshold:
+                            obj[key] = self.link(value)
+                            moved += 1
+            return moved
         stack = [doc]
         while stack:
             node = stack.pop()

@@ -34,11 +34,11 @@ from conveyor.ingest.prepare import (
     prepare_in_process,
 )
 from conveyor.ingest.settings import SinkConfig, SpoolConfig
-from conveyor.ingest.sinks import Rows, TableSpec, spec_of
+from conveyor.ingest.sinks import TableSpec, spec_of
 from conveyor.ingest.sinks.kcidb import kcidb_specs
 from conveyor.ingest.sinks.table import TableMapping
 from conveyor.ingest.spool import FileError, Spool, Stage
-from conveyor.ingest.writer import RowWriter, SinkRejected, SinkUnavailable
+from conveyor.ingest.writer import Encoded, RowWriter, SinkRejected, SinkUnavailable
 
 log = logging.getLogger(__name__)
 _FLUSH = object()  # to the writer: commit what you have now
@@ -122,6 +122,7 @@ def make_plan(spool: SpoolConfig, sink: SinkConfig, engine: sa.Engine, blobs: st
         offload_fields=spool.offload_fields,
         offload_timeout=spool.offload_timeout,
         offload_cache=spool.offload_cache,
+        dialect=engine.dialect.name,
     )
 
 
@@ -381,12 +382,12 @@ class Ingester:
         return _Batch()
 
     def _commit(self, files: list[Prepared]) -> None:
-        merged: Rows = {}
+        merged: Encoded = {}
         for p in files:
             for table, table_rows in p.rows.items():
                 merged.setdefault(table, []).extend(table_rows)
         try:
-            self.writer.commit(merged)
+            self.writer.commit_encoded(merged)
         except SinkRejected as exc:
             if len(files) == 1:
                 self._fail(files[0].name, FileError(Stage.SINK, str(exc)))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.ingest.offload import LocalBlobStore, Offloader, OffloadUnavailable
-from conveyor.ingest.sinks import MappingError, Rows, Sink, TableSpec
+from conveyor.ingest.sinks import MappingError, Sink, TableSpec
 from conveyor.ingest.sinks.kcidb import KcidbSink
 from conveyor.ingest.sinks.table import TableMapping, TableSink
 from conveyor.ingest.spool import FileError, Stage
@@ -28,6 +28,7 @@ from conveyor.ingest.validate import (
     NoValidation,
     Validator,
 )
+from conveyor.ingest.writer import Encoded, encode_rows
 
 
 class Outcome(StrEnum):
@@ -52,13 +53,14 @@ class Plan:
     offload_fields: tuple[str, ...] = ("log_excerpt",)
     offload_timeout: float = 10.0
     offload_cache: int = 100_000
+    dialect: str = "postgresql"  # the sink database's, for rows encoded its way
 
 
 @dataclass(frozen=True)
 class Prepared:
     name: str
     outcome: Outcome
-    rows: Rows = field(default_factory=dict)
+    rows: Encoded = field(default_factory=dict)
     count: int = 0
     size: int = 0
     error: FileError | None = None
@@ -134,7 +136,7 @@ class Stages:
         moved = 0
         if self.offloader is not None:
             try:
-                moved = self.offloader(doc)
+                moved = self.offloader(doc, shallow=self.plan.sink_type == "kcidb")
             except OffloadUnavailable as exc:
                 return Prepared(name, Outcome.RETRY, error=FileError(Stage.OFFLOAD, str(exc)))
         try:
@@ -142,7 +144,8 @@ class Stages:
         except MappingError as exc:
             return failed(Stage.MAP, exc.reason, exc.path)
         count = sum(len(r) for r in rows.values())
-        return Prepared(name, Outcome.ROWS, rows, count, len(raw), offloaded=moved)
+        encoded = encode_rows(rows, self.plan.tables, self.plan.dialect)
+        return Prepared(name, Outcome.ROWS, encoded, count, len(raw), offloaded=moved)
 
 
 # The stages of the plan this worker process was started with (set by its initializer;

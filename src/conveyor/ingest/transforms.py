@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin
 
 from conveyor.pipelines import json_path
 
@@ -79,10 +79,6 @@ def load_trees(path: Path) -> dict[str, str]:
     return {url.rstrip("/"): name for name, url in data.items()}
 
 
-def _is_url_key(key: str) -> bool:
-    return key == "url" or key.endswith("_url")
-
-
 def rewrite_url(value: str, t: Transforms) -> str:
     for old, new in t.url_rewrites:
         if value.startswith(old):
@@ -102,7 +98,7 @@ def _walk(node: Any, t: Transforms, path: list[Any]) -> None:
         for key in list(node):
             value = node[key]
             if isinstance(value, str):
-                if _is_url_key(key):
+                if key.endswith("url") and (key == "url" or key.endswith("_url")):
                     _fix_url(node, key, value, t, path)
                 elif key == "origin" and value in t.origins:
                     node[key] = t.origins[value]
@@ -119,9 +115,10 @@ def _walk(node: Any, t: Transforms, path: list[Any]) -> None:
 
 
 def _fix_url(node: dict[str, Any], key: str, value: str, t: Transforms, path: list[Any]) -> None:
-    value = rewrite_url(value, t)
-    node[key] = value
-    if not value or urlsplit(value).scheme:
+    if t.url_rewrites:
+        value = rewrite_url(value, t)
+        node[key] = value
+    if not value or _SCHEME.match(value):
         return
     if t.relative_urls is RelativeUrls.RESOLVE and t.url_base:
         node[key] = urljoin(_fill(t.url_base, node, [*path, key]), value)
@@ -133,6 +130,7 @@ def _fix_url(node: dict[str, Any], key: str, value: str, t: Transforms, path: li
         )
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _FIELD = re.compile(r"\{([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)\}")
 
 

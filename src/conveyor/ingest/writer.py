@@ -71,7 +71,7 @@ def merge_rows(rows: Iterable[dict[str, Any]], key: tuple[str, ...]) -> list[dic
     does): one statement may not touch a row twice."""
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
-        k = tuple(row[c] for c in key)
+        k = tuple(row[c] for c in key) if key else ()
         have = merged.get(k)
         if have is None:
             merged[k] = dict(row)
@@ -94,6 +94,56 @@ def _update_clause(spec: TableSpec, dialect: str) -> str:
     table = _q(spec.name)
     sets = ", ".join(f"{_q(c)} = COALESCE({table}.{_q(c)}, excluded.{_q(c)})" for c in rest)
     return f"{conflict} DO UPDATE SET {sets}"
+
+
+# Rows as the worker processes hand them to the writer: per table, (key, payload)
+# pairs, the payload already in the form the database takes (a JSON object's text for
+# PostgreSQL, a tuple for SQLite), so the writer only joins them and little crosses the
+# process boundary.
+Encoded = dict[str, list[tuple[tuple[Any, ...], Any]]]
+
+
+def encode_rows(rows: Rows, tables: Mapping[str, TableSpec], dialect: str) -> Encoded:
+    out: Encoded = {}
+    for table, table_rows in rows.items():
+        spec = tables[table]
+        key = spec.key
+        if dialect == "postgresql":
+            out[table] = [(tuple(r[c] for c in key), _ENCODE(r)) for r in table_rows]
+        else:
+            out[table] = [(tuple(r[c] for c in key), _tuple(spec, r)) for r in table_rows]
+    return out
+
+
+def _tuple(spec: TableSpec, row: dict[str, Any]) -> tuple[Any, ...]:
+    if not spec.json_columns:
+        return tuple(row.get(c) for c in spec.columns)
+    return tuple(
+        (None if row.get(c) is None else _ENCODE(row[c])) if c in spec.json_columns else row.get(c)
+        for c in spec.columns
+    )
+
+
+def _merge_encoded(pairs: list[tuple[tuple[Any, ...], Any]], dialect: str) -> list[Any]:
+    """One payload per key, the first non-null value of each field winning."""
+    first: dict[tuple[Any, ...], Any] = {}
+    clash = False
+    for key, payload in pairs:
+        if key in first:
+            clash = True
+            have = first[key]
+            if dialect == "postgresql":
+                merged = merge_rows([json.loads(have), json.loads(payload)], ())
+                first[key] = _ENCODE(merged[0])
+            else:
+                first[key] = tuple(
+                    a if a is not None else b for a, b in zip(have, payload, strict=True)
+                )
+        else:
+            first[key] = payload
+    if not clash:
+        return [p for _, p in pairs]
+    return list(first.values())
 
 
 class RowWriter:
@@ -121,37 +171,31 @@ class RowWriter:
             spec, self.dialect
         )
 
-    def write(self, conn: Connection, rows: Rows) -> int:
+    def encode(self, rows: Rows) -> Encoded:
+        return encode_rows(rows, self.tables, self.dialect)
+
+    def write(self, conn: Connection, encoded: Encoded) -> int:
         """Upsert every table's rows on `conn` (inside the caller's transaction)."""
         written = 0
-        for table, table_rows in rows.items():
-            if not table_rows:
+        for table, pairs in encoded.items():
+            if not pairs:
                 continue
-            spec = self.tables[table]
-            merged = merge_rows(table_rows, spec.key)
+            payloads = _merge_encoded(pairs, self.dialect)
             if self.dialect == "postgresql":
-                conn.exec_driver_sql(self._sql[table], {"rows": _ENCODE(merged)})
+                conn.exec_driver_sql(self._sql[table], {"rows": "[" + ",".join(payloads) + "]"})
             else:
-                conn.exec_driver_sql(self._sql[table], [self._tuple(spec, r) for r in merged])
-            written += len(table_rows)
+                conn.exec_driver_sql(self._sql[table], payloads)
+            written += len(pairs)
         return written
-
-    @staticmethod
-    def _tuple(spec: TableSpec, row: dict[str, Any]) -> tuple[Any, ...]:
-        if not spec.json_columns:
-            return tuple(row.get(c) for c in spec.columns)
-        return tuple(
-            (None if row.get(c) is None else _ENCODE(row[c]))
-            if c in spec.json_columns
-            else row.get(c)
-            for c in spec.columns
-        )
 
     def commit(self, rows: Rows) -> int:
         """Write the rows in one transaction; raises SinkUnavailable or SinkRejected."""
+        return self.commit_encoded(self.encode(rows))
+
+    def commit_encoded(self, data: Encoded) -> int:
         try:
             with self.engine.begin() as conn:
-                return self.write(conn, rows)
+                return self.write(conn, data)
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             raise SinkUnavailable(_describe(exc)) from exc
         except sa.exc.DBAPIError as exc:
