@@ -13,6 +13,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from conftest import make_config
+from conveyor.app import Conveyor
 from conveyor.ingest.samples import split_document
 from conveyor.store.postgres import sqlalchemy_url
 from ingest_support import (
@@ -358,3 +360,56 @@ def test_table_sink_maps_records_to_columns(make_app: Any, db_url: str, tmp_path
     finally:
         meta.drop_all(engine)
         engine.dispose()
+
+
+def test_writer_connection_killed_mid_batch(pg_url: str, tmp_path: Path) -> None:
+    """PostgreSQL: the writer's backend terminated (pg_terminate_backend) while its
+    batch waits for a lock: the batch is rolled back, tried again, and lands once."""
+    app = Conveyor(make_config(tmp_path, pg_url))
+    spool = tmp_path / "spool"
+    for i, part in enumerate(split_document(sample("cki-v5.json"), 3)):
+        put(spool, f"p{i}.json", part)
+    _holder, release = _lock(pg_url, tmp_path)
+    ingester = app.ingester(spool_config(spool))
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(stats=ingester.run(once=True)))
+    thread.start()
+    watcher = sa.create_engine(sqlalchemy_url(pg_url), isolation_level="AUTOCOMMIT")
+    try:
+
+        def waiting() -> list[Any]:
+            with watcher.connect() as conn:
+                return list(
+                    conn.exec_driver_sql(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE 'INSERT INTO \"kcidb_checkouts\"%%'"
+                    )
+                )
+
+        deadline = time.monotonic() + 20
+        while not (pids := waiting()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pids, "the writer never waited for the lock"
+        with watcher.connect() as conn:
+            for (pid,) in pids:
+                conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        deadline = time.monotonic() + 20
+        while ingester.stats.retried < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ingester.stats.retried >= 1
+        assert names(spool / "archive") == []
+    finally:
+        release()
+        thread.join(timeout=60)
+        ingester.writer.close()
+        app.close()
+        watcher.dispose()
+    assert result["stats"].files == 3
+    assert names(spool / "archive") == ["p0.json", "p1.json", "p2.json"]
+    assert counts(pg_url) == {
+        "checkouts": 37,
+        "builds": 140,
+        "tests": 3387,
+        "issues": 1,
+        "incidents": 1138,
+    }

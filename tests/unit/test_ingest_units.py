@@ -123,3 +123,44 @@ def test_spool_settings_are_checked(tmp_path: Path) -> None:
     spool = cfg.spools["k"]
     assert spool.dir == (tmp_path / "s").resolve() and spool.batch_rows == 10
     assert spool.transforms.url_rewrites == (("git://", "https://"),)
+
+
+class _HungStore:
+    """A blob store that never answers (a stalled upload)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        self.release.wait(10)
+        return f"mem://{key}"
+
+    def exists(self, key: str) -> bool:
+        return False
+
+
+def test_a_hung_blob_store_times_out_and_the_cache_is_bounded(tmp_path: Path) -> None:
+    import time
+
+    from conveyor.ingest.offload import LocalBlobStore, Offloader, OffloadUnavailable
+
+    hung = _HungStore()
+    slow = Offloader(hung, threshold=4, timeout=0.2)
+    start = time.monotonic()
+    with pytest.raises(OffloadUnavailable, match=r"within 0\.2s"):
+        slow({"tests": [{"log_excerpt": "x" * 10}]}, shallow=True)
+    assert time.monotonic() - start < 2
+    hung.release.set()
+    slow.close()
+
+    store = LocalBlobStore(tmp_path)
+    off = Offloader(store, threshold=4, cache_size=2)
+    docs = [{"tests": [{"log_excerpt": f"text {i}"}]} for i in range(5)]
+    for doc in docs:
+        assert off(doc) == 1
+    assert len(off.cache._d) == 2  # bounded
+    assert all(d["tests"][0]["log_excerpt"].startswith("file://") for d in docs)
+    with pytest.raises(ValueError, match="outside the store"):
+        store.put_bytes("../escape.txt", b"x")
