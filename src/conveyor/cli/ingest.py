@@ -145,6 +145,9 @@ def bench_ingest(
     baseline_files: Annotated[
         int | None, typer.Option(min=1, help="Time the baseline on this many files only.")
     ] = None,
+    repeat: Annotated[
+        int, typer.Option(min=1, max=20, help="Runs of each; the fastest is reported.")
+    ] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Benchmark ingestion: the ingester against the one-file-at-a-time baseline and a
@@ -160,6 +163,7 @@ def bench_ingest(
             workers=workers,
             database=database,
             baseline_files=baseline_files,
+            repeat=repeat,
         ),
         say=(lambda _m: None) if as_json else (lambda m: err.print(m)),
     )

@@ -4,7 +4,6 @@ of long text → rows. Pure but for reading the file and storing long text."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -13,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from conveyor.ingest.offload import LocalBlobStore, Offloader, OffloadUnavailable
 from conveyor.ingest.sinks import MappingError, Sink, TableSpec
@@ -112,8 +113,8 @@ class Stages:
         except OSError as exc:
             return failed(Stage.READ, exc.strerror or str(exc))
         try:
-            doc = json.loads(raw)
-        except json.JSONDecodeError as exc:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
             return failed(
                 Stage.PARSE, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
             )
@@ -126,7 +127,7 @@ class Stages:
         try:
             doc = self.validator(doc)
         except NotUpgradable as exc:
-            located = exc.located(apply_before(json.loads(raw), self.plan.transforms))
+            located = exc.located(apply_before(orjson.loads(raw), self.plan.transforms))
             return failed(Stage.VALIDATE, located.reason, located.path)
         except Invalid as exc:
             return failed(Stage.VALIDATE, exc.reason, exc.path)

@@ -54,6 +54,8 @@ class Spool:
         self.archive_dir = self.root / "archive"
         self.failed_dir = self.root / "failed"
         self.settle = settle
+        self._root = str(self.root)
+        self._archive = str(self.archive_dir)
 
     def ensure(self) -> None:
         if not self.root.is_dir():
@@ -103,9 +105,12 @@ class Spool:
     def count(self) -> int:
         return sum(1 for _ in self._entries())
 
-    def archive(self, name: str) -> Path:
-        target = _free(self.archive_dir, name)
-        os.replace(self.root / name, target)
+    def archive(self, name: str) -> str:
+        # plain strings: this runs once per file on the writer's critical path
+        target = os.path.join(self._archive, name)
+        if os.path.exists(target):
+            target = str(_free(self.archive_dir, name))
+        os.replace(os.path.join(self._root, name), target)
         return target
 
     def fail(self, name: str, error: FileError) -> Path:

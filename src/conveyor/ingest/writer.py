@@ -8,17 +8,19 @@ the server (`json_to_recordset`): one round trip per table per batch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from conveyor.ingest.sinks import Rows, TableSpec
 
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+def _ENCODE(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 class SinkUnavailable(RuntimeError):
@@ -133,7 +135,7 @@ def _merge_encoded(pairs: list[tuple[tuple[Any, ...], Any]], dialect: str) -> li
             clash = True
             have = first[key]
             if dialect == "postgresql":
-                merged = merge_rows([json.loads(have), json.loads(payload)], ())
+                merged = merge_rows([orjson.loads(have), orjson.loads(payload)], ())
                 first[key] = _ENCODE(merged[0])
             else:
                 first[key] = tuple(

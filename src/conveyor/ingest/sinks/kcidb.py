@@ -35,6 +35,7 @@ class KcidbSink:
             objs = doc.get(key)
             if not objs:
                 continue
-            cols = self.tables[table].columns
-            out[table] = [{c: obj.get(c) for c in cols} for obj in objs]
+            # The objects themselves: their fields are the columns (a field left out
+            # is NULL), and validated KCIDB objects have no others.
+            out[table] = objs
         return out
