@@ -42,6 +42,7 @@ from conveyor.ingest.writer import Encoded, RowWriter, SinkRejected, SinkUnavail
 
 log = logging.getLogger(__name__)
 _FLUSH = object()  # to the writer: commit what you have now
+_REPORT_EVERY = 0.5  # seconds between reports of counters and events
 _MAX_EVENTS = 1000  # events waiting for the store; beyond, the oldest are dropped
 _CHUNK = 32  # most files sent to a worker process at once
 
@@ -436,6 +437,8 @@ class Ingester:
             self._send_reports()
             if done:
                 return
+            # at most a couple of reports a second, however busy the spool
+            self._reporting_done.wait(_REPORT_EVERY)
 
     def _send_reports(self) -> None:
         if self.report is None:
