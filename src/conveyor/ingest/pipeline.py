@@ -168,6 +168,7 @@ class Ingester:
         self._reporting_done = threading.Event()
         self._pending: set[str] = set()
         self._pending_lock = threading.Condition()
+        self._deferred: dict[str, float] = {}  # name -> when it may be tried again
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -201,7 +202,12 @@ class Ingester:
                         self._drained()
                 if not todo and (now >= next_scan or (once and not inflight)):
                     with self._pending_lock:
-                        busy = set(self._pending)
+                        # files that hit a transient failure wait an interval (in
+                        # --once mode, for the next run)
+                        self._deferred = {
+                            n: t for n, t in self._deferred.items() if once or t > now
+                        }
+                        busy = self._pending | set(self._deferred)
                     ready, deleted = self.spool.scan(skip=busy)
                     todo = [r.name for r in ready]
                     if deleted:
@@ -271,6 +277,7 @@ class Ingester:
 
     def _hand(self, p: Prepared, handoff: queue.Queue[Prepared | object | None]) -> None:
         if p.outcome is Outcome.RETRY:
+            self._defer(p.name)
             if p.error is not None:
                 log.warning(
                     "%s: %s (%s); will try again", p.name, p.error.reason, p.error.stage.value
@@ -278,6 +285,10 @@ class Ingester:
             self._settled(p.name)
             return
         handoff.put(p)  # blocks while the writer is behind: the backlog stays on disk
+
+    def _defer(self, name: str) -> None:
+        with self._pending_lock:
+            self._deferred[name] = time.monotonic() + self.cfg.interval
 
     def _settled(self, name: str) -> None:
         with self._pending_lock:
@@ -345,6 +356,12 @@ class Ingester:
             self.spool.fail(name, error)
         except FileNotFoundError:
             return
+        except OSError as exc:
+            log.error(
+                "%s failed at %s but cannot be moved to failed/: %s", name, error.stage.value, exc
+            )
+            self._defer(name)
+            return
         finally:
             self._settled(name)
         with self._stats_lock:
@@ -380,6 +397,14 @@ class Ingester:
                         self._settled(p.name)
                     return _Batch()
                 delay = min(delay * 2, self.backoff_max)
+            except Exception:
+                # Not the database's availability: a bug, or the disk. The writer must
+                # live on; the files stay pending and are tried again on a later scan.
+                log.exception("writing %d files failed; they stay pending", len(batch.files))
+                for p in batch.files:
+                    self._defer(p.name)
+                    self._settled(p.name)
+                return _Batch()
         return _Batch()
 
     def _commit(self, files: list[Prepared]) -> None:
