@@ -6,24 +6,44 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from conveyor.artifacts import LocalArtifacts
+from conveyor.artifacts import (
+    Artifact,
+    ArtifactKind,
+    ArtifactStore,
+    LocalArtifacts,
+    Readable,
+    latest_outputs,
+    open_artifact_store,
+)
 from conveyor.config import Config
 from conveyor.events import Event
+from conveyor.group_commit import SubmitBatcher
 from conveyor.ingest.loader import LoadResult, SqliteMapping, file_key, load_sqlite, task_key
+from conveyor.ingest.offload import BlobSpec
 from conveyor.ingest.pipeline import Ingester, IngestStats, open_ingester
 from conveyor.ingest.settings import BUILTIN_KCIDB, SinkConfig, SpoolConfig
+from conveyor.ingest.spool import pending_files
 from conveyor.ingest.writer import make_engine
 from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
+from conveyor.stats import (
+    DURATION_BUCKETS,
+    ActivityRow,
+    IngestTotals,
+    PipelineTotals,
+    StatusCount,
+)
 from conveyor.store import (
     NotFound,
     RequestFilter,
@@ -71,9 +91,32 @@ class Conveyor:
         self.store = store or open_store(config.database_url)
         self.artifacts = LocalArtifacts(config.artifacts_dir)
         self.clock = clock
+        self._batcher: SubmitBatcher | None = None
+        self._artifact_store: ArtifactStore | None = None
+        self._artifact_lock = threading.Lock()
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+        if self._artifact_store is not None:
+            self._artifact_store.close()
         self.store.close()
+
+    @property
+    def artifact_store(self) -> ArtifactStore:
+        """Where outputs are kept (opened on first use)."""
+        with self._artifact_lock:
+            if self._artifact_store is None:
+                s = self.config.artifact_settings
+                self._artifact_store = open_artifact_store(
+                    s.url,
+                    timeout=s.timeout,
+                    retries=s.retries,
+                    endpoint_url=s.endpoint_url,
+                    region=s.region,
+                    profile=s.profile,
+                )
+            return self._artifact_store
 
     # pipelines --------------------------------------------------------------
     def pipeline(self, name: str) -> Pipeline:
@@ -117,6 +160,17 @@ class Conveyor:
     def submit(self, pipeline: str, params: Any, opts: SubmitOptions | None = None) -> Submitted:
         new = self.prepare(pipeline, params, opts or SubmitOptions())
         return self.store.submit(new, self.clock())
+
+    def submit_grouped(
+        self, pipeline: str, params: Any, opts: SubmitOptions | None = None
+    ) -> Future[Submitted]:
+        """Check the submission now, store it together with the other submissions
+        waiting at the same moment (one transaction for all; see `group_commit`). For
+        servers answering many clients at once."""
+        new = self.prepare(pipeline, params, opts or SubmitOptions())
+        if self._batcher is None:
+            self._batcher = SubmitBatcher(self.store, self.clock)
+        return self._batcher.submit(new)
 
     def get(self, request_id: int, with_tasks: bool = True) -> Request:
         req = self.store.get_request(request_id, with_tasks=with_tasks)
@@ -187,6 +241,36 @@ class Conveyor:
             raise NotFound(f"task {task_id} has no log for attempt {chosen}")
         return self.artifacts.log_path(task.request_id, task.id, chosen)
 
+    # artifacts --------------------------------------------------------------
+    def task_artifacts(self, task_id: int) -> list[Artifact]:
+        """What the task kept: its latest attempt's outputs and every attempt's log."""
+        self.task(task_id)  # NotFound for an unknown task
+        return latest_outputs(self.store.list_artifacts(task_id=task_id))
+
+    def request_outputs(self, request_id: int) -> dict[int, list[Artifact]]:
+        """Each task's artifacts, by task id."""
+        by_task: dict[int, list[Artifact]] = {}
+        for a in self.store.list_artifacts(request_id=request_id):
+            by_task.setdefault(a.task_id, []).append(a)
+        return {tid: latest_outputs(found) for tid, found in by_task.items()}
+
+    def artifact(self, task_id: int, name: str) -> Artifact:
+        """One of the task's artifacts by name (an output before a log of that name)."""
+        found = [a for a in self.task_artifacts(task_id) if a.name == name]
+        found.sort(key=lambda a: (a.kind != ArtifactKind.OUTPUT, -a.attempt))
+        if not found:
+            raise NotFound(f"task {task_id} has no artifact {name!r}")
+        return found[0]
+
+    def open_artifact(self, artifact: Artifact) -> Readable:
+        return self.artifact_store.open(artifact.key)
+
+    def artifact_link(self, artifact: Artifact) -> str | None:
+        """A time-limited download link, when `[artifacts] presign` asks for them and the
+        store can make them; None: download through Conveyor."""
+        seconds = self.config.artifact_settings.presign
+        return self.artifact_store.link(artifact.key, seconds) if seconds > 0 else None
+
     # queues and workers -------------------------------------------------------
     def pause(self, queue: str | None = None) -> None:
         self.store.pause(queue or ALL_QUEUES, self.clock())
@@ -223,6 +307,52 @@ class Conveyor:
     def latest_event_id(self) -> int:
         return self.store.latest_event_id()
 
+    # figures (the dashboard and the metrics) ---------------------------------
+    def status_counts(self) -> list[StatusCount]:
+        return self.store.status_counts()
+
+    def activity(self, window: float, width: float) -> list[ActivityRow]:
+        """Tasks that succeeded or failed in the last `window` seconds (from the start
+        of a bucket), counted in `width`-second buckets."""
+        since = (self.clock() - window) // width * width
+        return self.store.activity(since, width)
+
+    def pipeline_totals(self) -> list[PipelineTotals]:
+        return self.store.pipeline_totals(DURATION_BUCKETS)
+
+    def lease_expiries(self) -> int:
+        return self.store.count_events("task.lease_expired")
+
+    def ingest_totals(self) -> list[IngestTotals]:
+        """Each ingest source's totals, for the dashboard and the metrics: every
+        configured spool and every spool that has counters. None while there is none:
+        both then show nothing about ingestion."""
+        counters = self.store.ingest_counters()
+        names = sorted(set(self.config.spools) | set(counters))
+        if not names:
+            return []
+        rates = self.store.ingest_rates(self.clock() - 300)
+        out = []
+        for name in names:
+            c = counters.get(name, {})
+            spool = self.config.spools.get(name)
+            out.append(
+                IngestTotals(
+                    source=name,
+                    files=c.get("files", 0),
+                    records=c.get("rows", 0),
+                    failed=sum(v for k, v in c.items() if k.startswith("failed.")),
+                    pending=pending_files(spool.dir) if spool is not None else 0,
+                    per_minute=round(rates.get(name, 0.0), 1),
+                )
+            )
+        return out
+
+    def failed_tasks(
+        self, limit: int = 50, before_id: int | None = None, text: str | None = None
+    ) -> list[Task]:
+        return self.store.failed_tasks(limit, before_id, text)
+
     def ready(self) -> None:
         """Raises Unavailable when the database cannot be reached."""
         self.store.ping()
@@ -241,12 +371,23 @@ class Conveyor:
         self, spool: SpoolConfig, on_progress: Callable[[IngestStats], None] | None = None
     ) -> Ingester:
         """An ingester for the spool, its counters and events kept in this store."""
-        blobs = spool.blobs or self.config.artifacts_dir / "ingest"
+        if spool.blobs is not None:
+            blobs = BlobSpec(url=str(spool.blobs))
+        else:  # the artifact store, wherever it is (a directory, or S3)
+            a = self.config.artifact_settings
+            blobs = BlobSpec(
+                url=a.url,
+                timeout=a.timeout,
+                retries=a.retries,
+                endpoint_url=a.endpoint_url,
+                region=a.region,
+                profile=a.profile,
+            )
         return open_ingester(
             spool,
             self.sink(spool.sink),
             self.config.database_url,
-            str(blobs),
+            blobs,
             report=self.record_ingest,
             on_progress=on_progress,
         )
@@ -290,6 +431,11 @@ class Conveyor:
 
     def revoke_token(self, name_or_id: str) -> Token:
         return self.store.revoke_token(name_or_id, self.clock())
+
+    def session_token(self, token_hash: str) -> Token | None:
+        """The active token a login session was opened with, or None (revoked since)."""
+        token = self.store.token_by_hash(token_hash)
+        return token if token is not None and token.active else None
 
     def authenticate(self, secret: str) -> Token | None:
         """The active token this is, or None; notes when the token was last used."""

@@ -20,6 +20,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from conveyor.artifacts.keys import DEFAULT_KEY_TEMPLATE, ArtifactKeyError, check_template
 from conveyor.ingest.loader import LoadError, SqliteLoad, read_mapping
 from conveyor.ingest.settings import (
     SinkConfig,
@@ -29,6 +30,7 @@ from conveyor.ingest.settings import (
     sink_config,
     spool_config,
 )
+from conveyor.notifications import NotifySettings
 from conveyor.pipelines import Pipeline, TemplateError, template_fields
 from conveyor.queues import DEFAULT_QUEUE, DEFAULT_QUEUE_ORDER
 from conveyor.tasks import RetryPolicy
@@ -46,6 +48,26 @@ class _LoadSqliteModel(BaseModel):
     file: str
     mapping: str
     database: str | None = None
+
+
+class _NotifyModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    webhook: str = Field(pattern=r"^https?://[^\s/]+")
+    on: list[Literal["task", "request"]] = Field(default=["task", "request"], min_length=1)
+    secret_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout: float = Field(default=10.0, gt=0, le=300)
+    retries: int = Field(default=8, ge=0, le=100)
+    backoff: float = Field(default=2.0, ge=0)
+    backoff_max: float = Field(default=600.0, ge=0)
+
+
+def _check_glob(pattern: str) -> str:
+    if not pattern or pattern.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", pattern):
+        raise ValueError(f"output glob {pattern!r} must be relative to the work dir")
+    if ".." in re.split(r"[/\\]", pattern):
+        raise ValueError(f"output glob {pattern!r} must not climb out with '..'")
+    return pattern
 
 
 class _PipelineModel(BaseModel):
@@ -67,6 +89,14 @@ class _PipelineModel(BaseModel):
     env: dict[str, str] = {}
     cwd: str | None = None
     description: str = ""
+    outputs: list[str] = []
+    notify: _NotifyModel | None = None
+
+    @field_validator("outputs")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        return [_check_glob(p) for p in v]
+
     load_sqlite: _LoadSqliteModel | None = None
 
     @field_validator("command")
@@ -93,12 +123,52 @@ class _ConveyorModel(BaseModel):
     poll_interval: float = Field(default=1.0, gt=0)
 
 
+class _ArtifactsModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = None
+    key: str = DEFAULT_KEY_TEMPLATE
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+")
+    region: str | None = None
+    profile: str | None = None
+    timeout: float = Field(default=30.0, gt=0, le=3600)
+    retries: int = Field(default=3, ge=0, le=20)
+    presign: float = Field(default=0, ge=0, le=7 * 86400)
+    upload_logs: bool | None = None
+    max_files: int = Field(default=1000, ge=1, le=1_000_000)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        try:
+            check_template(v)
+        except ArtifactKeyError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
 class _ApiModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     read_open: bool = False
     max_body: int = Field(default=1_048_576, ge=1024, le=1 << 30)
     token_cache: float = Field(default=2.0, ge=0, le=60)
+
+
+class _DashboardModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secret_file: str | None = None
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 90)
+    refresh: float = Field(default=2.0, ge=0.5, le=2.0)
+    stats_cache: float = Field(default=5.0, ge=0, le=300)
+
+
+class _MetricsModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    public: bool = False
+    cache: float = Field(default=5.0, ge=0, le=300)
 
 
 class _LegacyModel(BaseModel):
@@ -114,6 +184,9 @@ class _FileModel(BaseModel):
     conveyor: _ConveyorModel = _ConveyorModel()
     api: _ApiModel = _ApiModel()
     legacy: _LegacyModel = _LegacyModel()
+    dashboard: _DashboardModel = _DashboardModel()
+    metrics: _MetricsModel = _MetricsModel()
+    artifacts: _ArtifactsModel = _ArtifactsModel()
     pipelines: dict[str, _PipelineModel] = {}
     spools: dict[str, SpoolModel] = {}
     sinks: dict[str, SinkModel] = {}
@@ -131,11 +204,48 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class DashboardSettings:
+    """`[dashboard]`: the web dashboard at `/`."""
+
+    # the key that signs session cookies: $CONVEYOR_DASHBOARD_SECRET, else this file,
+    # made (random, mode 0600) on first use; None: `dashboard.secret` in the artifacts
+    secret_file: Path | None = None
+    session_hours: float = 12.0  # a login lasts this long
+    refresh: float = 2.0  # seconds between live updates of a page (at most 2)
+    # seconds the throughput charts' aggregate may be reused (0: query every time)
+    stats_cache: float = 5.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """`[metrics]`: the Prometheus endpoint `/metrics`."""
+
+    public: bool = False  # true: scraping needs no token (else a read token, or read_open)
+    cache: float = 5.0  # seconds the database figures may be reused between scrapes
+
+
+@dataclass(frozen=True)
 class LegacySettings:
     """`[legacy]`: the Spotbot-compatible endpoint."""
 
     pipeline: str = "spotbot"  # the pipeline its SUBMIT feeds
     require_token: bool = False  # when true, a submit token is needed to use it
+
+
+@dataclass(frozen=True)
+class ArtifactSettings:
+    """`[artifacts]`: where outputs (and, for a remote store, logs) are kept."""
+
+    url: str  # s3://bucket/prefix, or a local directory
+    key: str = DEFAULT_KEY_TEMPLATE  # the key template of each artifact
+    endpoint_url: str | None = None  # an S3-compatible endpoint other than AWS
+    region: str | None = None
+    profile: str | None = None  # a named AWS profile for the credentials
+    timeout: float = 30.0  # seconds for each connect and each read
+    retries: int = 3  # more tries of a failing call, with exponential back-off
+    presign: float = 0.0  # seconds a download link lasts; 0: the API streams downloads
+    upload_logs: bool | None = None  # None: upload logs when the store is remote
+    max_files: int = 1000  # most output files of one attempt
 
 
 @dataclass(frozen=True)
@@ -149,8 +259,28 @@ class Config:
     source: Path | None = None
     api: ApiSettings = field(default_factory=ApiSettings)
     legacy: LegacySettings = field(default_factory=LegacySettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    artifacts: ArtifactSettings | None = None
     spools: Mapping[str, SpoolConfig] = field(default_factory=dict)
     sinks: Mapping[str, SinkConfig] = field(default_factory=dict)
+
+    @property
+    def artifact_settings(self) -> ArtifactSettings:
+        """The artifact store's settings; by default a directory beside the logs."""
+        return self.artifacts or ArtifactSettings(url=str(self.artifacts_dir / "objects"))
+
+
+def _notify(m: _NotifyModel | None) -> NotifySettings | None:
+    if m is None:
+        return None
+    return NotifySettings(
+        webhook=m.webhook,
+        on=frozenset(m.on),
+        secret_env=m.secret_env,
+        timeout=m.timeout,
+        retry=RetryPolicy(retries=m.retries, backoff_base=m.backoff, backoff_max=m.backoff_max),
+    )
 
 
 def _load_schema(value: dict[str, Any] | str | None, base: Path, where: str) -> Any:
@@ -198,6 +328,8 @@ def _pipeline(name: str, m: _PipelineModel, base: Path) -> Pipeline:
         env=dict(m.env),
         cwd=str((base / m.cwd).resolve()) if m.cwd else None,
         description=m.description,
+        outputs=tuple(m.outputs),
+        notify=_notify(m.notify),
         load_sqlite=_load_sqlite(m.load_sqlite, base, where),
     )
 
@@ -248,9 +380,16 @@ def parse_config(
     if not database:
         database = f"sqlite:///{(data_dir / 'conveyor.db').resolve()}"
     artifacts = env.get("CONVEYOR_ARTIFACTS") or model.conveyor.artifacts or "artifacts"
+    artifacts_dir = (data_dir / artifacts).resolve()
+    a = model.artifacts
+    store_url = env.get("CONVEYOR_ARTIFACTS_URL") or a.url or str(artifacts_dir / "objects")
+    if "://" not in store_url:
+        store_url = str((data_dir / store_url).resolve())
+    elif not store_url.startswith(("s3://", "file://")):
+        raise ConfigError(f"artifacts.url: use s3://bucket/prefix or a directory, not {store_url}")
     return Config(
         database_url=database,
-        artifacts_dir=(data_dir / artifacts).resolve(),
+        artifacts_dir=artifacts_dir,
         pipelines=pipelines,
         queue_order=tuple(model.conveyor.queues),
         lease=model.conveyor.lease,
@@ -263,6 +402,29 @@ def parse_config(
         ),
         legacy=LegacySettings(
             pipeline=model.legacy.pipeline, require_token=model.legacy.require_token
+        ),
+        dashboard=DashboardSettings(
+            secret_file=(
+                (base / model.dashboard.secret_file).resolve()
+                if model.dashboard.secret_file
+                else None
+            ),
+            session_hours=model.dashboard.session_hours,
+            refresh=model.dashboard.refresh,
+            stats_cache=model.dashboard.stats_cache,
+        ),
+        metrics=MetricsSettings(public=model.metrics.public, cache=model.metrics.cache),
+        artifacts=ArtifactSettings(
+            url=store_url,
+            key=a.key,
+            endpoint_url=env.get("CONVEYOR_ARTIFACTS_ENDPOINT") or a.endpoint_url,
+            region=a.region,
+            profile=a.profile,
+            timeout=a.timeout,
+            retries=a.retries,
+            presign=a.presign,
+            upload_logs=a.upload_logs,
+            max_files=a.max_files,
         ),
         spools=spools,
         sinks=sinks,

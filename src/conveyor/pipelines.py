@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import jsonschema
 from jsonschema.validators import validator_for
 
+from conveyor.notifications import NotifySettings
 from conveyor.queues import DEFAULT_QUEUE
 
 if TYPE_CHECKING:
@@ -139,6 +140,9 @@ class Pipeline:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     description: str = ""
+    # globs, relative to the task's work dir, of the files kept as its outputs
+    outputs: tuple[str, ...] = ()
+    notify: NotifySettings | None = None
     load_sqlite: SqliteLoad | None = None  # a result file loaded when a task succeeds
 
     @cached_property

@@ -3,10 +3,13 @@ API, so a script sees the same fields whichever way it asks."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from conveyor.artifacts import Artifact
 from conveyor.events import Event
+from conveyor.notifications import artifact_entry
 from conveyor.pipelines import Pipeline
 from conveyor.queues import QueueStats
 from conveyor.requests import Request
@@ -15,7 +18,11 @@ from conveyor.tasks import Task
 from conveyor.tokens import Token
 
 
-def task_view(t: Task) -> dict[str, Any]:
+def artifact_view(a: Artifact) -> dict[str, Any]:
+    return {**artifact_entry(a), "created_at": a.created_at}
+
+
+def task_view(t: Task, outputs: Sequence[Artifact] = ()) -> dict[str, Any]:
     return {
         "id": t.id,
         "request_id": t.request_id,
@@ -37,10 +44,13 @@ def task_view(t: Task) -> dict[str, Any]:
         "created_at": t.created_at,
         "started_at": t.started_at,
         "finished_at": t.finished_at,
+        "outputs": [artifact_view(a) for a in outputs],
     }
 
 
-def request_view(req: Request, with_tasks: bool = True) -> dict[str, Any]:
+def request_view(
+    req: Request, with_tasks: bool = True, outputs: Mapping[int, Sequence[Artifact]] | None = None
+) -> dict[str, Any]:
     view: dict[str, Any] = {
         "id": req.id,
         "pipeline": req.pipeline,
@@ -57,7 +67,8 @@ def request_view(req: Request, with_tasks: bool = True) -> dict[str, Any]:
         "counts": asdict(req.counts),
     }
     if with_tasks:
-        view["tasks"] = [task_view(t) for t in req.tasks]
+        found = outputs or {}
+        view["tasks"] = [task_view(t, found.get(t.id, ())) for t in req.tasks]
     return view
 
 

@@ -25,6 +25,7 @@ from types import FrameType
 
 from conveyor.app import Conveyor
 from conveyor.executors import ExecResult, TaskContext, executor_for
+from conveyor.outputs import Publisher
 from conveyor.pipelines import Pipeline
 from conveyor.queues import order_queues
 from conveyor.store import Unavailable, WorkerInfo
@@ -82,6 +83,9 @@ class Worker:
         self.poll = self.opts.poll_interval or cfg.poll_interval
         self.batch = self.opts.batch or max(1, self.opts.concurrency)
         self.stats = WorkerStats()
+        self.publisher = Publisher(
+            lambda: app.artifact_store, app.store, cfg.artifact_settings, app.clock
+        )
         # Only the main loop changes _running; the other threads read it.
         self._running: dict[int, _Running] = {}
         self._todo: queue.SimpleQueue[_Running | None] = queue.SimpleQueue()
@@ -246,6 +250,8 @@ class Worker:
             if run is None:
                 return
             try:
+                if run.pipeline.outputs:
+                    self.publisher.before_attempt(run.pipeline, run.ctx)
                 result = executor_for(run.pipeline).run(run.pipeline, run.ctx, run.deadline)
                 if result.ok and run.pipeline.load_sqlite is not None:
                     result = self._load_output(run, result)
@@ -255,6 +261,7 @@ class Worker:
             finally:
                 run.ctx.flush_progress()
                 run.ctx.close()
+            result = self._keep_outputs(run, result)
             run.finished = True
             self._done.put((run, result))
 
@@ -287,6 +294,17 @@ class Worker:
         if value is None or isinstance(value, dict):
             value = {**(value or {}), "loaded": dict(loaded.rows)}
         return ExecResult(ok=True, result=value)
+
+    def _keep_outputs(self, run: _Running, result: ExecResult) -> ExecResult:
+        """Upload the attempt's outputs (and log) here, in the attempt's thread: uploads
+        are bounded in time and never hold up claiming; a failed upload fails the attempt."""
+        if run.settled or not self.publisher.wanted(run.pipeline):
+            return result
+        try:
+            return self.publisher.after_attempt(run.pipeline, run.ctx, result)
+        except Exception as exc:  # a bug here must not lose the task
+            log.exception("keeping the outputs of task %s failed", run.task.id)
+            return ExecResult(ok=False, error=f"keeping outputs failed: {exc}")
 
     # recording outcomes ------------------------------------------------------------
     def _outcome(self, run: _Running, res: ExecResult) -> Outcome:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 from conveyor.executors import TaskContext
@@ -18,3 +19,9 @@ def record(ctx: TaskContext) -> None:
     path = Path(ctx.params["out_dir"]) / f"worker-{os.getpid()}.ids"
     with _LOCK, path.open("a") as f:
         f.write(f"{ctx.task.id}\n")
+
+
+def record_slowly(ctx: TaskContext) -> None:
+    """`record`, then 20 ms of work: a backlog that takes a few seconds to drain."""
+    record(ctx)
+    time.sleep(0.02)

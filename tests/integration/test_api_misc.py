@@ -79,6 +79,8 @@ async def test_the_openapi_document_is_complete(api: ApiEnv) -> None:
         ("GET", "/api/v1/requests/{request_id}/events"),
         ("GET", "/api/v1/tasks/{task_id}"),
         ("GET", "/api/v1/tasks/{task_id}/log"),
+        ("GET", "/api/v1/tasks/{task_id}/artifacts"),
+        ("GET", "/api/v1/tasks/{task_id}/artifacts/{name}"),
         ("GET", "/api/v1/events/stream"),
         ("GET", "/api/v1/queues"),
         ("POST", "/api/v1/queues/{name}/pause"),

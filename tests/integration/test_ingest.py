@@ -49,6 +49,18 @@ def test_kcidb_v5_sample_ingests_completely(make_app: Any, db_url: str, tmp_path
     assert app.ingest_counters()["test"] == {"files": 1, "rows": 4703}
     kinds = {e.kind for e in app.events()}
     assert "ingest.progress" in kinds
+    (totals,) = app.ingest_totals()
+    assert (totals.source, totals.files, totals.records, totals.failed) == ("test", 1, 4703, 0)
+    assert totals.per_minute > 0
+    # and what /metrics shows of them
+    from conveyor.metrics import families, snapshot
+
+    found = {
+        m.name: m.samples[0].value
+        for m in families(snapshot(app))
+        if m.name.startswith("conveyor_ingest")
+    }
+    assert found["conveyor_ingest_files"] == 1 and found["conveyor_ingest_records"] == 4703
     # the fields are the KCIDB ones, misc kept as JSON
     (row,) = query(
         db_url,
@@ -222,7 +234,7 @@ def test_long_text_goes_to_the_blob_store_once(make_app: Any, db_url: str, tmp_p
             },
         )
     app = make_app()
-    run_once(app, spool_config(spool, blobs=tmp_path / "blobs"))
+    run_once(app, spool_config(spool, blobs=str(tmp_path / "blobs")))
     rows = dict(query(db_url, "SELECT id, log_excerpt FROM kcidb_tests"))
     assert rows["o:short1"] == "short"
     assert rows["o:1"] == rows["o:2"] and rows["o:1"].startswith("file://")

@@ -144,7 +144,8 @@ class _HungStore:
 def test_a_hung_blob_store_times_out_and_the_cache_is_bounded(tmp_path: Path) -> None:
     import time
 
-    from conveyor.ingest.offload import LocalBlobStore, Offloader, OffloadUnavailable
+    from conveyor.artifacts import ArtifactError
+    from conveyor.ingest.offload import BlobSpec, Offloader, OffloadUnavailable, open_blob_store
 
     hung = _HungStore()
     slow = Offloader(hung, threshold=4, timeout=0.2)
@@ -155,12 +156,12 @@ def test_a_hung_blob_store_times_out_and_the_cache_is_bounded(tmp_path: Path) ->
     hung.release.set()
     slow.close()
 
-    store = LocalBlobStore(tmp_path)
+    store = open_blob_store(BlobSpec(url=str(tmp_path)))
     off = Offloader(store, threshold=4, cache_size=2)
     docs = [{"tests": [{"log_excerpt": f"text {i}"}]} for i in range(5)]
     for doc in docs:
         assert off(doc) == 1
     assert len(off.cache._d) == 2  # bounded
     assert all(d["tests"][0]["log_excerpt"].startswith("file://") for d in docs)
-    with pytest.raises(ValueError, match="outside the store"):
+    with pytest.raises(ArtifactError):
         store.put_bytes("../escape.txt", b"x")

@@ -1,6 +1,7 @@
 """The web application: `create_app(conveyor)` builds the HTTP API (under /api/v1), the
-legacy Spotbot endpoint and the OpenAPI document (/openapi.json) around one application
-object. Nothing happens at import time; each call makes a new, independent app."""
+legacy Spotbot endpoint, the OpenAPI document (/openapi.json), the dashboard (at /) and
+the Prometheus metrics (/metrics) around one application object. Nothing happens at
+import time; each call makes a new, independent app."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from conveyor import __version__
 from conveyor.api import (
     legacy,
     problems,
+    routes_artifacts,
     routes_events,
+    routes_metrics,
     routes_requests,
     routes_system,
     routes_tasks,
@@ -27,6 +30,8 @@ from conveyor.api.models import Submit
 from conveyor.api.problems import ProblemModel
 from conveyor.api.stream import EventHub
 from conveyor.app import Conveyor
+from conveyor.dashboard import mount_dashboard
+from conveyor.metrics import ApiMetrics, DatabaseCollector, RequestMetrics
 
 API_PREFIX = "/api/v1"
 
@@ -76,6 +81,7 @@ def create_app(conveyor: Conveyor, *, heartbeat: float = 15.0) -> FastAPI:
     for router in (
         routes_requests.router,
         routes_tasks.router,
+        routes_artifacts.router,
         routes_events.router,
         routes_system.router,
         routes_system.health,
@@ -86,8 +92,13 @@ def create_app(conveyor: Conveyor, *, heartbeat: float = 15.0) -> FastAPI:
     # The usual places for probes, besides the documented ones under /api/v1.
     api.add_api_route("/healthz", routes_system.healthz, include_in_schema=False)
     api.add_api_route("/readyz", routes_system.readyz, include_in_schema=False)
+    api.state.metrics = ApiMetrics()
+    api.state.metrics_collector = DatabaseCollector(conveyor, conveyor.config.metrics.cache)
+    api.add_api_route("/metrics", routes_metrics.metrics, include_in_schema=False)
+    mount_dashboard(api, conveyor)
 
     api.add_middleware(BodyLimit, limit=conveyor.config.api.max_body)
+    api.add_middleware(RequestMetrics, metrics=api.state.metrics)
     api.add_middleware(AccessLog)
 
     def openapi() -> dict[str, Any]:

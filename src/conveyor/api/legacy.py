@@ -20,6 +20,7 @@ recorded under its name. Errors are problem documents, as everywhere in the API.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -103,7 +104,7 @@ async def spotbot_offline_submitter(
         opts = SubmitOptions(submitter=caller.name)
         pipeline = app.config.legacy.pipeline
         try:
-            submitted = await run_in_threadpool(app.submit, pipeline, params, opts)
+            submitted = await asyncio.wrap_future(app.submit_grouped(pipeline, params, opts))
         except UnknownPipeline:
             raise Problem(
                 404,

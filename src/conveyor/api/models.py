@@ -69,6 +69,22 @@ class Counts(_Strict):
     cancelled: int
 
 
+class Artifact(_Strict):
+    task_id: int
+    attempt: int
+    kind: Literal["output", "log"]
+    name: str = Field(description="Outputs: the path in the work dir; logs: attempt-N.log.")
+    key: str = Field(description="The object's key in the artifact store.")
+    url: str = Field(description="Where the store keeps it (s3:// or file://).")
+    size: int
+    sha256: str
+    created_at: float
+
+
+class ArtifactList(_Strict):
+    items: list[Artifact]
+
+
 class Task(_Strict):
     id: int
     request_id: int
@@ -86,6 +102,9 @@ class Task(_Strict):
     created_at: float
     started_at: float | None
     finished_at: float | None
+    outputs: list[Artifact] = Field(
+        default=[], description="What it kept: its latest outputs and each attempt's log."
+    )
 
 
 class RequestSummary(_Strict):

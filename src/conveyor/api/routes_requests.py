@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import math
@@ -9,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import WithJsonSchema
 
@@ -72,7 +72,7 @@ async def submit(request: Request, caller: Submitter) -> JSONResponse:
         submitter=caller.name,
         cache=CachePolicy(read=body.cache.read, write=body.cache.write),
     )
-    submitted = await run_in_threadpool(app.submit, body.pipeline, body.params, opts)
+    submitted = await asyncio.wrap_future(app.submit_grouped(body.pipeline, body.params, opts))
     req, created = submitted.request, submitted.created
     return _view(req, 201 if created else 200, Location=f"/api/v1/requests/{req.id}")
 
@@ -87,8 +87,10 @@ async def submit(request: Request, caller: Submitter) -> JSONResponse:
 )
 def get_request(request: Request, caller: Reader, request_id: RequestId) -> JSONResponse:
     """Status, tasks with progress and attempts, timestamps, and where the result was
-    reused from the cache (`reused_request_id`)."""
-    return _view(conveyor_of(request).get(request_id))
+    reused from the cache (`reused_request_id`), and each task's outputs."""
+    app = conveyor_of(request)
+    req = app.get(request_id)
+    return JSONResponse(request_view(req, outputs=app.request_outputs(request_id)))
 
 
 def encode_cursor(last_id: int) -> str:

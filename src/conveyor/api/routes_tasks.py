@@ -41,7 +41,8 @@ STATUS_POLL = 0.5  # seconds between looks at a followed task's status
     openapi_extra={"x-required-role": "read"},
 )
 def get_task(request: Request, caller: Reader, task_id: TaskId) -> JSONResponse:
-    return JSONResponse(task_view(conveyor_of(request).task(task_id)))
+    app = conveyor_of(request)
+    return JSONResponse(task_view(app.task(task_id), app.task_artifacts(task_id)))
 
 
 def attempt_over(task: Task, attempt: int) -> bool:

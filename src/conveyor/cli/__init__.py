@@ -5,9 +5,9 @@ Exit codes: 0 success; 1 an error (the request failed, bad input, not found); 2 
 error or, for `wait`, a time-out; 3 the database (or the server) cannot be reached.
 
 Each module registers its commands on the root command: `requests` (submit, status,
-wait, list, cancel, retry, logs), `service` (queues, pause, resume, workers, worker,
-serve, up, db), `tokens`, `bench` (bench, bench-api), `scan` and `ingest` (ingest, load-sqlite,
-bench-ingest).
+wait, list, cancel, retry, logs), `artifacts` (outputs, download), `service` (queues,
+pause, resume, workers, worker, serve, up, notify, db), `tokens`, `bench` (bench,
+bench-api), `scan` and `ingest` (ingest, load-sqlite, bench-ingest).
 """
 
 from __future__ import annotations
@@ -27,10 +27,20 @@ from conveyor.tokens import TokenNameError
 
 # Commands are listed in the order they are registered: this order.
 # isort: off
-from conveyor.cli import requests, scan, service, tokens, bench, ingest
+from conveyor.cli import requests, artifacts, scan, service, tokens, bench, ingest
 # isort: on
 
-__all__ = ["bench", "cli", "ingest", "main", "requests", "scan", "service", "tokens"]
+__all__ = [
+    "artifacts",
+    "bench",
+    "cli",
+    "ingest",
+    "main",
+    "requests",
+    "scan",
+    "service",
+    "tokens",
+]
 
 
 def _fail(message: str, code: int) -> NoReturn:

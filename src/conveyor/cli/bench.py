@@ -86,3 +86,40 @@ def bench_api(
     else:
         for k, v in result.items():
             out.print(f"{k}: {v}")
+
+
+@cli.command("bench-dashboard")
+def bench_dashboard(
+    database: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL server URL (default: a temporary SQLite file)."),
+    ] = None,
+    requests: Annotated[int, typer.Option(min=10, max=5_000_000, help="Requests.")] = 100_000,
+    tasks_per_request: Annotated[int, typer.Option(min=1, max=100, help="Tasks each.")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, max=1000, help="Renders timed per page.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Render times of the dashboard's overview, a filtered requests page and a request's
+    detail, over a scratch database filled with a large history."""
+    from conveyor.bench_dashboard import DashBenchOptions, run_dashboard_bench
+
+    result = run_dashboard_bench(
+        DashBenchOptions(
+            database=database,
+            requests=requests,
+            tasks_per_request=tasks_per_request,
+            rounds=rounds,
+        ),
+        say=None if as_json else err.print,
+    )
+    if as_json:
+        out.print_json(data=result)
+        return
+    for k, v in result.items():
+        if k != "pages":
+            out.print(f"{k}: {v}")
+    for name, figures in result["pages"].items():
+        out.print(
+            f"{name} ({figures['path']}): median {figures['median_ms']} ms, "
+            f"p90 {figures['p90_ms']} ms, first {figures['first_ms']} ms"
+        )

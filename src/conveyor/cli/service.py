@@ -1,11 +1,13 @@
-"""Commands that run or steer the service: serve, up, worker, workers, queues, pause,
-resume, db upgrade."""
+"""Commands that run or steer the service: serve, up, worker, notify, workers, queues,
+pause, resume, db upgrade."""
 
 from __future__ import annotations
 
 import signal
 import socket
-from typing import Annotated
+import tempfile
+import threading
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -13,6 +15,26 @@ from rich.table import Table
 from conveyor.app import Conveyor
 from conveyor.cli.common import CliError, JsonOption, app_of, cli, err, out, safe_url, ts
 from conveyor.views import queue_view, worker_view
+
+if TYPE_CHECKING:
+    from conveyor.notifier import Notifier
+
+NotifyOption = Annotated[
+    bool,
+    typer.Option("--notify/--no-notify", help="Also send the pipelines' completion notifications."),
+]
+
+
+def _notifier(app: Conveyor, wanted: bool) -> Notifier | None:
+    """A started notifier, when asked for and some pipeline has `notify` set."""
+    from conveyor.notifier import Notifier, notify_settings
+
+    if not wanted or not notify_settings(app):
+        return None
+    notifier = Notifier(app)
+    notifier.start()
+    return notifier
+
 
 db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
@@ -101,6 +123,7 @@ def worker(
     grace: Annotated[
         float, typer.Option(help="On SIGTERM, seconds running tasks may take.")
     ] = 30.0,
+    notify: NotifyOption = True,
 ) -> None:
     """Run a worker until SIGTERM (or, with --burst, until the queues are empty)."""
     from conveyor.worker import Worker, WorkerOptions
@@ -120,7 +143,12 @@ def worker(
     )
     w.install_signal_handlers()
     err.print(f"worker {w.id} on {', '.join(w.queues)} (concurrency {concurrency})")
-    stats = w.run()
+    notifier = _notifier(app, notify)
+    try:
+        stats = w.run()
+    finally:
+        if notifier is not None:
+            notifier.stop()
     err.print(
         f"worker {w.id} stopped: {stats.succeeded} succeeded, {stats.failed} failed, "
         f"{stats.retried} retried, {stats.released} released"
@@ -168,8 +196,14 @@ def serve(
         finally:
             own.close()
 
-    if not serve_processes(serve_one, workers):
-        raise CliError("a server process failed (see the log above)")
+    # The processes count their API requests in files here, which /metrics of any of
+    # them sums; the directory goes when they do.
+    with tempfile.TemporaryDirectory(prefix="conveyor-metrics-") as counts:
+        from conveyor.metrics import enable_multiprocess
+
+        enable_multiprocess(counts)
+        if not serve_processes(serve_one, workers):
+            raise CliError("a server process failed (see the log above)")
 
 
 @cli.command()
@@ -181,9 +215,10 @@ def up(
     grace: Annotated[
         float, typer.Option(help="On SIGTERM, seconds running tasks may take.")
     ] = 30.0,
+    notify: NotifyOption = True,
 ) -> None:
-    """Everything in one process: migrations, the HTTP API, a worker and the declared
-    spools' ingesters."""
+    """Everything in one process: migrations, the HTTP API, a worker, the notifier and
+    the declared spools' ingesters."""
     from conveyor.api import create_app
     from conveyor.api.server import run, url_of
     from conveyor.ingest.service import SpoolService
@@ -196,16 +231,45 @@ def up(
     err.print(f"conveyor up: {url_of(sock)}; database {safe_url(app.config.database_url)}")
     err.print(f"artifacts {app.config.artifacts_dir}; pipelines: {names}")
     w = Worker(app, WorkerOptions(concurrency=concurrency, grace=grace))
+    notifier = _notifier(app, notify)
     spools = SpoolService(app, app.config.spools.values())
     if spools.spools:
         err.print(f"spools: {', '.join(f'{s.name} ({s.dir})' for s in spools.spools)}")
     spools.start()
     try:
-        ok = run(create_app(app), sock, worker=w)
+        if not run(create_app(app), sock, worker=w):
+            raise CliError("the worker stopped on an error (see the log above)")
     finally:
         spools.stop()
-    if not ok:
-        raise CliError("the worker stopped on an error (see the log above)")
+        if notifier is not None:
+            notifier.stop()
+
+
+@cli.command("notify")
+def notify_cmd(
+    ctx: typer.Context,
+    poll: Annotated[float, typer.Option(min=0.05, help="Seconds between looks.")] = 0.5,
+) -> None:
+    """Send completion notifications until SIGTERM (without running tasks)."""
+    from conveyor.notifier import Notifier
+
+    app = app_of(ctx)
+    app.store.upgrade()
+    notifier = Notifier(app, poll=poll)
+    if not notifier.enabled:
+        raise CliError("no pipeline has [pipelines.NAME.notify] configured")
+    done = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    notifier.start()
+    err.print(f"conveyor notify: {', '.join(sorted(notifier.settings))}")
+    while not done.wait(1.0):
+        pass
+    notifier.stop()
 
 
 @db_cli.command("upgrade")

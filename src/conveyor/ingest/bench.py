@@ -25,6 +25,7 @@ import kcidb_io
 import sqlalchemy as sa
 
 from conveyor.bench import scratch_database
+from conveyor.ingest.offload import BlobSpec
 from conveyor.ingest.pipeline import Ingester, make_plan
 from conveyor.ingest.samples import split_samples, write_spool
 from conveyor.ingest.settings import BUILTIN_KCIDB, SpoolConfig
@@ -96,7 +97,7 @@ def run_ingest_bench(opts: IngestBenchOptions, say: Callable[[str], None]) -> di
             batch_rows=opts.batch_rows,
             batch_seconds=0.5,
         )
-        plan = make_plan(spool, BUILTIN_KCIDB, engine, str(tmp / "blobs"))
+        plan = make_plan(spool, BUILTIN_KCIDB, engine, BlobSpec(url=str(tmp / "blobs")))
         writer = RowWriter(engine, plan.tables)
         runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ingester": [], "bare_insert": []}
         try:

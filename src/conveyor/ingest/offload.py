@@ -1,20 +1,20 @@
 """Large text fields moved out of the rows: stored once by content hash in a blob store
-and replaced by a link. The upload has a time-out (a hung store never stalls the
-ingester: the file stays pending and is tried again), and a bounded cache remembers
-what is already stored."""
+(the artifact store: a directory, or S3) and replaced by a link. The upload has a
+time-out (a hung store never stalls the ingester: the file stays pending and is tried
+again), and a bounded cache remembers what is already stored."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+from conveyor.artifacts.errors import ArtifactError
 
 
 class BlobStore(Protocol):
@@ -28,34 +28,30 @@ class OffloadUnavailable(RuntimeError):
     """The blob store did not answer in time or failed: try the file again later."""
 
 
-class LocalBlobStore:
-    """A directory as a blob store; keys never leave it."""
+@dataclass(frozen=True)
+class BlobSpec:
+    """Which blob store, in a form worker processes can be sent and open themselves:
+    the artifact store's URL (`s3://bucket/prefix` or a directory) and its settings."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root).resolve()
+    url: str
+    timeout: float = 30.0
+    retries: int = 3
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
 
-    def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root) or path == self.root:
-            raise ValueError(f"blob key {key!r} is outside the store")
-        return path
 
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
-        path = self._path(key)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        return path.as_uri()
+def open_blob_store(spec: BlobSpec) -> BlobStore:
+    from conveyor.artifacts import open_artifact_store
 
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+    return open_artifact_store(
+        spec.url,
+        timeout=spec.timeout,
+        retries=spec.retries,
+        endpoint_url=spec.endpoint_url,
+        region=spec.region,
+        profile=spec.profile,
+    )
 
 
 class _Lru:
@@ -150,7 +146,7 @@ class Offloader:
                 raise OffloadUnavailable(
                     f"blob store did not store {key} within {self.timeout:g}s"
                 ) from None
-            except (OSError, ConnectionError) as exc:
+            except (ArtifactError, OSError) as exc:
                 raise OffloadUnavailable(f"blob store failed to store {key}: {exc}") from None
             self.cache.put(key, url)
         return url

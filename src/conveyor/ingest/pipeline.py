@@ -24,6 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from conveyor.ingest.offload import BlobSpec
 from conveyor.ingest.prepare import (
     Outcome,
     Plan,
@@ -108,7 +109,9 @@ def table_specs(
     return specs, tuple(mappings)
 
 
-def make_plan(spool: SpoolConfig, sink: SinkConfig, engine: sa.Engine, blobs: str | None) -> Plan:
+def make_plan(
+    spool: SpoolConfig, sink: SinkConfig, engine: sa.Engine, blobs: BlobSpec | None
+) -> Plan:
     tables, mappings = table_specs(sink, engine)
     return Plan(
         spool_dir=str(spool.dir),
@@ -165,6 +168,7 @@ class Ingester:
         self._stats_lock = threading.Lock()
         self._events: deque[tuple[str, dict[str, Any]]] = deque(maxlen=_MAX_EVENTS)
         self._wake_reporter = threading.Event()
+        self._samples: deque[tuple[float, int]] = deque()
         self._reporting_done = threading.Event()
         self._pending: set[str] = set()
         self._pending_lock = threading.Condition()
@@ -465,6 +469,16 @@ class Ingester:
             # at most a couple of reports a second, however busy the spool
             self._reporting_done.wait(_REPORT_EVERY)
 
+    def _per_minute(self) -> float:
+        """Files archived per minute over about the last minute (since the start, at
+        first)."""
+        now = time.monotonic()
+        self._samples.append((now, self.stats.files))
+        while len(self._samples) > 1 and now - self._samples[1][0] >= 60:
+            self._samples.popleft()
+        t0, f0 = self._samples[0] if now - self._samples[0][0] > 1 else (self.stats.started, 0)
+        return round((self.stats.files - f0) / max(now - t0, 1e-3) * 60, 1)
+
     def _send_reports(self) -> None:
         if self.report is None:
             return
@@ -480,7 +494,12 @@ class Ingester:
                     self.cfg.name,
                     counts,
                     "ingest.progress",
-                    {"spool": self.cfg.name, "delta": counts, "total": self.stats.as_dict()},
+                    {
+                        "spool": self.cfg.name,
+                        "delta": counts,
+                        "per_minute": self._per_minute(),
+                        "total": self.stats.as_dict(),
+                    },
                 )
         except Exception as exc:  # visibility must never stop ingestion
             log.warning("cannot record ingest counters and events: %s", exc)
@@ -492,7 +511,7 @@ def open_ingester(
     spool: SpoolConfig,
     sink: SinkConfig,
     database_url: str,
-    blobs: str | None,
+    blobs: BlobSpec | None,
     report: Report | None = None,
     on_progress: Callable[[IngestStats], None] | None = None,
 ) -> Ingester:

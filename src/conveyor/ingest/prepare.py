@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from conveyor.ingest.offload import LocalBlobStore, Offloader, OffloadUnavailable
+from conveyor.ingest.offload import BlobSpec, Offloader, OffloadUnavailable, open_blob_store
 from conveyor.ingest.sinks import MappingError, Sink, TableSpec
 from conveyor.ingest.sinks.kcidb import KcidbSink
 from conveyor.ingest.sinks.table import TableMapping, TableSink
@@ -49,7 +49,7 @@ class Plan:
     mappings: tuple[TableMapping, ...] = ()
     schema: Any = None
     transforms: Transforms = field(default_factory=Transforms)
-    blobs: str | None = None  # a directory; None: long text stays in the rows
+    blobs: BlobSpec | None = None  # None: long text stays in the rows
     text_threshold: int = 256
     offload_fields: tuple[str, ...] = ("log_excerpt",)
     offload_timeout: float = 10.0
@@ -86,7 +86,7 @@ class Stages:
             self.sink = TableSink(plan.sink_name, plan.mappings, plan.tables)
         self.offloader = (
             Offloader(
-                LocalBlobStore(Path(plan.blobs)),
+                open_blob_store(plan.blobs),
                 threshold=plan.text_threshold,
                 fields=plan.offload_fields,
                 cache_size=plan.offload_cache,

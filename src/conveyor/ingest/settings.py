@@ -50,7 +50,7 @@ class SpoolModel(BaseModel):
     offload_fields: list[str] = ["log_excerpt"]
     offload_timeout: float = Field(default=10.0, gt=0)
     offload_cache: int = Field(default=100_000, ge=1)
-    blobs: str | None = None
+    blobs: str | None = None  # an artifact store URL or directory; default: [artifacts]
     batch_rows: int = Field(default=5000, ge=1)
     batch_bytes: int = Field(default=8 << 20, ge=1024)
     batch_seconds: float = Field(default=1.0, ge=0)
@@ -105,7 +105,7 @@ class SpoolConfig:
     offload_fields: tuple[str, ...] = ("log_excerpt",)
     offload_timeout: float = 10.0
     offload_cache: int = 100_000
-    blobs: Path | None = None  # None: `ingest/` under the artifacts directory
+    blobs: str | None = None  # a store URL or directory; None: the artifact store
     batch_rows: int = 5000
     batch_bytes: int = 8 << 20
     batch_seconds: float = 1.0
@@ -138,7 +138,7 @@ def spool_config(name: str, m: SpoolModel, base: Path) -> SpoolConfig:
         offload_fields=tuple(m.offload_fields),
         offload_timeout=m.offload_timeout,
         offload_cache=m.offload_cache,
-        blobs=(base / m.blobs).resolve() if m.blobs else None,
+        blobs=(m.blobs if m.blobs is None or "://" in m.blobs else str((base / m.blobs).resolve())),
         batch_rows=m.batch_rows,
         batch_bytes=m.batch_bytes,
         batch_seconds=m.batch_seconds,

@@ -138,3 +138,11 @@ def _free(folder: Path, name: str) -> Path:
         if not candidate.exists():
             return candidate
         n += 1
+
+
+def pending_files(folder: Path) -> int:
+    """How many submissions wait in a spool directory (0 when it does not exist)."""
+    try:
+        return Spool(folder, 0).count()
+    except OSError:
+        return 0

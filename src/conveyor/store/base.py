@@ -3,13 +3,16 @@ and queues. Dialect differences stay behind it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from conveyor.artifacts import Artifact
 from conveyor.events import Event
+from conveyor.notifications import NewNotification, Notification
 from conveyor.queues import QueueStats
 from conveyor.requests import NewRequest, Request
+from conveyor.stats import ActivityRow, PipelineTotals, StatusCount
 from conveyor.tasks import Outcome, Progress, RetryPolicy, Task
 from conveyor.tokens import NewToken, Token
 
@@ -89,7 +92,12 @@ class Store(Protocol):
     # requests
     def submit(self, new: NewRequest, now: float) -> Submitted: ...
 
-    def submit_many(self, batch: Sequence[NewRequest], now: float) -> list[Submitted]: ...
+    def submit_many(
+        self, batch: Sequence[NewRequest], now: float, with_tasks: bool = False
+    ) -> list[Submitted]:
+        """Submit several requests in one transaction, answering in their order; with
+        `with_tasks` the answers carry their tasks as `submit`'s do."""
+        ...
 
     def get_request(self, request_id: int, with_tasks: bool = True) -> Request | None: ...
 
@@ -171,6 +179,69 @@ class Store(Protocol):
 
     def count_tasks(self, **where: Any) -> int: ...
 
+    # aggregates (the dashboard, the metrics)
+    def status_counts(self) -> list[StatusCount]:
+        """Requests and tasks by queue, pipeline and status."""
+        ...
+
+    def activity(self, since: float, width: float) -> list[ActivityRow]:
+        """Tasks that succeeded or failed since `since`, in `width`-second buckets."""
+        ...
+
+    def pipeline_totals(self, bounds: Sequence[float]) -> list[PipelineTotals]: ...
+
+    def count_events(self, kind: str) -> int: ...
+
+    def failed_tasks(
+        self, limit: int = 50, before_id: int | None = None, text: str | None = None
+    ) -> list[Task]:
+        """Failed tasks, newest first; `text`: a task or request id, or text in the
+        error or the params."""
+        ...
+
+    # artifacts
+    def record_artifacts(self, artifacts: Sequence[Artifact]) -> None:
+        """Record what attempts kept; an attempt's artifact recorded again replaces it."""
+        ...
+
+    def list_artifacts(
+        self, task_id: int | None = None, request_id: int | None = None
+    ) -> list[Artifact]: ...
+
+    # the notifications outbox
+    def enqueue_notifications(
+        self,
+        cursor: str,
+        plan: Callable[[Sequence[Event]], list[NewNotification]],
+        now: float,
+        limit: int = 500,
+        settle: float = 10.0,
+    ) -> tuple[int, int]:
+        """Follow the events from the named cursor (made at the newest event when new):
+        store the notifications `plan` makes of them and move the cursor, together.
+        Returns how many were stored and the event id the cursor is at."""
+        ...
+
+    def next_notification_at(self) -> float | None:
+        """When the next pending notification is due (None: none is pending)."""
+        ...
+
+    def claim_notifications(self, n: int, lease: float, now: float) -> list[Notification]: ...
+
+    def settle_notification(
+        self,
+        notification_id: int,
+        now: float,
+        error: str | None = None,
+        retry_at: float | None = None,
+    ) -> None:
+        """Sent (no error), due again at `retry_at`, or failed for good."""
+        ...
+
+    def list_notifications(
+        self, request_id: int | None = None, limit: int = 100
+    ) -> list[Notification]: ...
+
     # ingestion
     def record_ingest(
         self, spool: str, counts: Mapping[str, int], now: float, kind: str, data: Any
@@ -180,4 +251,9 @@ class Store(Protocol):
 
     def ingest_counters(self) -> dict[str, dict[str, int]]:
         """Every spool's counters: {spool: {name: value}}."""
+        ...
+
+    def ingest_rates(self, since: float) -> dict[str, float]:
+        """Each spool's files per minute as its latest `ingest.progress` event since
+        `since` reported it (among the newest events only: a look stays cheap)."""
         ...

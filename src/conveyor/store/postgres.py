@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from conveyor.store.base import Listener
-from conveyor.store.rows import EventRow
+from conveyor.store.rows import EventRow, describe_error
 from conveyor.store.sql import SQLStore
 from conveyor.tasks import Task, TaskStatus
 
@@ -148,6 +148,10 @@ class PostgresStore(SQLStore):
             sqlalchemy_url(url),
             pool_size=8,
             max_overflow=8,
+            # No ping at check-out (a round trip on every call): a connection found dead
+            # invalidates the whole pool, so after a database restart one call per
+            # process fails as `Unavailable` (the API answers 503, workers retry) and
+            # the next ones reconnect.
             # JIT compilation costs more than any of Conveyor's short statements saves.
             connect_args={"connect_timeout": 10, "options": "-c jit=off"},
         )
@@ -327,7 +331,10 @@ class _PgListener:
                     pass
             return got
         except psycopg.Error as exc:
-            log.warning("lost the notification connection (%s); polling instead", exc)
+            log.warning(
+                "lost the notification connection (%s); polling until it is back",
+                describe_error(exc),
+            )
             self.close()
             time.sleep(min(timeout, 1.0))
             return True

@@ -153,6 +153,65 @@ api_tokens = sa.Table(
     ),
 )
 
+# What each task attempt kept in the artifact store: its outputs and, where logs are
+# uploaded, its log. One row per (task, attempt, kind, name).
+artifacts = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("task_id", BigId, sa.ForeignKey("tasks.id"), nullable=False),
+    sa.Column("request_id", BigId, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Index("ix_artifacts_task", "task_id", "attempt", "kind", "name", unique=True),
+    sa.Index("ix_artifacts_request_id", "request_id"),
+)
+
+# The notifications outbox: filled from the events table (one row per completion event
+# that a pipeline wants announced), emptied by delivering with retries.
+notifications = sa.Table(
+    "notifications",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("event_id", BigId, nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("pipeline", sa.Text, nullable=False),
+    sa.Column("request_id", BigId, nullable=True),
+    sa.Column("task_id", BigId, nullable=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("next_at", Time, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("sent_at", Time, nullable=True),
+    sa.Index("ix_notifications_event_id", "event_id", unique=True),
+    sa.Index("ix_notifications_request_id", "request_id"),
+    sa.Index(
+        "ix_notifications_due",
+        "next_at",
+        postgresql_where=sa.text("state = 'pending'"),
+        sqlite_where=sa.text("state = 'pending'"),
+    ),
+)
+
+# Named positions in the events table of the components that follow it (the notifier).
+event_cursors = sa.Table(
+    "event_cursors",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("event_id", BigId, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
 # --------------------------------------------------------------------------- ingestion
 # KCIDB (schema 5.3) objects, one table per object list, one column per field; nested
 # values (resource lists, environment, culprit, misc …) are JSON. Rows upsert by id, a

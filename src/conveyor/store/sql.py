@@ -25,6 +25,7 @@ from conveyor.store.base import (
     NotFound,
     Submitted,
 )
+from conveyor.store.outbox import OutboxVerbs
 from conveyor.store.rows import (
     OUTCOME_EVENTS,
     EventRow,
@@ -35,7 +36,7 @@ from conveyor.store.rows import (
     request_from_row,
     task_from_row,
 )
-from conveyor.store.sqlbase import SQLBase
+from conveyor.store.stats import SQLStats
 from conveyor.tasks import (
     Outcome,
     Progress,
@@ -49,14 +50,16 @@ from conveyor.tasks import (
 )
 
 
-class SQLStore(SQLBase):
+class SQLStore(SQLStats, OutboxVerbs):
     # ----------------------------------------------------------------- requests
     def submit(self, new: NewRequest, now: float) -> Submitted:
         # One request's answer shows its tasks; bulk callers (submit_many) need not.
         return self._submit([new], now, with_tasks=True)[0]
 
-    def submit_many(self, batch: Sequence[NewRequest], now: float) -> list[Submitted]:
-        return self._submit(batch, now, with_tasks=False)
+    def submit_many(
+        self, batch: Sequence[NewRequest], now: float, with_tasks: bool = False
+    ) -> list[Submitted]:
+        return self._submit(batch, now, with_tasks=with_tasks)
 
     def _submit(self, batch: Sequence[NewRequest], now: float, with_tasks: bool) -> list[Submitted]:
         try:

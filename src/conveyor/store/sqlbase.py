@@ -262,6 +262,21 @@ class SQLBase:
                 out.setdefault(spool, {})[name] = int(value)
         return out
 
+    def ingest_rates(self, since: float) -> dict[str, float]:
+        ev = t.events
+        out: dict[str, float] = {}
+        with self._read() as conn:
+            top = conn.execute(sa.select(sa.func.max(ev.c.id))).scalar() or 0
+            rows = conn.execute(
+                sa.select(ev.c.data)
+                .where(ev.c.id > top - 10_000, ev.c.kind == "ingest.progress", ev.c.ts >= since)
+                .order_by(ev.c.id)
+            )
+            for (data,) in rows:
+                if isinstance(data, dict) and isinstance(data.get("spool"), str):
+                    out[data["spool"]] = float(data.get("per_minute") or 0.0)
+        return out
+
     # ------------------------------------------------------------------- queues
     def _set_paused(self, queue: str, paused: bool, now: float) -> None:
         with self._write() as conn:

@@ -1,0 +1,170 @@
+"""Artifacts: where each attempt's log, its work directory and its outputs are kept.
+
+Two things live here. `LocalArtifacts` is the worker's local scratch space beside the
+database: `logs/<request>/<task>/attempt-<n>.log` and `work/<request>/<task>/`. An
+`ArtifactStore` is where outputs (and, for a remote store, logs) are kept for others
+to fetch, behind one interface chosen by URL (`open_artifact_store`): a local directory
+(the default) or any S3-compatible endpoint (`s3://bucket/prefix`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from conveyor.artifacts.errors import ArtifactError, ArtifactKeyError, ArtifactMissing
+from conveyor.artifacts.keys import check_key
+
+
+class LocalArtifacts:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._root = str(self.root)
+
+    def log_path(self, request_id: int, task_id: int, attempt: int) -> Path:
+        return Path(f"{self._root}/logs/{request_id}/{task_id}/attempt-{attempt}.log")
+
+    def attempts_logged(self, request_id: int, task_id: int) -> list[int]:
+        folder = self.root / "logs" / str(request_id) / str(task_id)
+        if not folder.is_dir():
+            return []
+        found = []
+        for p in folder.glob("attempt-*.log"):
+            try:
+                found.append(int(p.stem.split("-", 1)[1]))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def work_dir(self, request_id: int, task_id: int) -> Path:
+        """A scratch directory for the task (made by whoever first needs it)."""
+        return Path(f"{self._root}/work/{request_id}/{task_id}")
+
+
+class ArtifactKind(enum.StrEnum):
+    OUTPUT = "output"  # a file the attempt wrote that matched the pipeline's outputs
+    LOG = "log"  # the attempt's log
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """An object as stored: its key, where to reach it, its size and content hash."""
+
+    key: str
+    url: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An artifact record of one task attempt."""
+
+    task_id: int
+    request_id: int
+    attempt: int
+    kind: ArtifactKind
+    name: str  # outputs: the path relative to the work dir; logs: attempt-<n>.log
+    key: str
+    url: str
+    size: int
+    sha256: str
+    created_at: float
+
+
+class Readable(Protocol):
+    """A binary stream being downloaded."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class ArtifactStore(Protocol):
+    """One place objects are kept. Every method raises ArtifactError with a clear
+    reason (ArtifactMissing for an unknown key) and none waits without a time limit."""
+
+    location: str  # the store's URL
+    remote: bool  # whether machines other than this one can reach what it keeps
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        """Store `data` under `key`; returns the stored object's URL."""
+        ...
+
+    def put_file(self, key: str, path: Path, content_type: str | None = None) -> ArtifactRef: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def open(self, key: str) -> Readable: ...
+
+    def url(self, key: str) -> str: ...
+
+    def link(self, key: str, expires: float) -> str | None:
+        """A URL anyone may download from for `expires` seconds, where the store can
+        make one (S3: a presigned URL); None otherwise."""
+        ...
+
+    def delete(self, key: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_artifact_store(
+    url: str,
+    *,
+    timeout: float = 30.0,
+    retries: int = 3,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+) -> ArtifactStore:
+    """The store for a URL: `s3://bucket[/prefix]` (any S3-compatible endpoint with
+    `endpoint_url`), else a local directory (a path or `file://` URL). `timeout` bounds
+    each connect and each read; `retries` failed calls are tried again with back-off."""
+    if url.startswith("s3://"):
+        from conveyor.artifacts.s3 import S3Store
+
+        return S3Store(
+            url,
+            timeout=timeout,
+            retries=retries,
+            endpoint_url=endpoint_url,
+            region=region,
+            profile=profile,
+        )
+    if "://" in url and not url.startswith("file://"):
+        scheme = url.split("://", 1)[0]
+        raise ArtifactError(
+            f"unsupported artifact store URL scheme {scheme!r}: use s3:// or a path"
+        )
+    from conveyor.artifacts.local import LocalStore
+
+    return LocalStore(Path(url.removeprefix("file://")))
+
+
+def latest_outputs(artifacts: Sequence[Artifact]) -> list[Artifact]:
+    """What a task shows: the outputs of its latest attempt that recorded any, and the
+    log of every attempt, in attempt then name order."""
+    outputs = [a for a in artifacts if a.kind == ArtifactKind.OUTPUT]
+    last = max((a.attempt for a in outputs), default=None)
+    shown = [a for a in artifacts if a.kind == ArtifactKind.LOG or a.attempt == last]
+    return sorted(shown, key=lambda a: (a.kind != ArtifactKind.OUTPUT, a.attempt, a.name))
+
+
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "ArtifactKeyError",
+    "ArtifactKind",
+    "ArtifactMissing",
+    "ArtifactRef",
+    "ArtifactStore",
+    "LocalArtifacts",
+    "Readable",
+    "check_key",
+    "latest_outputs",
+    "open_artifact_store",
+]

@@ -1,0 +1,158 @@
+"""Outputs kept in the default artifact store, a local directory beside the database:
+a worker keeps what the globs match after a successful attempt, the API lists and
+streams them, the CLI lists and downloads them."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from artifact_support import expected_db, outputs_pipeline, run_worker
+
+from api_support import make_env
+from conftest import cli_env, run_cli, write_config
+from conveyor.artifacts import ArtifactError, ArtifactMissing
+from conveyor.artifacts.local import LocalStore
+
+pytestmark = pytest.mark.anyio
+
+
+def test_the_local_store_keeps_objects_inside_its_root(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "objects")
+    url = store.put_bytes("blobs/ab/cdef", b"large field", "text/plain")
+    assert url == (tmp_path / "objects" / "blobs/ab/cdef").as_uri()
+    assert store.exists("blobs/ab/cdef") and not store.exists("blobs/ab/none")
+    body = store.open("blobs/ab/cdef")
+    assert body.read() == b"large field"
+    body.close()
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 3_000_000)
+    ref = store.put_file("a/f.bin", src)
+    assert (ref.size, ref.sha256) == (3_000_000, hashlib.sha256(b"x" * 3_000_000).hexdigest())
+    store.delete("a/f.bin")
+    assert not store.exists("a/f.bin")
+    with pytest.raises(ArtifactMissing):
+        store.open("a/f.bin")
+    for hostile in ("../escape", "/etc/passwd", "a/../../b"):
+        with pytest.raises(ArtifactError):
+            store.put_bytes(hostile, b"no")
+    # a symlink planted inside the store does not lead writes out of it
+    (tmp_path / "objects" / "link").symlink_to(tmp_path)
+    with pytest.raises(ArtifactError, match="outside"):
+        store.put_bytes("link/planted", b"no")
+    assert not (tmp_path / "planted").exists()
+
+
+async def test_outputs_are_kept_listed_and_streamed(make_app: Any, tmp_path: Path) -> None:
+    app = make_app(outputs_pipeline())
+    env = make_env(app)
+    req = app.submit(
+        "ranks", {"items": [{"name": "alpha", "code": 0}, {"name": "beta", "code": 3}]}
+    )
+    run_worker(app)
+    done = app.get(req.request.id)
+    ok, bad = done.tasks
+    assert (ok.status.value, bad.status.value) == ("succeeded", "failed")
+
+    kept = app.task_artifacts(ok.id)
+    assert [(a.name, a.kind.value, a.attempt) for a in kept] == [
+        ("alpha.csv", "output", 1),
+        ("out/deep/alpha.db", "output", 1),
+    ]
+    db = kept[1]
+    assert db.size == 200_000 and db.sha256 == hashlib.sha256(expected_db("alpha")).hexdigest()
+    store_root = tmp_path / "artifacts" / "objects"
+    assert Path(db.url.removeprefix("file://")).is_file()
+    assert db.url.startswith(store_root.as_uri())
+    assert db.key.endswith(f"/ranks/{done.id}/{ok.id}/out/deep/alpha.db")
+    # a failed attempt keeps nothing (its files stay in its work dir only)
+    assert app.task_artifacts(bad.id) == []
+
+    async with env.client("read") as c:
+        r = await c.get(f"/api/v1/requests/{done.id}")
+        tasks = {t["id"]: t for t in r.json()["tasks"]}
+        assert [o["name"] for o in tasks[ok.id]["outputs"]] == ["alpha.csv", "out/deep/alpha.db"]
+        assert tasks[bad.id]["outputs"] == []
+        r = await c.get(f"/api/v1/tasks/{ok.id}")
+        assert len(r.json()["outputs"]) == 2
+        r = await c.get(f"/api/v1/tasks/{ok.id}/artifacts")
+        assert [(i["name"], i["size"], i["url"]) for i in r.json()["items"]] == [
+            (a.name, a.size, a.url) for a in kept
+        ]
+        r = await c.get(f"/api/v1/tasks/{ok.id}/artifacts/out/deep/alpha.db")
+        assert r.status_code == 200, r.text
+        assert r.content == expected_db("alpha")
+        assert r.headers["x-conveyor-sha256"] == db.sha256
+        assert r.headers["content-length"] == "200000"
+        r = await c.get(f"/api/v1/tasks/{ok.id}/artifacts/nothing.csv")
+        assert r.status_code == 404 and "nothing.csv" in r.json()["detail"]
+        r = await c.get("/api/v1/tasks/999999/artifacts")
+        assert r.status_code == 404
+    async with env.client(None) as anonymous:
+        r = await anonymous.get(f"/api/v1/tasks/{ok.id}/artifacts/alpha.csv")
+        assert r.status_code == 401
+        r = await anonymous.get(f"/tasks/{ok.id}/outputs/alpha.csv")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+
+    # the dashboard lists them on the request's page and hands them out to its viewers
+    async with env.client(None) as browser:
+        page = await browser.get("/login")
+        found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert found
+        r = await browser.post(
+            "/login", data={"token": env.tokens["read"], "csrf": found.group(1), "next": "/"}
+        )
+        assert r.status_code == 303
+        detail = (await browser.get(f"/requests/{done.id}")).text
+        assert f'href="/tasks/{ok.id}/outputs/out/deep/alpha.db"' in detail
+        r = await browser.get(f"/tasks/{ok.id}/outputs/out/deep/alpha.db")
+        assert r.status_code == 200 and r.content == expected_db("alpha")
+        assert (await browser.get(f"/tasks/{bad.id}/outputs/alpha.csv")).status_code == 404
+
+
+def test_cli_lists_and_downloads_outputs(tmp_path: Path, db_url: str) -> None:
+    config = write_config(tmp_path, outputs_pipeline())
+    env = cli_env(db_url, config)
+    r = run_cli(
+        "submit", "ranks", "--set", 'items=[{"name": "gamma", "code": 0}]', env=env, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    env_worker = run_cli("worker", "--burst", env=env, cwd=tmp_path)
+    assert env_worker.returncode == 0, env_worker.stderr
+    listed = run_cli("outputs", "1", "--json", env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert '"out/deep/gamma.db"' in listed.stdout
+    got = run_cli("download", "1", "out/deep/gamma.db", "-o", "g.db", env=env, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "g.db").read_bytes() == expected_db("gamma")
+    missing = run_cli("download", "1", "nope.csv", env=env, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "conveyor: task 1 has no artifact 'nope.csv'"
+
+
+# Attempt 1 writes an output and fails; attempt 2 writes nothing and succeeds.
+FLAKY_SCRIPT = (
+    "import sys, pathlib; a = int(sys.argv[1]); "
+    "a == 1 and pathlib.Path('stale.csv').write_text('x'); sys.exit(1 if a == 1 else 0)"
+)
+FLAKY = f"""
+[pipelines.flaky]
+executor = "command"
+command = ["{{conveyor.python}}", "-c", "{FLAKY_SCRIPT}", "{{conveyor.attempt}}"]
+outputs = ["*.csv"]
+retries = 1
+backoff = 0
+"""
+
+
+def test_an_attempt_keeps_only_what_it_wrote(make_app: Any) -> None:
+    app = make_app(FLAKY)
+    rid = app.submit("flaky", {}).request.id
+    run_worker(app)
+    (task,) = app.get(rid).tasks
+    assert task.status.value == "succeeded" and task.attempts == 2
+    assert app.task_artifacts(task.id) == []
+    assert "removed stale.csv, left by an earlier attempt" in app.log_path(task.id).read_text()
