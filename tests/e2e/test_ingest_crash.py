@@ -4,6 +4,7 @@ holds exactly the rows of the good files."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -54,8 +55,12 @@ def test_sigkill_mid_batch_then_restart(db_url: str, tmp_path: Path, procs: Proc
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     done_at_kill = len(names(spool / "archive"))
-    # its worker processes follow it (they see their parent's pipe close)
-    wait_for(lambda: not live_pids_in_group(proc.pid), 20, "the worker processes to exit")
+    try:
+        # its worker processes follow it
+        wait_for(lambda: not live_pids_in_group(proc.pid), 20, "the worker processes to exit")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left, should that fail
     # files keep arriving while it is down
     for i, part in enumerate(parts[300:], start=300):
         put(spool, f"sub-{i:04d}.json", part)
