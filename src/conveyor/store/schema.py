@@ -327,8 +327,8 @@ kcidb_incidents = _kcidb(
     ("misc", _J),
 )
 
-# Per-spool counters, bumped in the same transaction as the rows they count, so they
-# are exact across crashes and readable by any process (the metrics endpoint).
+# Per-spool counters (files, rows, empty, failed.<stage>), added to by the ingester
+# after its commits and readable by any process (the metrics, the dashboard).
 ingest_counters = sa.Table(
     "ingest_counters",
     metadata,
