@@ -29,6 +29,7 @@ bench: install
 	$(BIN)/conveyor bench --tasks 20000 --json
 	$(BIN)/conveyor bench --tasks 50000 --database $(PG_BENCH_URL) --claim-scale 1000000 --json
 	$(BIN)/conveyor bench-api --database $(PG_BENCH_URL) --json
+	$(BIN)/conveyor bench-ingest --database $(PG_BENCH_URL) --files 2000 --json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -43,6 +43,14 @@ TABLES = [
     "artifacts",
     "notifications",
     "event_cursors",
+    "annotation",
+    "annotation_header",
+    "ingest_counters",
+    "kcidb_checkouts",
+    "kcidb_builds",
+    "kcidb_tests",
+    "kcidb_issues",
+    "kcidb_incidents",
 ]
 
 

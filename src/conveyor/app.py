@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from conveyor.artifacts import (
     Artifact,
     ArtifactError,
@@ -30,6 +32,12 @@ from conveyor.artifacts import (
 from conveyor.config import Config
 from conveyor.events import Event
 from conveyor.group_commit import SubmitBatcher
+from conveyor.ingest.loader import LoadResult, SqliteMapping, file_key, load_sqlite, task_key
+from conveyor.ingest.offload import BlobSpec
+from conveyor.ingest.pipeline import Ingester, IngestStats, open_ingester
+from conveyor.ingest.settings import BUILTIN_KCIDB, SinkConfig, SpoolConfig
+from conveyor.ingest.spool import pending_files
+from conveyor.ingest.writer import make_engine
 from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
@@ -41,7 +49,15 @@ from conveyor.stats import (
     PipelineTotals,
     StatusCount,
 )
-from conveyor.store import NotFound, RequestFilter, Store, Submitted, WorkerInfo, open_store
+from conveyor.store import (
+    NotFound,
+    RequestFilter,
+    Store,
+    Submitted,
+    Unavailable,
+    WorkerInfo,
+    open_store,
+)
 from conveyor.tasks import RetryPolicy, Task
 from conveyor.tokens import Role, Token, hash_secret, needs_touch, new_token, plausible
 
@@ -53,6 +69,10 @@ class UnknownPipeline(LookupError):
         names = ", ".join(sorted(known)) or "none configured"
         super().__init__(f"unknown pipeline {name!r} (known: {names})")
         self.name = name
+
+
+class UnknownSink(LookupError):
+    pass
 
 
 class WaitTimeout(TimeoutError):
@@ -351,9 +371,29 @@ class Conveyor:
         return self.store.count_events("task.lease_expired")
 
     def ingest_totals(self) -> list[IngestTotals]:
-        """Each ingest source's totals, for the dashboard and the metrics. None while no
-        spool directory is configured: both then show nothing about ingestion."""
-        return []
+        """Each ingest source's totals, for the dashboard and the metrics: every
+        configured spool and every spool that has counters. None while there is none:
+        both then show nothing about ingestion."""
+        counters = self.store.ingest_counters()
+        names = sorted(set(self.config.spools) | set(counters))
+        if not names:
+            return []
+        rates = self.store.ingest_rates(self.clock() - 300)
+        out = []
+        for name in names:
+            c = counters.get(name, {})
+            spool = self.config.spools.get(name)
+            out.append(
+                IngestTotals(
+                    source=name,
+                    files=c.get("files", 0),
+                    records=c.get("rows", 0),
+                    failed=sum(v for k, v in c.items() if k.startswith("failed.")),
+                    pending=pending_files(spool.dir) if spool is not None else 0,
+                    per_minute=round(rates.get(name, 0.0), 1),
+                )
+            )
+        return out
 
     def failed_tasks(
         self, limit: int = 50, before_id: int | None = None, text: str | None = None
@@ -363,6 +403,69 @@ class Conveyor:
     def ready(self) -> None:
         """Raises Unavailable when the database cannot be reached."""
         self.store.ping()
+
+    # ingestion ------------------------------------------------------------------
+    def sink(self, name: str) -> SinkConfig:
+        found = self.config.sinks.get(name)
+        if found is not None:
+            return found
+        if name == BUILTIN_KCIDB.name:
+            return BUILTIN_KCIDB
+        known = sorted({*self.config.sinks, BUILTIN_KCIDB.name})
+        raise UnknownSink(f"unknown sink {name!r} (known: {', '.join(known)})")
+
+    def ingester(
+        self, spool: SpoolConfig, on_progress: Callable[[IngestStats], None] | None = None
+    ) -> Ingester:
+        """An ingester for the spool, its counters and events kept in this store."""
+        if spool.blobs is not None:
+            blobs = BlobSpec(url=str(spool.blobs))
+        else:  # the artifact store, wherever it is (a directory, or S3)
+            a = self.config.artifact_settings
+            blobs = BlobSpec(
+                url=a.url,
+                timeout=a.timeout,
+                retries=a.retries,
+                endpoint_url=a.endpoint_url,
+                region=a.region,
+                profile=a.profile,
+            )
+        return open_ingester(
+            spool,
+            self.sink(spool.sink),
+            self.config.database_url,
+            blobs,
+            report=self.record_ingest,
+            on_progress=on_progress,
+        )
+
+    def record_ingest(
+        self, spool: str, counts: Mapping[str, int], kind: str, data: dict[str, Any]
+    ) -> None:
+        self.store.record_ingest(spool, counts, self.clock(), kind, data)
+
+    def load_sqlite(
+        self,
+        file: Path,
+        mapping: SqliteMapping,
+        request_id: int | None = None,
+        task_id: int | None = None,
+        database: str | None = None,
+    ) -> LoadResult:
+        """Load a SQLite result file into the database, all or nothing; loading the same
+        task's (or, with no task, the same file's) output again replaces it."""
+        engine = make_engine(database or self.config.database_url)
+        key = task_key(task_id) if task_id is not None else file_key(file)
+        try:
+            return load_sqlite(engine, file, mapping, key, self.clock(), request_id, task_id)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise Unavailable(str(exc.orig).strip().splitlines()[0]) from exc
+        finally:
+            engine.dispose()
+
+    def ingest_counters(self) -> dict[str, dict[str, int]]:
+        """Per spool: files (archived), rows, empty, failed.<stage> — for /metrics."""
+        return self.store.ingest_counters()
 
     # API tokens -------------------------------------------------------------------
     def create_token(self, name: str, role: Role) -> tuple[Token, str]:

@@ -21,6 +21,15 @@ from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from conveyor.artifacts.keys import DEFAULT_KEY_TEMPLATE, ArtifactKeyError, check_template
+from conveyor.ingest.loader import LoadError, SqliteLoad, read_mapping
+from conveyor.ingest.settings import (
+    SinkConfig,
+    SinkModel,
+    SpoolConfig,
+    SpoolModel,
+    sink_config,
+    spool_config,
+)
 from conveyor.notifications import NotifySettings
 from conveyor.pipelines import Pipeline, TemplateError, template_fields
 from conveyor.queues import DEFAULT_QUEUE, DEFAULT_QUEUE_ORDER
@@ -32,6 +41,14 @@ _HANDLER = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za
 
 class ConfigError(ValueError):
     pass
+
+
+class _LoadSqliteModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str
+    mapping: str
+    database: str | None = None
 
 
 class _NotifyModel(BaseModel):
@@ -80,6 +97,8 @@ class _PipelineModel(BaseModel):
     @classmethod
     def _globs(cls, v: list[str]) -> list[str]:
         return [_check_glob(p) for p in v]
+
+    load_sqlite: _LoadSqliteModel | None = None
 
     @field_validator("command")
     @classmethod
@@ -182,6 +201,8 @@ class _FileModel(BaseModel):
     metrics: _MetricsModel = _MetricsModel()
     artifacts: _ArtifactsModel = _ArtifactsModel()
     pipelines: dict[str, _PipelineModel] = {}
+    spools: dict[str, SpoolModel] = {}
+    sinks: dict[str, SinkModel] = {}
 
 
 @dataclass(frozen=True)
@@ -255,6 +276,8 @@ class Config:
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     artifacts: ArtifactSettings | None = None
+    spools: Mapping[str, SpoolConfig] = field(default_factory=dict)
+    sinks: Mapping[str, SinkConfig] = field(default_factory=dict)
 
     @property
     def artifact_settings(self) -> ArtifactSettings:
@@ -321,7 +344,19 @@ def _pipeline(name: str, m: _PipelineModel, base: Path) -> Pipeline:
         description=m.description,
         outputs=tuple(m.outputs),
         notify=_notify(m.notify),
+        load_sqlite=_load_sqlite(m.load_sqlite, base, where),
     )
+
+
+def _load_sqlite(m: _LoadSqliteModel | None, base: Path, where: str) -> SqliteLoad | None:
+    if m is None:
+        return None
+    try:
+        template_fields(m.file)
+        mapping = read_mapping((base / m.mapping).resolve())
+    except (TemplateError, LoadError) as exc:
+        raise ConfigError(f"{where}.load_sqlite: {exc}") from None
+    return SqliteLoad(file=m.file, mapping=mapping, database=m.database)
 
 
 def parse_config(
@@ -344,6 +379,17 @@ def parse_config(
             f"(known: {', '.join(sorted(pipelines)) or 'none'})"
         )
     data_dir = data_dir or base
+    try:
+        sinks = {name: sink_config(name, m, base) for name, m in model.sinks.items()}
+        spools = {name: spool_config(name, m, base) for name, m in model.spools.items()}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for name, spool in spools.items():
+        if spool.sink not in sinks and spool.sink != "kcidb":
+            raise ConfigError(
+                f"spools.{name}.sink: no sink {spool.sink!r} is configured "
+                f"(known: {', '.join(sorted({*sinks, 'kcidb'}))})"
+            )
     database = env.get("CONVEYOR_DATABASE_URL") or model.conveyor.database
     if not database:
         database = f"sqlite:///{(data_dir / 'conveyor.db').resolve()}"
@@ -397,6 +443,8 @@ def parse_config(
             upload_logs=a.upload_logs,
             max_files=a.max_files,
         ),
+        spools=spools,
+        sinks=sinks,
     )
 
 

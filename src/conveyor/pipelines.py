@@ -6,13 +6,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jsonschema
 from jsonschema.validators import validator_for
 
 from conveyor.notifications import NotifySettings
 from conveyor.queues import DEFAULT_QUEUE
+
+if TYPE_CHECKING:
+    from conveyor.ingest.loader import SqliteLoad
 from conveyor.requests import split_params
 from conveyor.tasks import RetryPolicy
 
@@ -140,6 +143,7 @@ class Pipeline:
     # globs, relative to the task's work dir, of the files kept as its outputs
     outputs: tuple[str, ...] = ()
     notify: NotifySettings | None = None
+    load_sqlite: SqliteLoad | None = None  # a result file loaded when a task succeeds
 
     @cached_property
     def _validator(self) -> Any:

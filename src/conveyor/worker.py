@@ -15,6 +15,7 @@ import queue
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -252,6 +253,8 @@ class Worker:
                 if run.pipeline.outputs:
                     self.publisher.before_attempt(run.pipeline, run.ctx)
                 result = executor_for(run.pipeline).run(run.pipeline, run.ctx, run.deadline)
+                if result.ok and run.pipeline.load_sqlite is not None:
+                    result = self._load_output(run, result)
             except Exception as exc:  # an executor bug must not lose the task
                 log.exception("executor failed on task %s", run.task.id)
                 result = ExecResult(ok=False, error=f"executor error: {exc}")
@@ -261,6 +264,36 @@ class Worker:
             result = self._keep_outputs(run, result)
             run.finished = True
             self._done.put((run, result))
+
+    def _load_output(self, run: _Running, result: ExecResult) -> ExecResult:
+        """The pipeline's `load_sqlite`: the task succeeds only once its result file is
+        in the database (a failure to load is a failed attempt, retried by policy)."""
+        from conveyor.ingest.loader import LoadError, result_file
+        from conveyor.pipelines import TemplateError, command_values
+
+        load = run.pipeline.load_sqlite
+        assert load is not None
+        task = run.task
+        context = {
+            "request_id": task.request_id,
+            "task_id": task.id,
+            "attempt": task.attempts,
+            "work_dir": str(run.ctx.work_dir),
+            "python": sys.executable,
+        }
+        try:
+            path = result_file(load, command_values(task.params, context), run.ctx.work_dir)
+            loaded = self.app.load_sqlite(
+                path, load.mapping, task.request_id, task.id, load.database
+            )
+        except (LoadError, TemplateError, Unavailable) as exc:
+            run.ctx.log(f"load_sqlite failed: {exc}")
+            return ExecResult(ok=False, error=f"load_sqlite: {exc}")
+        run.ctx.log(f"loaded {path}: {', '.join(f'{n} {t}' for t, n in loaded.rows.items())}")
+        value = result.result
+        if value is None or isinstance(value, dict):
+            value = {**(value or {}), "loaded": dict(loaded.rows)}
+        return ExecResult(ok=True, result=value)
 
     def _keep_outputs(self, run: _Running, result: ExecResult) -> ExecResult:
         """Upload the attempt's outputs (and log) here, in the attempt's thread: uploads

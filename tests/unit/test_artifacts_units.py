@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conveyor.artifacts.keys import ArtifactKeyError, check_key, check_template, render_key
 
 from conveyor.artifacts import Artifact, ArtifactKind, latest_outputs
+from conveyor.artifacts.keys import ArtifactKeyError, check_key, check_template, render_key
 from conveyor.config import ConfigError, parse_config
 from conveyor.events import Event
 from conveyor.notifications import NotifySettings, completion, plan, sign, verify

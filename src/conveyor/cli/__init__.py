@@ -7,7 +7,7 @@ error or, for `wait`, a time-out; 3 the database (or the server) cannot be reach
 Each module registers its commands on the root command: `requests` (submit, status,
 wait, list, cancel, retry, logs), `artifacts` (outputs, download), `service` (queues,
 pause, resume, workers, worker, serve, up, notify, db), `retention` (prune), `tokens`,
-`bench` (bench, bench-api) and `scan`.
+`bench` (bench, bench-api), `scan` and `ingest` (ingest, load-sqlite, bench-ingest).
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from conveyor.tokens import TokenNameError
 
 # Commands are listed in the order they are registered: this order.
 # isort: off
-from conveyor.cli import requests, artifacts, scan, service, retention, tokens, bench
+from conveyor.cli import requests, artifacts, scan, service, retention, tokens, bench, ingest
 # isort: on
 
 __all__ = [
     "artifacts",
     "bench",
     "cli",
+    "ingest",
     "main",
     "requests",
     "retention",

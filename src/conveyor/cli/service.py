@@ -217,11 +217,12 @@ def up(
     ] = 30.0,
     notify: NotifyOption = True,
 ) -> None:
-    """Everything in one process: migrations, the HTTP API, a worker, the notifier and,
-    with `[conveyor] retention`, pruning every hour."""
+    """Everything in one process: migrations, the HTTP API, a worker, the notifier, the
+    declared spools' ingesters and, with `[conveyor] retention`, pruning every hour."""
     from conveyor.api import create_app
     from conveyor.api.server import run, url_of
     from conveyor.housekeeping import Housekeeper
+    from conveyor.ingest.service import SpoolService
     from conveyor.worker import Worker, WorkerOptions
 
     app = app_of(ctx)
@@ -234,11 +235,16 @@ def up(
     notifier = _notifier(app, notify)
     keeper = Housekeeper(app)
     keeper.start()
+    spools = SpoolService(app, app.config.spools.values())
+    if spools.spools:
+        err.print(f"spools: {', '.join(f'{s.name} ({s.dir})' for s in spools.spools)}")
+    spools.start()
     try:
         if not run(create_app(app), sock, worker=w):
             raise CliError("the worker stopped on an error (see the log above)")
     finally:
         keeper.stop()
+        spools.stop()
         if notifier is not None:
             notifier.stop()
 

@@ -199,6 +199,7 @@ class Store(Protocol):
         """Failed tasks, newest first; `text`: a task or request id, or text in the
         error or the params."""
         ...
+
     # artifacts
     def record_artifacts(self, artifacts: Sequence[Artifact]) -> None:
         """Record what attempts kept; an attempt's artifact recorded again replaces it."""
@@ -253,4 +254,20 @@ class Store(Protocol):
 
     def prune_unattached(self, before: float) -> int:
         """Forget workers silent since `before` and request-less events older than it."""
+        ...
+
+    # ingestion
+    def record_ingest(
+        self, spool: str, counts: Mapping[str, int], now: float, kind: str, data: Any
+    ) -> None:
+        """Add to a spool's counters and record an `ingest.*` event, together."""
+        ...
+
+    def ingest_counters(self) -> dict[str, dict[str, int]]:
+        """Every spool's counters: {spool: {name: value}}."""
+        ...
+
+    def ingest_rates(self, since: float) -> dict[str, float]:
+        """Each spool's files per minute as its latest `ingest.progress` event since
+        `since` reported it (among the newest events only: a look stays cheap)."""
         ...

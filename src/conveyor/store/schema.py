@@ -6,6 +6,8 @@ Times are seconds since the epoch (double precision): the same arithmetic and gr
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 metadata = sa.MetaData(
@@ -208,4 +210,171 @@ event_cursors = sa.Table(
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("event_id", BigId, nullable=False),
     sa.Column("updated_at", Time, nullable=False),
+)
+
+# --------------------------------------------------------------------------- ingestion
+# KCIDB (schema 5.3) objects, one table per object list, one column per field; nested
+# values (resource lists, environment, culprit, misc …) are JSON. Rows upsert by id, a
+# field's first non-null value winning, so a re-submission never loses or doubles data.
+_J = sa.JSON
+
+
+def _kcidb(name: str, key: tuple[str, ...], *cols: tuple[str, Any]) -> sa.Table:
+    columns = [
+        sa.Column(col, typ, primary_key=col in key, nullable=col not in key) for col, typ in cols
+    ]
+    return sa.Table(name, metadata, *columns)
+
+
+kcidb_checkouts = _kcidb(
+    "kcidb_checkouts",
+    ("id",),
+    ("id", sa.Text),
+    ("origin", sa.Text),
+    ("_timestamp", sa.Text),
+    ("tree_name", sa.Text),
+    ("git_repository_url", sa.Text),
+    ("git_commit_hash", sa.Text),
+    ("git_commit_name", sa.Text),
+    ("git_commit_tags", _J),
+    ("git_commit_message", sa.Text),
+    ("git_repository_branch", sa.Text),
+    ("git_repository_branch_tip", sa.Boolean),
+    ("patchset_files", _J),
+    ("patchset_hash", sa.Text),
+    ("message_id", sa.Text),
+    ("comment", sa.Text),
+    ("start_time", sa.Text),
+    ("origin_builds_finish_time", sa.Text),
+    ("origin_tests_finish_time", sa.Text),
+    ("log_url", sa.Text),
+    ("log_excerpt", sa.Text),
+    ("valid", sa.Boolean),
+    ("misc", _J),
+)
+
+kcidb_builds = _kcidb(
+    "kcidb_builds",
+    ("id",),
+    ("id", sa.Text),
+    ("origin", sa.Text),
+    ("checkout_id", sa.Text),
+    ("_timestamp", sa.Text),
+    ("comment", sa.Text),
+    ("start_time", sa.Text),
+    ("duration", sa.Double),
+    ("architecture", sa.Text),
+    ("command", sa.Text),
+    ("compiler", sa.Text),
+    ("input_files", _J),
+    ("output_files", _J),
+    ("config_name", sa.Text),
+    ("config_url", sa.Text),
+    ("log_url", sa.Text),
+    ("log_excerpt", sa.Text),
+    ("status", sa.Text),
+    ("misc", _J),
+)
+
+kcidb_tests = _kcidb(
+    "kcidb_tests",
+    ("id",),
+    ("id", sa.Text),
+    ("origin", sa.Text),
+    ("build_id", sa.Text),
+    ("_timestamp", sa.Text),
+    ("environment", _J),
+    ("path", sa.Text),
+    ("comment", sa.Text),
+    ("log_url", sa.Text),
+    ("log_excerpt", sa.Text),
+    ("status", sa.Text),
+    ("number", _J),
+    ("start_time", sa.Text),
+    ("duration", sa.Double),
+    ("input_files", _J),
+    ("output_files", _J),
+    ("misc", _J),
+)
+
+kcidb_issues = _kcidb(
+    "kcidb_issues",
+    ("id", "version"),
+    ("id", sa.Text),
+    ("version", sa.BigInteger),
+    ("origin", sa.Text),
+    ("_timestamp", sa.Text),
+    ("categories", _J),
+    ("report_url", sa.Text),
+    ("report_subject", sa.Text),
+    ("culprit", _J),
+    ("comment", sa.Text),
+    ("misc", _J),
+)
+
+kcidb_incidents = _kcidb(
+    "kcidb_incidents",
+    ("id",),
+    ("id", sa.Text),
+    ("origin", sa.Text),
+    ("issue_id", sa.Text),
+    ("issue_version", sa.BigInteger),
+    ("build_id", sa.Text),
+    ("test_id", sa.Text),
+    ("_timestamp", sa.Text),
+    ("present", sa.Boolean),
+    ("comment", sa.Text),
+    ("misc", _J),
+)
+
+# Per-spool counters (files, rows, empty, failed.<stage>), added to by the ingester
+# after its commits and readable by any process (the metrics, the dashboard).
+ingest_counters = sa.Table(
+    "ingest_counters",
+    metadata,
+    sa.Column("spool", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),  # files, rows, failed.<stage>, empty
+    sa.Column("value", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
+# SQLite result files loaded into the database (the Spotbot example's spotbot.db).
+# `load_key` names what was loaded (a task, or a file), so a re-load replaces it whole.
+annotation_header = sa.Table(
+    "annotation_header",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("load_key", sa.Text, nullable=False),
+    sa.Column("request_id", BigId, nullable=True),
+    sa.Column("task_id", BigId, nullable=True),
+    sa.Column("header_id", sa.BigInteger, nullable=True),
+    sa.Column("source_bin", sa.Text, nullable=True),
+    sa.Column("source_sha256", sa.Text, nullable=True),
+    sa.Column("processed_at", Time, nullable=True),
+    sa.Column("record_count", sa.Integer, nullable=True),
+    sa.Column("first_ts", Time, nullable=True),
+    sa.Column("last_ts", Time, nullable=True),
+    sa.Column("loaded_at", Time, nullable=False),
+    sa.Index("ix_annotation_header_load_key", "load_key"),
+    sa.Index("ix_annotation_header_request_id", "request_id"),
+)
+
+annotation = sa.Table(
+    "annotation",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("load_key", sa.Text, nullable=False),
+    sa.Column("header_ref", BigId, sa.ForeignKey("annotation_header.id"), nullable=False),
+    sa.Column("request_id", BigId, nullable=True),
+    sa.Column("task_id", BigId, nullable=True),
+    sa.Column("annotation_id", sa.BigInteger, nullable=True),
+    sa.Column("seq", sa.Integer, nullable=True),
+    sa.Column("ts", Time, nullable=True),
+    sa.Column("protocol", sa.Text, nullable=True),
+    sa.Column("kind", sa.Text, nullable=True),
+    sa.Column("payload_len", sa.Integer, nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("loaded_at", Time, nullable=False),
+    sa.Index("ix_annotation_load_key", "load_key"),
+    sa.Index("ix_annotation_header_ref", "header_ref"),
 )

@@ -231,6 +231,52 @@ class SQLBase:
     def _settle_requests(self, conn: Connection, rows: Sequence[Any], now: float) -> None:
         self._advance_requests(conn, self._bump_counters(conn, rows), now)
 
+    # ---------------------------------------------------------------- ingestion
+    def record_ingest(
+        self, spool: str, counts: Mapping[str, int], now: float, kind: str, data: Any
+    ) -> None:
+        with self._write() as conn:
+            if counts:
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO ingest_counters (spool, name, value, updated_at) "
+                        "VALUES (:spool, :name, :value, :now) ON CONFLICT (spool, name) "
+                        "DO UPDATE SET value = ingest_counters.value + excluded.value, "
+                        "updated_at = excluded.updated_at"
+                    ),
+                    [
+                        {"spool": spool, "name": k, "value": v, "now": now}
+                        for k, v in counts.items()
+                    ],
+                )
+            self._insert_events(conn, [event_row(now, kind, data=data)])
+
+    def ingest_counters(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        with self._read() as conn:
+            for spool, name, value in conn.execute(
+                sa.select(
+                    t.ingest_counters.c.spool, t.ingest_counters.c.name, t.ingest_counters.c.value
+                )
+            ):
+                out.setdefault(spool, {})[name] = int(value)
+        return out
+
+    def ingest_rates(self, since: float) -> dict[str, float]:
+        ev = t.events
+        out: dict[str, float] = {}
+        with self._read() as conn:
+            top = conn.execute(sa.select(sa.func.max(ev.c.id))).scalar() or 0
+            rows = conn.execute(
+                sa.select(ev.c.data)
+                .where(ev.c.id > top - 10_000, ev.c.kind == "ingest.progress", ev.c.ts >= since)
+                .order_by(ev.c.id)
+            )
+            for (data,) in rows:
+                if isinstance(data, dict) and isinstance(data.get("spool"), str):
+                    out[data["spool"]] = float(data.get("per_minute") or 0.0)
+        return out
+
     # ------------------------------------------------------------------- queues
     def _set_paused(self, queue: str, paused: bool, now: float) -> None:
         with self._write() as conn:

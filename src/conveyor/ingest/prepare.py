@@ -1,0 +1,182 @@
+"""The per-file stages before the database, run in worker processes (they are
+CPU-bound): read → parse → transforms → validate (and upgrade) → tree names → offload
+of long text → rows. Pure but for reading the file and storing long text."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from conveyor.ingest.offload import BlobSpec, Offloader, OffloadUnavailable, open_blob_store
+from conveyor.ingest.sinks import MappingError, Sink, TableSpec
+from conveyor.ingest.sinks.kcidb import KcidbSink
+from conveyor.ingest.sinks.table import TableMapping, TableSink
+from conveyor.ingest.spool import FileError, Stage
+from conveyor.ingest.transforms import TransformError, Transforms, apply_after, apply_before
+from conveyor.ingest.validate import (
+    Invalid,
+    JsonSchemaValidator,
+    KcidbValidator,
+    NotUpgradable,
+    NoValidation,
+    Validator,
+)
+from conveyor.ingest.writer import Encoded, encode_rows
+
+
+class Outcome(StrEnum):
+    ROWS = "rows"  # ready for the writer
+    FAILED = "failed"  # goes to failed/
+    RETRY = "retry"  # a transient failure (the blob store): stays pending
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a worker process needs, sent to it once."""
+
+    spool_dir: str
+    sink_name: str
+    sink_type: str  # kcidb | table
+    tables: Mapping[str, TableSpec]
+    mappings: tuple[TableMapping, ...] = ()
+    schema: Any = None
+    transforms: Transforms = field(default_factory=Transforms)
+    blobs: BlobSpec | None = None  # None: long text stays in the rows
+    text_threshold: int = 256
+    offload_fields: tuple[str, ...] = ("log_excerpt",)
+    offload_timeout: float = 10.0
+    offload_cache: int = 100_000
+    dialect: str = "postgresql"  # the sink database's, for rows encoded its way
+
+
+@dataclass(frozen=True)
+class Prepared:
+    name: str
+    outcome: Outcome
+    rows: Encoded = field(default_factory=dict)
+    count: int = 0
+    size: int = 0
+    error: FileError | None = None
+    offloaded: int = 0
+
+
+class Stages:
+    """The stages of one plan, built once per process."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.root = Path(plan.spool_dir)
+        self.validator: Validator
+        self.sink: Sink
+        if plan.sink_type == "kcidb":
+            self.validator = KcidbValidator()
+            self.sink = KcidbSink(plan.sink_name, plan.tables)
+        else:
+            self.validator = (
+                JsonSchemaValidator(plan.schema) if plan.schema is not None else NoValidation()
+            )
+            self.sink = TableSink(plan.sink_name, plan.mappings, plan.tables)
+        self.offloader = (
+            Offloader(
+                open_blob_store(plan.blobs),
+                threshold=plan.text_threshold,
+                fields=plan.offload_fields,
+                cache_size=plan.offload_cache,
+                timeout=plan.offload_timeout,
+            )
+            if plan.blobs
+            else None
+        )
+
+    def warm(self) -> None:
+        """Do the one-off work (compiling the latest schema) now, not on the first file."""
+        warm = getattr(self.validator, "warm", None)
+        if warm is not None:
+            warm()
+
+    def run(self, name: str) -> Prepared:
+        def failed(stage: Stage, reason: str, path: str | None = None) -> Prepared:
+            return Prepared(name, Outcome.FAILED, error=FileError(stage, reason, path))
+
+        try:
+            raw = (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return Prepared(name, Outcome.RETRY, error=FileError(Stage.READ, "file vanished"))
+        except OSError as exc:
+            return failed(Stage.READ, exc.strerror or str(exc))
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return failed(
+                Stage.PARSE, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            )
+        except UnicodeDecodeError as exc:
+            return failed(Stage.PARSE, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+        try:
+            doc = apply_before(doc, self.plan.transforms)
+        except TransformError as exc:
+            return failed(Stage.TRANSFORM, exc.reason, exc.path)
+        try:
+            doc = self.validator(doc)
+        except NotUpgradable as exc:
+            located = exc.located(apply_before(orjson.loads(raw), self.plan.transforms))
+            return failed(Stage.VALIDATE, located.reason, located.path)
+        except Invalid as exc:
+            return failed(Stage.VALIDATE, exc.reason, exc.path)
+        except RecursionError:
+            return failed(Stage.VALIDATE, "nested too deeply")
+        doc = apply_after(doc, self.plan.transforms)
+        moved = 0
+        if self.offloader is not None:
+            try:
+                moved = self.offloader(doc, shallow=self.plan.sink_type == "kcidb")
+            except OffloadUnavailable as exc:
+                return Prepared(name, Outcome.RETRY, error=FileError(Stage.OFFLOAD, str(exc)))
+        try:
+            rows = self.sink.rows(doc)
+        except MappingError as exc:
+            return failed(Stage.MAP, exc.reason, exc.path)
+        count = sum(len(r) for r in rows.values())
+        encoded = encode_rows(rows, self.plan.tables, self.plan.dialect)
+        return Prepared(name, Outcome.ROWS, encoded, count, len(raw), offloaded=moved)
+
+
+# The stages of the plan this worker process was started with (set by its initializer;
+# each pool process has its own).
+_PROCESS_STAGES: list[Stages] = []
+
+
+def init_process(plan: Plan, parent: int) -> None:
+    _PROCESS_STAGES[:] = [Stages(plan)]
+    _follow_parent(parent)
+
+
+def adopt_stages(stages: Stages, parent: int) -> None:
+    _PROCESS_STAGES[:] = [stages]
+    _follow_parent(parent)
+
+
+def _follow_parent(parent: int) -> None:
+    """Exit when the ingester is gone (killed with SIGKILL, say): a forked worker holds
+    both ends of its pipes, so it would never see them close and would linger."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
+
+
+def prepare_in_process(names: list[str]) -> list[Prepared]:
+    """Several files per call: one round trip to the pool for many small files."""
+    stages = _PROCESS_STAGES[0]
+    return [stages.run(name) for name in names]

@@ -1,0 +1,167 @@
+"""The pure parts of ingestion: transforms, row merging, splitting, settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conveyor.config import ConfigError, parse_config
+from conveyor.ingest.samples import OBJECT_LISTS, split_document, split_samples
+from conveyor.ingest.spool import _free
+from conveyor.ingest.transforms import (
+    RelativeUrls,
+    TransformError,
+    Transforms,
+    apply_after,
+    apply_before,
+    load_trees,
+)
+from conveyor.ingest.writer import merge_rows
+
+
+def test_url_rewrites_and_origins() -> None:
+    t = Transforms(url_rewrites=(("git://", "https://"),), origins={"kernelci": "maestro"})
+    doc = {
+        "revisions": [{"origin": "kernelci", "git_repository_url": "git://git.kernel.org/a.git"}],
+        "builds": [{"output_files": [{"name": "x", "url": "git://h/x"}], "comment": "git://no"}],
+    }
+    apply_before(doc, t)
+    assert doc["revisions"][0] == {
+        "origin": "maestro",
+        "git_repository_url": "https://git.kernel.org/a.git",
+    }
+    assert doc["builds"][0]["output_files"][0]["url"] == "https://h/x"
+    assert doc["builds"][0]["comment"] == "git://no"  # not a URL field
+
+
+def test_relative_urls_kept_resolved_per_object_or_dropped() -> None:
+    build = {"log_url": "build.log", "arch": "x86_64", "misc": {"cfg": "defconfig+kselftest"}}
+    kept = apply_before({"builds": [dict(build)]}, Transforms())
+    assert kept["builds"][0]["log_url"] == "build.log"
+    resolved = apply_before(
+        {"builds": [dict(build)]},
+        Transforms(relative_urls=RelativeUrls.RESOLVE, url_base="https://s.org/{arch}/{misc.cfg}/"),
+    )
+    assert (
+        resolved["builds"][0]["log_url"] == "https://s.org/x86_64/defconfig%2Bkselftest/build.log"
+    )
+    dropped = apply_before({"builds": [dict(build)]}, Transforms(relative_urls=RelativeUrls.DROP))
+    assert "log_url" not in dropped["builds"][0]
+    with pytest.raises(TransformError) as err:
+        apply_before(
+            {"builds": [{"log_url": "b.log"}]},
+            Transforms(relative_urls=RelativeUrls.RESOLVE, url_base="https://s.org/{arch}/"),
+        )
+    assert err.value.path == "$.builds[0].log_url" and "'arch'" in err.value.reason
+
+
+def test_tree_names_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "trees.yaml"
+    path.write_text("mainline: https://git.kernel.org/torvalds/linux.git/\n")
+    t = Transforms(trees=load_trees(path))
+    doc = {
+        "checkouts": [
+            {"git_repository_url": "https://git.kernel.org/torvalds/linux.git"},
+            {"git_repository_url": "https://other", "tree_name": "kept"},
+        ]
+    }
+    apply_after(doc, t)
+    assert [c.get("tree_name") for c in doc["checkouts"]] == ["mainline", "kept"]
+    path.write_text("- not a mapping\n")
+    with pytest.raises(ValueError, match="mapping of tree name to URL"):
+        load_trees(path)
+
+
+def test_merge_rows_keeps_the_first_non_null_value() -> None:
+    rows = [
+        {"id": "a", "status": "FAIL", "comment": None},
+        {"id": "b", "status": "PASS", "comment": None},
+        {"id": "a", "status": "PASS", "comment": "later"},
+    ]
+    assert merge_rows(rows, ("id",)) == [
+        {"id": "a", "status": "FAIL", "comment": "later"},
+        {"id": "b", "status": "PASS", "comment": None},
+    ]
+
+
+def test_split_keeps_every_object_once() -> None:
+    doc = {"version": "1", "revisions": [{"i": i} for i in range(7)], "tests": [{"i": 1}]}
+    parts = split_document(doc, 3)
+    assert all(p["version"] == "1" for p in parts)
+    assert sum(len(p.get("revisions", [])) for p in parts) == 7
+    merged = split_samples([doc, {"version": "1", "tests": [{"i": 2}] * 5}], 10)
+    assert sum(len(p.get(k) or []) for p in merged for k in OBJECT_LISTS) == 13
+
+
+def test_a_name_already_archived_gets_a_free_one(tmp_path: Path) -> None:
+    assert _free(tmp_path, "a.json") == tmp_path / "a.json"
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "a.1.json").write_text("{}")
+    assert _free(tmp_path, "a.json") == tmp_path / "a.2.json"
+
+
+def test_spool_settings_are_checked(tmp_path: Path) -> None:
+    env = {"CONVEYOR_DATABASE_URL": "sqlite:///x.db"}
+    with pytest.raises(ConfigError, match=r"spools\.k\.sink: no sink 'nope'"):
+        parse_config({"spools": {"k": {"dir": "s", "sink": "nope"}}}, tmp_path, env)
+    with pytest.raises(ConfigError, match="a table sink needs tables"):
+        parse_config({"sinks": {"t": {"type": "table"}}}, tmp_path, env)
+    cfg = parse_config(
+        {
+            "spools": {
+                "k": {
+                    "dir": "s",
+                    "transforms": {"url_rewrites": {"git://": "https://"}},
+                    "batch_rows": 10,
+                }
+            }
+        },
+        tmp_path,
+        env,
+    )
+    spool = cfg.spools["k"]
+    assert spool.dir == (tmp_path / "s").resolve() and spool.batch_rows == 10
+    assert spool.transforms.url_rewrites == (("git://", "https://"),)
+
+
+class _HungStore:
+    """A blob store that never answers (a stalled upload)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        self.release.wait(10)
+        return f"mem://{key}"
+
+    def exists(self, key: str) -> bool:
+        return False
+
+
+def test_a_hung_blob_store_times_out_and_the_cache_is_bounded(tmp_path: Path) -> None:
+    import time
+
+    from conveyor.artifacts import ArtifactError
+    from conveyor.ingest.offload import BlobSpec, Offloader, OffloadUnavailable, open_blob_store
+
+    hung = _HungStore()
+    slow = Offloader(hung, threshold=4, timeout=0.2)
+    start = time.monotonic()
+    with pytest.raises(OffloadUnavailable, match=r"within 0\.2s"):
+        slow({"tests": [{"log_excerpt": "x" * 10}]}, shallow=True)
+    assert time.monotonic() - start < 2
+    hung.release.set()
+    slow.close()
+
+    store = open_blob_store(BlobSpec(url=str(tmp_path)))
+    off = Offloader(store, threshold=4, cache_size=2)
+    docs = [{"tests": [{"log_excerpt": f"text {i}"}]} for i in range(5)]
+    for doc in docs:
+        assert off(doc) == 1
+    assert len(off.cache._d) == 2  # bounded
+    assert all(d["tests"][0]["log_excerpt"].startswith("file://") for d in docs)
+    with pytest.raises(ArtifactError):
+        store.put_bytes("../escape.txt", b"x")
