@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from conveyor.app import Conveyor
-from conveyor.executors import ExecResult, TaskContext, executor_for
+from conveyor.executors import ExecResult, Executors, TaskContext
 from conveyor.pipelines import Pipeline
 from conveyor.queues import order_queues
 from conveyor.store import Unavailable, WorkerInfo
@@ -91,6 +91,7 @@ class Worker:
         self._stopping = threading.Event()
         self._hard_stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._executors = Executors()
 
     # control ------------------------------------------------------------------
     def stop(self, hard: bool = False) -> None:
@@ -245,7 +246,7 @@ class Worker:
             if run is None:
                 return
             try:
-                result = executor_for(run.pipeline).run(run.pipeline, run.ctx, run.deadline)
+                result = self._executors.run(run.pipeline, run.ctx, run.deadline)
             except Exception as exc:  # an executor bug must not lose the task
                 log.exception("executor failed on task %s", run.task.id)
                 result = ExecResult(ok=False, error=f"executor error: {exc}")

@@ -162,6 +162,33 @@ def executor_for(pipeline: Pipeline) -> Executor:
         from conveyor.executors.command import CommandExecutor
 
         return CommandExecutor()
+    if pipeline.executor == "ssh":
+        from conveyor.executors.ssh import SshExecutor
+
+        return SshExecutor()
     from conveyor.executors.python import PythonExecutor
 
     return PythonExecutor()
+
+
+class Executors:
+    """A worker's executors, one of each kind, made when first needed and shared by its
+    runners: what spans tasks (an SSH host's busy slots) is counted in one place."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, Executor] = {}
+        self._lock = threading.Lock()
+
+    def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
+        executor = self._made.get(pipeline.executor)
+        if executor is None:
+            with self._lock:
+                executor = self._made.setdefault(pipeline.executor, executor_for(pipeline))
+        result = executor.run(pipeline, ctx, deadline)
+        if result.ok and pipeline.paths.path_map and result.result is not None:
+            # Paths in a result are reported in the submitter's terms (P:/..., not /mnt/p/...).
+            from conveyor.paths import reverse, rewrite_prefixes
+
+            mapped = rewrite_prefixes(result.result, reverse(pipeline.paths.path_map))
+            return ExecResult(ok=True, result=mapped, error=result.error)
+        return result
