@@ -175,6 +175,7 @@ class Worker:
                 log.warning("could not record this worker as stopped: database unavailable")
             for t in self._threads:
                 t.join(timeout=5)
+            self._executors.close()
         return self.stats
 
     def _spawn(self, target: object, name: str) -> threading.Thread:
@@ -185,9 +186,12 @@ class Worker:
 
     # claiming -----------------------------------------------------------------
     def _claim(self, now: float) -> bool:
-        free = self.opts.concurrency - len(self._running)
+        # An attempt that has returned frees its slot at once, while its outcome is still
+        # being written: short commands would otherwise leave slots idle for a round trip.
+        busy = sum(1 for r in self._running.values() if not r.finished)
+        free = self.opts.concurrency - busy
         # Wait for a useful batch of free slots, so a busy worker does not claim one by one.
-        if free <= 0 or (self._running and free < min(self.batch, self.opts.concurrency) // 4):
+        if free <= 0 or (busy and free < min(self.batch, self.opts.concurrency) // 4):
             return False
         try:
             tasks = self.store.claim(
@@ -255,6 +259,7 @@ class Worker:
                 run.ctx.close()
             run.finished = True
             self._done.put((run, result))
+            self._wake.set()  # a slot is free
 
     # recording outcomes ------------------------------------------------------------
     def _outcome(self, run: _Running, res: ExecResult) -> Outcome:
