@@ -1,5 +1,5 @@
 """Paths outside a pipeline's roots are refused at submit, by the API (422 naming the
-field) and by the CLI (one line, exit 2); accepted ones reach the task mapped."""
+field) and by the CLI (one line, exit 1 like any bad input); accepted ones reach the task mapped."""
 
 from __future__ import annotations
 
@@ -95,14 +95,14 @@ async def test_the_api_accepts_paths_inside_the_roots_and_the_task_sees_them_map
 
 
 @pytest.mark.parametrize(("path", "why"), HOSTILE[:4] + HOSTILE[6:7])
-def test_the_cli_refuses_a_hostile_path_in_one_line_with_exit_2(
+def test_the_cli_refuses_a_hostile_path_in_one_line(
     tmp_path: Path, sqlite_url: str, tree: Path, path: str, why: str
 ) -> None:
     env = cli_env(sqlite_url, write_config(tmp_path, config(tree)))
     params = tmp_path / "params.json"
     params.write_text(json.dumps(body(path)["params"]))
     r = run_cli("submit", "spot", str(params), env=env, cwd=tmp_path)
-    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.returncode == 1, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "$.logs[1].bin" in lines[0] and why in lines[0]

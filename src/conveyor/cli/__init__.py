@@ -1,9 +1,8 @@
 """The `conveyor` command: a thin adapter over the application object (and, for the
 commands that talk to a server, over the Python client).
 
-Exit codes: 0 success; 1 an error (the request failed, not found, ...); 2 a usage error
-or params a pipeline refuses (schema, paths outside the roots), or, for `wait`, a
-time-out; 3 the database (or the server) cannot be reached.
+Exit codes: 0 success; 1 an error (the request failed, bad input, not found); 2 a usage
+error or, for `wait`, a time-out; 3 the database (or the server) cannot be reached.
 
 Each module registers its commands on the root command: `requests` (submit, status,
 wait, list, cancel, retry, logs), `service` (queues, pause, resume, workers, worker,
@@ -16,7 +15,7 @@ import sys
 from typing import NoReturn
 
 from conveyor.app import UnknownPipeline
-from conveyor.cli.common import EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_USAGE, CliError, cli, err
+from conveyor.cli.common import EXIT_ERROR, EXIT_UNAVAILABLE, CliError, cli, err
 from conveyor.client import ClientError, ServerUnavailable
 from conveyor.config import ConfigError
 from conveyor.executors.python import HandlerError
@@ -63,8 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ) as exc:
         message = str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
         if isinstance(exc, ParamsError):
-            # Input the pipeline refuses is the caller's to fix, like a usage error.
-            _fail(f"params invalid at {exc.path}: {exc.message}", EXIT_USAGE)
+            message = f"params invalid at {exc.path}: {exc.message}"
         _fail(message, EXIT_ERROR)
     except KeyboardInterrupt:
         _fail("interrupted", 130)

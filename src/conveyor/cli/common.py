@@ -32,7 +32,6 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_ERROR = 1
 EXIT_TIMEOUT = 2
-EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]

@@ -276,7 +276,6 @@ class SshExecutor:
         host: str,
     ) -> None:
         buf = b""
-        first = True
         while True:
             chunk = await proc.stdout.read(65536)
             if not chunk:
@@ -285,14 +284,13 @@ class SshExecutor:
             *lines, buf = buf.split(b"\n")
             for raw in lines:
                 line = raw.decode("utf-8", "replace").rstrip("\r")
-                if first and line.startswith(_PGID_MARK):
-                    first = False
+                # The wrapper's first word; a login script may have printed before it.
+                if not pgid and line.startswith(_PGID_MARK):
                     try:
                         pgid.append(int(line.split()[1]))
+                        continue
                     except (IndexError, ValueError):
                         pass
-                    continue
-                first = False
                 _line(line, ctx)
         if buf:
             _line(buf.decode("utf-8", "replace").rstrip("\r"), ctx)
@@ -313,7 +311,12 @@ class SshExecutor:
         ctx: TaskContext,
         grace: float | None = None,
     ) -> None:
+        for _ in range(20):  # stopped before the group id arrived: it is on its way
+            if pgid:
+                break
+            await asyncio.sleep(0.1)
         if not pgid:
+            ctx.log(f"[{host}] the remote process group is unknown; closing the session only")
             return
         grace = self.kill_grace if grace is None else grace
         try:
