@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -257,8 +258,9 @@ def test_a_host_that_hangs_mid_task_is_noticed_by_keepalives(sshd: Sshd, make, t
         done = app.wait(req.request.id, timeout=20)
     finally:
         for pid in stopped:
-            os.kill(pid, signal.SIGKILL)
-            os.kill(pid, signal.SIGCONT)
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
         worker.stop()
     task = done.tasks[0]
     assert task.status == TaskStatus.FAILED
