@@ -82,7 +82,6 @@ class CommandExecutor:
             CONVEYOR_ATTEMPT=str(task.attempts),
             CONVEYOR_WORK_DIR=work_dir,
         )
-        ctx.log(f"$ {' '.join(argv)}")
         try:
             proc = subprocess.Popen(
                 argv,
@@ -94,12 +93,16 @@ class CommandExecutor:
                 start_new_session=True,
             )
         except OSError as exc:
+            ctx.log(f"$ {' '.join(argv)}")
             ctx.log(f"cannot start {argv[0]}: {exc.strerror}")
             return ExecResult(
                 ok=False, error=f"cannot start {argv[0]}: {exc.strerror}", retryable=False
             )
         if self.watchdog is not None:
             self.watchdog.started(proc.pid)
+        # Logged once the command runs, so opening the log overlaps its start; still the
+        # first line, as its output is read only after this.
+        ctx.log(f"$ {' '.join(argv)}")
         try:
             reason = self._pump(proc, ctx, deadline)
             if reason is not None:
