@@ -204,6 +204,8 @@ def test_a_cancel_kills_the_remote_process_group(sshd: Sshd, make, tmp_path) -> 
 
 # ------------------------------------------------------------------ lost hosts
 def _flaky(sshd: Sshd, make, tmp_path, retries: int, **host: object):
+    """A command that, the first time, says `tick` and then sleeps silently (writing its
+    sleep's pid into `marker`); the second time it succeeds."""
     marker = tmp_path / "marker"
     app = make(
         sshd.host_toml(**host)
@@ -211,8 +213,8 @@ def _flaky(sshd: Sshd, make, tmp_path, retries: int, **host: object):
             [
                 "sh",
                 "-c",
-                'if [ -e "$1" ]; then echo second attempt; exit 0; fi; touch "$1"; '
-                "i=0; while [ $i -lt 600 ]; do echo tick; sleep 0.1; i=$((i+1)); done",
+                'if [ -e "$1" ]; then echo second attempt; exit 0; fi; '
+                'sleep 60 & echo $! > "$1"; echo tick; wait',
                 "x",
                 str(marker),
             ],
@@ -242,6 +244,9 @@ def test_a_connection_dropped_mid_task_is_retried_and_the_retry_succeeds(
     first = app.log_path(task_id, 1).read_text()
     assert "lost" in first
     assert "second attempt" in app.log_path(task_id, 2).read_text()
+    # the first attempt's silent command did not run on after its connection was lost
+    sleeper = int((tmp_path / "marker").read_text())
+    wait_for(lambda: not alive(sleeper), within=10)
 
 
 def test_a_host_that_hangs_mid_task_is_noticed_by_keepalives(sshd: Sshd, make, tmp_path) -> None:
@@ -265,6 +270,9 @@ def test_a_host_that_hangs_mid_task_is_noticed_by_keepalives(sshd: Sshd, make, t
     task = done.tasks[0]
     assert task.status == TaskStatus.FAILED
     assert "lost" in (task.error or ""), task.error
+    # once the stopped sshd is gone, the command's group goes too
+    sleeper = int((tmp_path / "marker").read_text())
+    wait_for(lambda: not alive(sleeper), within=10)
 
 
 def test_an_unreachable_host_is_a_retryable_failure(sshd: Sshd, make, tmp_path) -> None:

@@ -129,4 +129,5 @@ def test_the_remote_shell_gets_back_exactly_the_argv(argv: list[str], env: dict[
 
 def test_the_kill_script_names_only_the_group() -> None:
     script = kill_script(4242, 1.0)
-    assert "kill -TERM -- -4242" in script and "kill -KILL -- -4242" in script
+    assert "kill -TERM -4242" in script and "kill -KILL -4242" in script
+    assert kill_script(4242, 0) == "kill -KILL -4242 2>/dev/null; exit 0"

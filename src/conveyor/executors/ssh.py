@@ -14,7 +14,9 @@ command and with every item quoted with `shlex.quote`: the remote sshd hands the
 command to a shell, and quoting each item is what keeps request data from ever being
 read as shell syntax. It runs under `setsid -w` in a process group of its own whose id
 it reports first; a timeout or a cancel kills that whole group through a second channel
-(SIGTERM, then SIGKILL after a grace period), so nothing it started keeps running.
+(SIGTERM, then SIGKILL after a grace period), so nothing it started keeps running. If
+the connection itself is lost, a watcher in the group sees the session's stdin close and
+kills the group on the host's side.
 
 A host that refuses the connection, drops it or stops answering keepalives mid-task
 fails the attempt as retryable, so the pipeline's retry policy applies. A host key that
@@ -47,9 +49,21 @@ log = logging.getLogger(__name__)
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of the remote group
 _PGID_MARK = "__conveyor_pgid__"
-# Prints the group id, then becomes the command with its stderr on stdout. `$0`/`$@`
-# are the quoted argv: the script itself holds no request data.
-_WRAPPER = f'echo "{_PGID_MARK} $$"; exec "$@" 2>&1'
+# Prints the group id, then becomes the command (stdin closed, stderr on stdout). `$@`
+# is the quoted argv: the script itself holds no request data. A watcher left in the
+# group reads the session's stdin, which Conveyor keeps open and never writes: when the
+# connection is lost, sshd closes it, and the watcher kills the group (TERM, then KILL
+# once the command has gone or after 5 s), so a command cut off from Conveyor does not
+# run on unseen.
+# (`kill -SIG -PGID`, without `--`: the one spelling dash, bash and busybox all take.
+# A background job's stdin is /dev/null in a shell without job control, hence fd 3.)
+_WRAPPER = (
+    f'echo "{_PGID_MARK} $$"; exec 3<&0; '
+    "( trap '' TERM; cat <&3 >/dev/null; kill -TERM -$$; i=0; "
+    "while [ $i -lt 50 ] && kill -0 $$; do sleep 0.1; i=$((i+1)); done; kill -KILL -$$ ) "
+    ">/dev/null 2>&1 & "
+    'exec "$@" </dev/null 3<&- 2>&1'
+)
 _TICK = 0.2
 
 
@@ -74,12 +88,17 @@ def remote_command(argv: list[str], env: Mapping[str, str], cwd: str | None) -> 
 
 
 def kill_script(pgid: int, grace: float) -> str:
+    """SIGTERM the group, give its leader (the command) `grace` seconds, then SIGKILL
+    the group: what outlives the leader, the connection watcher among them, goes too."""
+    g = int(pgid)
+    if grace <= 0:
+        return f"kill -KILL -{g} 2>/dev/null; exit 0"
     steps = max(1, int(grace / 0.1))
-    g = f"-- -{int(pgid)}"
+    # `kill -SIG -PGID`, not `kill -SIG -- -PGID`: dash's kill refuses the latter.
     return (
-        f"kill -TERM {g} 2>/dev/null || exit 0; i=0; "
+        f"kill -TERM -{g} 2>/dev/null || exit 0; i=0; "
         f"while [ $i -lt {steps} ] && kill -0 {g} 2>/dev/null; do sleep 0.1; i=$((i+1)); done; "
-        f"kill -KILL {g} 2>/dev/null; exit 0"
+        f"kill -KILL -{g} 2>/dev/null; exit 0"
     )
 
 
@@ -222,7 +241,8 @@ class SshExecutor:
         pgid: list[int] = []
         try:
             try:
-                proc = await conn.create_process(command, stdin=asyncssh.DEVNULL, encoding=None)
+                # stdin stays open, unwritten: its end tells the remote side we are gone
+                proc = await conn.create_process(command, encoding=None)
             except (OSError, asyncssh.Error) as exc:
                 raise _Retryable(f"cannot start the command on {where}: {_describe(exc)}") from None
             reader = asyncio.ensure_future(self._pump(proc, ctx, pgid, host.name))
