@@ -21,6 +21,7 @@ from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from conveyor.artifacts.keys import DEFAULT_KEY_TEMPLATE, ArtifactKeyError, check_template
+from conveyor.hosts import Host
 from conveyor.ingest.loader import LoadError, SqliteLoad, read_mapping
 from conveyor.ingest.settings import (
     SinkConfig,
@@ -31,6 +32,7 @@ from conveyor.ingest.settings import (
     spool_config,
 )
 from conveyor.notifications import NotifySettings
+from conveyor.paths import PathRules, SelectorError, parse_selector
 from conveyor.pipelines import Pipeline, TemplateError, template_fields
 from conveyor.queues import DEFAULT_QUEUE, DEFAULT_QUEUE_ORDER
 from conveyor.retention import AgeError, parse_age
@@ -74,7 +76,7 @@ def _check_glob(pattern: str) -> str:
 class _PipelineModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    executor: Literal["command", "python"]
+    executor: Literal["command", "python", "ssh"]
     command: list[str] | None = None
     handler: str | None = None
     split: str | None = None
@@ -99,6 +101,10 @@ class _PipelineModel(BaseModel):
         return [_check_glob(p) for p in v]
 
     load_sqlite: _LoadSqliteModel | None = None
+    hosts: list[str] = []
+    paths: list[str] = []
+    path_map: dict[str, str] = {}
+    roots: list[str] = []
 
     @field_validator("command")
     @classmethod
@@ -112,6 +118,22 @@ class _PipelineModel(BaseModel):
                 except TemplateError as exc:
                     raise ValueError(str(exc)) from None
         return v
+
+
+class _HostModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str = Field(min_length=1)
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str = Field(min_length=1)
+    key_file: str | None = None
+    known_hosts: str | None = None
+    insecure_skip_host_key_check: bool = False
+    concurrency: int = Field(default=1, ge=1, le=1024)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    keepalive_interval: float = Field(default=15.0, gt=0)
+    keepalive_count_max: int = Field(default=3, ge=1)
+    path_map: dict[str, str] = {}
 
 
 class _ConveyorModel(BaseModel):
@@ -203,6 +225,7 @@ class _FileModel(BaseModel):
     pipelines: dict[str, _PipelineModel] = {}
     spools: dict[str, SpoolModel] = {}
     sinks: dict[str, SinkModel] = {}
+    hosts: dict[str, _HostModel] = {}
 
 
 @dataclass(frozen=True)
@@ -278,6 +301,7 @@ class Config:
     artifacts: ArtifactSettings | None = None
     spools: Mapping[str, SpoolConfig] = field(default_factory=dict)
     sinks: Mapping[str, SinkConfig] = field(default_factory=dict)
+    hosts: Mapping[str, Host] = field(default_factory=dict)
 
     @property
     def artifact_settings(self) -> ArtifactSettings:
@@ -318,10 +342,51 @@ def _load_schema(value: dict[str, Any] | str | None, base: Path, where: str) -> 
     return schema
 
 
-def _pipeline(name: str, m: _PipelineModel, base: Path) -> Pipeline:
+def _host(name: str, m: _HostModel, base: Path) -> Host:
+    def file(value: str | None) -> str | None:
+        return str((base / Path(value).expanduser()).resolve()) if value else None
+
+    return Host(
+        name=name,
+        address=m.address,
+        user=m.user,
+        port=m.port,
+        key_file=file(m.key_file),
+        known_hosts=file(m.known_hosts),
+        insecure_skip_host_key_check=m.insecure_skip_host_key_check,
+        concurrency=m.concurrency,
+        connect_timeout=m.connect_timeout,
+        keepalive_interval=m.keepalive_interval,
+        keepalive_count_max=m.keepalive_count_max,
+        path_map=tuple(m.path_map.items()),
+    )
+
+
+def _path_rules(where: str, m: _PipelineModel) -> PathRules:
+    try:
+        fields = tuple(parse_selector(s) for s in m.paths)
+    except SelectorError as exc:
+        raise ConfigError(f"{where}.paths: {exc}") from None
+    if fields and not m.roots:
+        raise ConfigError(f"{where}: paths are declared but no roots = [...] allow any")
+    for root in m.roots:
+        if not root.startswith("/"):
+            raise ConfigError(f"{where}.roots: {root!r} is not an absolute path")
+    return PathRules(path_map=tuple(m.path_map.items()), roots=tuple(m.roots), fields=fields)
+
+
+def _pipeline(name: str, m: _PipelineModel, base: Path, hosts: Mapping[str, Host]) -> Pipeline:
     where = f"pipelines.{name}"
-    if m.executor == "command" and not m.command:
-        raise ConfigError(f"{where}: executor 'command' needs command = [argv...]")
+    if m.executor in ("command", "ssh") and not m.command:
+        raise ConfigError(f"{where}: executor '{m.executor}' needs command = [argv...]")
+    if m.executor == "ssh" and not m.hosts:
+        raise ConfigError(f"{where}: executor 'ssh' needs hosts = [\"name\", ...]")
+    for host in m.hosts:
+        if host not in hosts:
+            raise ConfigError(
+                f"{where}.hosts: no [hosts.{host}] is configured "
+                f"(known: {', '.join(sorted(hosts)) or 'none'})"
+            )
     if m.executor == "python" and not m.handler:
         raise ConfigError(f"{where}: executor 'python' needs handler = 'module:function'")
     if m.handler is not None and not _HANDLER.fullmatch(m.handler):
@@ -340,11 +405,13 @@ def _pipeline(name: str, m: _PipelineModel, base: Path) -> Pipeline:
         concurrency=m.concurrency,
         cache=m.cache,
         env=dict(m.env),
-        cwd=str((base / m.cwd).resolve()) if m.cwd else None,
+        cwd=(m.cwd if m.executor == "ssh" else str((base / m.cwd).resolve())) if m.cwd else None,
         description=m.description,
         outputs=tuple(m.outputs),
         notify=_notify(m.notify),
         load_sqlite=_load_sqlite(m.load_sqlite, base, where),
+        hosts=tuple(hosts[h] for h in m.hosts),
+        paths=_path_rules(where, m),
     )
 
 
@@ -372,7 +439,8 @@ def parse_config(
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"{loc}: {err['msg']}") from None
-    pipelines = {name: _pipeline(name, m, base) for name, m in model.pipelines.items()}
+    hosts = {name: _host(name, m, base) for name, m in model.hosts.items()}
+    pipelines = {name: _pipeline(name, m, base, hosts) for name, m in model.pipelines.items()}
     if "pipeline" in model.legacy.model_fields_set and model.legacy.pipeline not in pipelines:
         raise ConfigError(
             f"legacy.pipeline: no pipeline {model.legacy.pipeline!r} is configured "
@@ -445,6 +513,7 @@ def parse_config(
         ),
         spools=spools,
         sinks=sinks,
+        hosts=hosts,
     )
 
 

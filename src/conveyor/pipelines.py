@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import jsonschema
 from jsonschema.validators import validator_for
 
+from conveyor.hosts import Host
 from conveyor.notifications import NotifySettings
+from conveyor.paths import PathError, PathRules, check_params_paths
 from conveyor.queues import DEFAULT_QUEUE
 
 if TYPE_CHECKING:
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
 from conveyor.requests import split_params
 from conveyor.tasks import RetryPolicy
 
-ExecutorKind = Literal["command", "python"]
+ExecutorKind = Literal["command", "python", "ssh"]
 
 # {field} or {field.sub}; {{ and }} stand for literal braces.
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\}")
@@ -144,6 +146,8 @@ class Pipeline:
     outputs: tuple[str, ...] = ()
     notify: NotifySettings | None = None
     load_sqlite: SqliteLoad | None = None  # a result file loaded when a task succeeds
+    hosts: tuple[Host, ...] = ()  # for executor "ssh"
+    paths: PathRules = field(default_factory=PathRules)
 
     @cached_property
     def _validator(self) -> Any:
@@ -152,7 +156,8 @@ class Pipeline:
         return validator_for(schema)(schema)
 
     def check_params(self, params: Any) -> list[Any]:
-        """Validate submitted params; return each task's params."""
+        """Validate submitted params; return each task's params, with declared paths
+        mapped and normalised (and refused, naming the field, outside the roots)."""
         if self.schema is not None:
             errors = sorted(
                 self._validator.iter_errors(params),
@@ -165,7 +170,13 @@ class Pipeline:
             tasks = split_params(params, self.split)
         except ValueError as exc:
             raise ParamsError(f"$.{self.split}" if self.split else "$", str(exc)) from None
-        if self.executor == "command":
+        if self.paths.active:
+            try:
+                mapped = check_params_paths(params, self.paths)
+            except PathError as exc:
+                raise ParamsError(exc.field, exc.message) from None
+            tasks = split_params(mapped, self.split)
+        if self.executor in ("command", "ssh"):
             for i, task_params in enumerate(tasks):
                 try:
                     render_argv(self.command, command_values(task_params, _CHECK_CONTEXT))

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 from conveyor.app import Conveyor
-from conveyor.executors import ExecResult, TaskContext, executor_for
+from conveyor.executors import ExecResult, Executors, TaskContext
 from conveyor.outputs import Publisher
 from conveyor.pipelines import Pipeline
 from conveyor.queues import order_queues
@@ -90,12 +90,13 @@ class Worker:
         self._running: dict[int, _Running] = {}
         self._todo: queue.SimpleQueue[_Running | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[tuple[_Running, ExecResult] | None] = queue.SimpleQueue()
-        self._recorded: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
+        self._recorded: queue.SimpleQueue[list[_Running]] = queue.SimpleQueue()
         self._lost: queue.SimpleQueue[set[int]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._hard_stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._executors = Executors()
 
     # control ------------------------------------------------------------------
     def stop(self, hard: bool = False) -> None:
@@ -179,6 +180,7 @@ class Worker:
                 log.warning("could not record this worker as stopped: database unavailable")
             for t in self._threads:
                 t.join(timeout=5)
+            self._executors.close()
         return self.stats
 
     def _spawn(self, target: object, name: str) -> threading.Thread:
@@ -189,9 +191,12 @@ class Worker:
 
     # claiming -----------------------------------------------------------------
     def _claim(self, now: float) -> bool:
-        free = self.opts.concurrency - len(self._running)
+        # An attempt that has returned frees its slot at once, while its outcome is still
+        # being written: short commands would otherwise leave slots idle for a round trip.
+        busy = sum(1 for r in self._running.values() if not r.finished)
+        free = self.opts.concurrency - busy
         # Wait for a useful batch of free slots, so a busy worker does not claim one by one.
-        if free <= 0 or (self._running and free < min(self.batch, self.opts.concurrency) // 4):
+        if free <= 0 or (busy and free < min(self.batch, self.opts.concurrency) // 4):
             return False
         try:
             tasks = self.store.claim(
@@ -252,7 +257,7 @@ class Worker:
             try:
                 if run.pipeline.outputs:
                     self.publisher.before_attempt(run.pipeline, run.ctx)
-                result = executor_for(run.pipeline).run(run.pipeline, run.ctx, run.deadline)
+                result = self._executors.run(run.pipeline, run.ctx, run.deadline)
                 if result.ok and run.pipeline.load_sqlite is not None:
                     result = self._load_output(run, result)
             except Exception as exc:  # an executor bug must not lose the task
@@ -264,6 +269,7 @@ class Worker:
             result = self._keep_outputs(run, result)
             run.finished = True
             self._done.put((run, result))
+            self._wake.set()  # a slot is free
 
     def _load_output(self, run: _Running, result: ExecResult) -> ExecResult:
         """The pipeline's `load_sqlite`: the task succeeds only once its result file is
@@ -333,7 +339,7 @@ class Worker:
                 items.append(more)
             outcomes = [self._outcome(run, res) for run, res in items if not run.settled]
             self._record(outcomes)
-            self._recorded.put([run.task.id for run, _ in items])
+            self._recorded.put([run for run, _ in items])
             self._wake.set()
 
     def _record(self, outcomes: list[Outcome]) -> None:
@@ -364,8 +370,11 @@ class Worker:
 
     def _drop_recorded(self) -> None:
         while not self._recorded.empty():
-            for task_id in self._recorded.get():
-                self._running.pop(task_id, None)
+            for run in self._recorded.get():
+                # By attempt, not task id: a retry's next attempt may be claimed (under
+                # the same id) before the previous attempt is dropped.
+                if self._running.get(run.task.id) is run:
+                    del self._running[run.task.id]
 
     def _enforce_deadlines(self, now: float) -> None:
         for run in list(self._running.values()):

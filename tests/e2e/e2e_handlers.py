@@ -22,6 +22,6 @@ def record(ctx: TaskContext) -> None:
 
 
 def record_slowly(ctx: TaskContext) -> None:
-    """`record`, then 20 ms of work: a backlog that takes a few seconds to drain."""
+    """`record`, then 50 ms of work: a backlog that takes a few seconds to drain."""
     record(ctx)
-    time.sleep(0.02)
+    time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated
 
 import typer
@@ -123,3 +124,33 @@ def bench_dashboard(
             f"{name} ({figures['path']}): median {figures['median_ms']} ms, "
             f"p90 {figures['p90_ms']} ms, first {figures['first_ms']} ms"
         )
+
+
+@cli.command("bench-exec")
+def bench_exec(
+    tasks: Annotated[int, typer.Option(min=1, help="How many `true` tasks a round.")] = 1000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Worker concurrency.")] = 8,
+    rounds: Annotated[int, typer.Option(min=1, max=50, help="Alternating rounds.")] = 5,
+    command: Annotated[
+        str, typer.Option(help="The command each task runs (split like a shell line).")
+    ] = "true",
+    as_json: JsonOption = False,
+) -> None:
+    """The command executor against a bare Python loop running the same processes with
+    the same parallelism, on a scratch SQLite database."""
+    from conveyor.bench_exec import ExecBenchOptions, run_exec_bench
+
+    result = run_exec_bench(
+        ExecBenchOptions(
+            tasks=tasks,
+            concurrency=concurrency,
+            rounds=rounds,
+            command=tuple(shlex.split(command)) or ("true",),
+        ),
+        say=None if as_json else err.print,
+    )
+    if as_json:
+        out.print_json(data=result)
+    else:
+        for k, v in result.items():
+            out.print(f"{k}: {v}")

@@ -16,8 +16,6 @@ from conveyor.tasks import Progress, Task
 # A command reports progress with a line of its own on stdout:
 #   conveyor:progress CURRENT[/TOTAL] [MESSAGE]
 PROGRESS_PREFIX = "conveyor:progress "
-# Guards the rare shared moments of a context (opening its log, making its stop event).
-_LOG_LOCK = threading.Lock()
 
 
 def parse_progress_line(line: str) -> Progress | None:
@@ -66,6 +64,10 @@ class TaskContext:
         self._stopped = False
         self.stop_reason: str | None = None
         self._log: IO[str] | None = None
+        # Guards the rare shared moments of this context (opening its log, making its
+        # stop event); one per context, so one task's slow file system work never holds
+        # up another's.
+        self._lock = threading.Lock()
 
     def _where(self) -> tuple[Path, Path]:
         if self._resolved is None:
@@ -114,7 +116,7 @@ class TaskContext:
 
     # log --------------------------------------------------------------------
     def log(self, message: str) -> None:
-        with _LOG_LOCK:
+        with self._lock:
             if self._log is None:
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
                 self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
@@ -122,14 +124,14 @@ class TaskContext:
             self._log.flush()
 
     def close(self) -> None:
-        with _LOG_LOCK:
+        with self._lock:
             if self._log is not None:
                 self._log.close()
                 self._log = None
 
     # stopping ---------------------------------------------------------------
     def stop(self, reason: str) -> None:
-        with _LOG_LOCK:
+        with self._lock:
             if self._stopped:
                 return
             self.stop_reason = reason
@@ -144,7 +146,7 @@ class TaskContext:
 
     def wait_stop(self, timeout: float) -> bool:
         """Sleep up to `timeout` seconds, waking early if asked to stop; True if asked."""
-        with _LOG_LOCK:
+        with self._lock:
             if self._stop_event is None:
                 self._stop_event = threading.Event()
                 if self._stopped:
@@ -162,6 +164,47 @@ def executor_for(pipeline: Pipeline) -> Executor:
         from conveyor.executors.command import CommandExecutor
 
         return CommandExecutor()
+    if pipeline.executor == "ssh":
+        from conveyor.executors.ssh import SshExecutor
+
+        return SshExecutor()
     from conveyor.executors.python import PythonExecutor
 
     return PythonExecutor()
+
+
+class Executors:
+    """A worker's executors, one of each kind, made when first needed and shared by its
+    runners: what spans tasks (an SSH host's busy slots) is counted in one place."""
+
+    def __init__(self) -> None:
+        from conveyor.executors.watchdog import Watchdog
+
+        self._made: dict[str, Executor] = {}
+        self._lock = threading.Lock()
+        self.watchdog = Watchdog()
+
+    def _make(self, pipeline: Pipeline) -> Executor:
+        if pipeline.executor == "command":
+            from conveyor.executors.command import CommandExecutor
+
+            return CommandExecutor(self.watchdog)
+        return executor_for(pipeline)
+
+    def close(self) -> None:
+        self.watchdog.close()
+
+    def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
+        executor = self._made.get(pipeline.executor)
+        if executor is None:
+            with self._lock:
+                executor = self._made.get(pipeline.executor) or self._make(pipeline)
+                self._made[pipeline.executor] = executor
+        result = executor.run(pipeline, ctx, deadline)
+        if result.ok and pipeline.paths.path_map and result.result is not None:
+            # Paths in a result are reported in the submitter's terms (P:/..., not /mnt/p/...).
+            from conveyor.paths import reverse, rewrite_prefixes
+
+            mapped = rewrite_prefixes(result.result, reverse(pipeline.paths.path_map))
+            return ExecResult(ok=True, result=mapped, error=result.error)
+        return result

@@ -5,40 +5,18 @@ a stopping worker kills everything it started."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import selectors
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
+from conveyor.executors.watchdog import Watchdog
 from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """On Linux, a command gets SIGKILL when the worker thread that started it dies, so
-    a worker killed outright does not leave its commands running unsupervised."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-
-    def child() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-    return child
-
-
-_PREEXEC = _die_with_parent()
 
 
 def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:
@@ -72,55 +50,74 @@ def _read_available(fd: int) -> bytes | None:
 
 
 class CommandExecutor:
+    """With a `watchdog`, the commands die with the worker even if it is SIGKILLed.
+
+    Spawning stays on CPython's fast path (`vfork`): no `preexec_fn`, and the new
+    session comes from `start_new_session`."""
+
+    def __init__(self, watchdog: Watchdog | None = None) -> None:
+        self.watchdog = watchdog
+        # Read once: `dict(os.environ)` decodes every variable again on each call.
+        self._environ = dict(os.environ)
+
     def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
         task = ctx.task
+        work_dir = str(ctx.work_dir)  # made here, once
         context = {
             "request_id": task.request_id,
             "task_id": task.id,
             "attempt": task.attempts,
-            "work_dir": str(ctx.work_dir),
+            "work_dir": work_dir,
             "python": sys.executable,
         }
         try:
             argv = render_argv(pipeline.command, command_values(task.params, context))
         except TemplateError as exc:
             return ExecResult(ok=False, error=str(exc), retryable=False)
-        env = dict(os.environ)
+        env = self._environ.copy()
         env.update(pipeline.env)
         env.update(
             CONVEYOR_REQUEST_ID=str(task.request_id),
             CONVEYOR_TASK_ID=str(task.id),
             CONVEYOR_ATTEMPT=str(task.attempts),
-            CONVEYOR_WORK_DIR=str(ctx.work_dir),
+            CONVEYOR_WORK_DIR=work_dir,
         )
-        ctx.log(f"$ {' '.join(argv)}")
         try:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                cwd=pipeline.cwd or ctx.work_dir,
+                cwd=pipeline.cwd or work_dir,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_PREEXEC,
             )
         except OSError as exc:
+            ctx.log(f"$ {' '.join(argv)}")
             ctx.log(f"cannot start {argv[0]}: {exc.strerror}")
             return ExecResult(
                 ok=False, error=f"cannot start {argv[0]}: {exc.strerror}", retryable=False
             )
-        reason = self._pump(proc, ctx, deadline)
-        if reason is not None:
-            kill_group(proc)
-            ctx.log(f"killed: {reason}")
-            return ExecResult(ok=False, error=reason)
-        code = proc.wait()
-        # Anything the command left running in its group goes with it.
+        if self.watchdog is not None:
+            self.watchdog.started(proc.pid)
+        # Logged once the command runs, so opening the log overlaps its start; still the
+        # first line, as its output is read only after this.
+        ctx.log(f"$ {' '.join(argv)}")
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            reason = self._pump(proc, ctx, deadline)
+            if reason is not None:
+                kill_group(proc)
+                ctx.log(f"killed: {reason}")
+                return ExecResult(ok=False, error=reason)
+            code = proc.wait()
+            # Anything the command left running in its group goes with it.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.ended(proc.pid)
         ctx.log(f"exit code {code}")
         if code == 0:
             return ExecResult(ok=True, result={"exit_code": 0})

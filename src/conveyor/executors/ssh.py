@@ -1,0 +1,365 @@
+"""Run a task's command on a remote host over SSH.
+
+Why asyncssh rather than paramiko: it is asyncio-native, so one attempt watches its
+output, its deadline, its cancel flag and the connection's health in one loop without a
+thread per stream; it has protocol keepalives with a miss count built in (a host that
+hangs is noticed in `keepalive_interval * keepalive_count_max` seconds, not at the next
+TCP timeout); it checks host keys against an OpenSSH `known_hosts` file and refuses by
+default; and opening a second channel on the same connection to kill the remote process
+group is a one-liner. Each attempt runs its own short event loop and connection, so a
+broken connection harms one attempt only.
+
+The remote command is the pipeline's argv template, rendered exactly as for a local
+command and with every item quoted with `shlex.quote`: the remote sshd hands the
+command to a shell, and quoting each item is what keeps request data from ever being
+read as shell syntax. It runs under `setsid -w` in a process group of its own whose id
+it reports first; a timeout or a cancel kills that whole group through a second channel
+(SIGTERM, then SIGKILL after a grace period), so nothing it started keeps running. If
+the connection itself is lost, a watcher in the group sees the session's stdin close and
+kills the group on the host's side.
+
+A host that refuses the connection, drops it or stops answering keepalives mid-task
+fails the attempt as retryable, so the pipeline's retry policy applies. A host key that
+does not match `known_hosts`, a key file that cannot be read or a login that is refused
+fail the attempt for good: retrying cannot fix configuration.
+
+Host slots (`concurrency` of each host) are counted per worker process: two workers
+may each run that many tasks on one host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import shlex
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import asyncssh
+
+from conveyor.executors import ExecResult, TaskContext, parse_progress_line
+from conveyor.hosts import Host, pick_host
+from conveyor.paths import reverse, rewrite_fields, rewrite_prefixes, task_selectors
+from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
+
+log = logging.getLogger(__name__)
+
+KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of the remote group
+_PGID_MARK = "__conveyor_pgid__"
+# Prints the group id, then becomes the command (stdin closed, stderr on stdout). `$@`
+# is the quoted argv: the script itself holds no request data. A watcher left in the
+# group reads the session's stdin, which Conveyor keeps open and never writes: when the
+# connection is lost, sshd closes it, and the watcher kills the group (TERM, then KILL
+# once the command has gone or after 5 s), so a command cut off from Conveyor does not
+# run on unseen.
+# (`kill -SIG -PGID`, without `--`: the one spelling dash, bash and busybox all take.
+# A background job's stdin is /dev/null in a shell without job control, hence fd 3.)
+_WRAPPER = (
+    f'echo "{_PGID_MARK} $$"; exec 3<&0; '
+    "( trap '' TERM; cat <&3 >/dev/null; kill -TERM -$$; i=0; "
+    "while [ $i -lt 50 ] && kill -0 $$; do sleep 0.1; i=$((i+1)); done; kill -KILL -$$ ) "
+    ">/dev/null 2>&1 & "
+    'exec "$@" </dev/null 3<&- 2>&1'
+)
+_TICK = 0.2
+
+
+class _Retryable(Exception):
+    pass
+
+
+class _Fatal(Exception):
+    pass
+
+
+def remote_command(argv: list[str], env: Mapping[str, str], cwd: str | None) -> str:
+    """The command line the remote shell runs; every variable part is quoted."""
+    parts = ["exec", "env"]
+    parts += [shlex.quote(f"{k}={v}") for k, v in env.items()]
+    parts += ["setsid", "-w", "sh", "-c", shlex.quote(_WRAPPER), "conveyor"]
+    parts += [shlex.quote(a) for a in argv]
+    line = " ".join(parts)
+    if cwd:
+        line = f"cd {shlex.quote(cwd)} && {line}"
+    return line
+
+
+def kill_script(pgid: int, grace: float) -> str:
+    """SIGTERM the group, give its leader (the command) `grace` seconds, then SIGKILL
+    the group: what outlives the leader, the connection watcher among them, goes too."""
+    g = int(pgid)
+    if grace <= 0:
+        return f"kill -KILL -{g} 2>/dev/null; exit 0"
+    steps = max(1, int(grace / 0.1))
+    # `kill -SIG -PGID`, not `kill -SIG -- -PGID`: dash's kill refuses the latter.
+    return (
+        f"kill -TERM -{g} 2>/dev/null || exit 0; i=0; "
+        f"while [ $i -lt {steps} ] && kill -0 {g} 2>/dev/null; do sleep 0.1; i=$((i+1)); done; "
+        f"kill -KILL -{g} 2>/dev/null; exit 0"
+    )
+
+
+class SshExecutor:
+    """Shared by a worker's runners: it holds the count of busy slots per host."""
+
+    def __init__(self, kill_grace: float = KILL_GRACE) -> None:
+        self.kill_grace = kill_grace
+        self._busy: dict[str, int] = {}
+        self._freed = threading.Condition()
+        self._turn = itertools.count()
+
+    # host slots ------------------------------------------------------------------
+    def _acquire(
+        self, hosts: tuple[Host, ...], ctx: TaskContext, deadline: float | None
+    ) -> Host | None:
+        with self._freed:
+            while True:
+                host = pick_host(hosts, self._busy, next(self._turn) % max(1, len(hosts)))
+                if host is not None:
+                    self._busy[host.name] = self._busy.get(host.name, 0) + 1
+                    return host
+                if ctx.stopping or (deadline is not None and time.time() >= deadline):
+                    return None
+                self._freed.wait(_TICK)
+
+    def _release(self, host: Host) -> None:
+        with self._freed:
+            self._busy[host.name] -= 1
+            self._freed.notify_all()
+
+    # one attempt -------------------------------------------------------------------
+    def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
+        if not pipeline.hosts:
+            return ExecResult(ok=False, error="the pipeline names no hosts", retryable=False)
+        host = self._acquire(pipeline.hosts, ctx, deadline)
+        if host is None:
+            if ctx.stopping:
+                return ExecResult(ok=False, error=ctx.stop_reason or "stopped")
+            return ExecResult(ok=False, error="timed out waiting for a free host")
+        try:
+            return asyncio.run(self._attempt(host, pipeline, ctx, deadline))
+        finally:
+            self._release(host)
+
+    async def _attempt(
+        self, host: Host, pipeline: Pipeline, ctx: TaskContext, deadline: float | None
+    ) -> ExecResult:
+        task = ctx.task
+        params = rewrite_fields(
+            task.params, task_selectors(pipeline.paths.fields, pipeline.split), host.path_map
+        )
+        context = {
+            "request_id": task.request_id,
+            "task_id": task.id,
+            "attempt": task.attempts,
+            "work_dir": pipeline.cwd or ".",
+            "python": "python3",
+            "host": host.name,
+        }
+        try:
+            argv = render_argv(pipeline.command, command_values(params, context))
+        except TemplateError as exc:
+            return ExecResult(ok=False, error=str(exc), retryable=False)
+        env = dict(pipeline.env)
+        env.update(
+            CONVEYOR_REQUEST_ID=str(task.request_id),
+            CONVEYOR_TASK_ID=str(task.id),
+            CONVEYOR_ATTEMPT=str(task.attempts),
+        )
+        where = f"{host.user}@{host.address}:{host.port}"
+        ctx.log(f"[{host.name}] $ {shlex.join(argv)}")
+        try:
+            code = await self._session(
+                host, where, remote_command(argv, env, pipeline.cwd), ctx, deadline
+            )
+        except _Fatal as exc:
+            ctx.log(f"[{host.name}] {exc}")
+            return ExecResult(ok=False, error=str(exc), retryable=False)
+        except _Retryable as exc:
+            ctx.log(f"[{host.name}] {exc}")
+            return ExecResult(ok=False, error=str(exc))
+        if isinstance(code, str):
+            ctx.log(f"[{host.name}] killed: {code}")
+            return ExecResult(ok=False, error=code)
+        ctx.log(f"[{host.name}] exit code {code}")
+        if code != 0:
+            return ExecResult(ok=False, error=f"exit code {code} on {host.name}")
+        result: Any = {"exit_code": 0, "host": host.name}
+        return ExecResult(ok=True, result=rewrite_prefixes(result, reverse(host.path_map)))
+
+    async def _connect(self, host: Host, where: str) -> asyncssh.SSHClientConnection:
+        if host.insecure_skip_host_key_check:
+            log.warning(
+                "host %s: host-key checking is OFF (insecure_skip_host_key_check); "
+                "anyone between here and %s can read and answer this session",
+                host.name,
+                where,
+            )
+        known_hosts: Any = None if host.insecure_skip_host_key_check else (host.known_hosts or ())
+        try:
+            return await asyncssh.connect(
+                host.address,
+                port=host.port,
+                username=host.user,
+                client_keys=[host.key_file] if host.key_file else (),
+                known_hosts=known_hosts,
+                connect_timeout=host.connect_timeout,
+                keepalive_interval=host.keepalive_interval,
+                keepalive_count_max=host.keepalive_count_max,
+                config=None,
+                agent_path=None if host.key_file else (),
+            )
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise _Fatal(
+                f"host key of {where} is not trusted by "
+                f"{host.known_hosts or '~/.ssh/known_hosts'} ({exc.reason}); refusing to run"
+            ) from None
+        except asyncssh.PermissionDenied as exc:
+            raise _Fatal(f"login to {where} refused: {exc.reason}") from None
+        except asyncssh.KeyImportError as exc:
+            raise _Fatal(f"key file {host.key_file} cannot be used: {exc}") from None
+        except FileNotFoundError as exc:
+            raise _Fatal(f"cannot read {exc.filename}: {exc.strerror}") from None
+        except PermissionError as exc:
+            raise _Fatal(f"cannot read {exc.filename}: {exc.strerror}") from None
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            raise _Retryable(f"cannot connect to {where}: {_describe(exc)}") from None
+
+    async def _session(
+        self,
+        host: Host,
+        where: str,
+        command: str,
+        ctx: TaskContext,
+        deadline: float | None,
+    ) -> int | str:
+        """The exit code, or why the remote group was killed."""
+        conn = await self._connect(host, where)
+        pgid: list[int] = []
+        try:
+            try:
+                # stdin stays open, unwritten: its end tells the remote side we are gone
+                proc = await conn.create_process(command, encoding=None)
+            except (OSError, asyncssh.Error) as exc:
+                raise _Retryable(f"cannot start the command on {where}: {_describe(exc)}") from None
+            reader = asyncio.ensure_future(self._pump(proc, ctx, pgid, host.name))
+            reason: str | None = None
+            while True:
+                done, _ = await asyncio.wait({reader}, timeout=_TICK)
+                if done or proc.exit_status is not None or proc.exit_signal is not None:
+                    break
+                if ctx.stopping:
+                    reason = ctx.stop_reason or "stopped"
+                    break
+                if deadline is not None and time.time() >= deadline:
+                    ctx.stop("timed out")
+                    reason = f"timed out after {ctx.task.timeout:g}s"
+                    break
+            if reason is not None:
+                await self._kill(conn, pgid, host.name, ctx)
+                reader.cancel()
+                return reason
+            # The command has exited (or closed its output): take what is already on the
+            # way, but do not wait for a child it left holding the pipe.
+            try:
+                await asyncio.wait_for(asyncio.shield(reader), timeout=1.0)
+            except TimeoutError:
+                reader.cancel()
+            except (OSError, asyncssh.Error) as exc:
+                raise _Retryable(f"connection to {where} lost: {_describe(exc)}") from None
+            try:
+                await asyncio.wait_for(proc.wait_closed(), timeout=2.0)
+            except (TimeoutError, OSError, asyncssh.Error):
+                pass
+            if proc.exit_status is not None and proc.exit_signal is None:
+                if pgid:  # anything it left running in its group goes with it
+                    await self._kill(conn, pgid, host.name, ctx, grace=0.0)
+                return proc.exit_status
+            if proc.exit_signal is not None:
+                return f"killed by signal {proc.exit_signal[0]} on {host.name}"
+            raise _Retryable(f"connection to {where} lost before the command finished")
+        finally:
+            conn.close()
+            try:
+                await asyncio.wait_for(conn.wait_closed(), timeout=2.0)
+            except (TimeoutError, OSError, asyncssh.Error):
+                pass
+
+    async def _pump(
+        self,
+        proc: asyncssh.SSHClientProcess[bytes],
+        ctx: TaskContext,
+        pgid: list[int],
+        host: str,
+    ) -> None:
+        buf = b""
+        while True:
+            chunk = await proc.stdout.read(65536)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                # The wrapper's first word; a login script may have printed before it.
+                if not pgid and line.startswith(_PGID_MARK):
+                    try:
+                        pgid.append(int(line.split()[1]))
+                        continue
+                    except (IndexError, ValueError):
+                        pass
+                _line(line, ctx)
+        if buf:
+            _line(buf.decode("utf-8", "replace").rstrip("\r"), ctx)
+        if proc.exit_status is None and proc.exit_signal is None:
+            # EOF without an exit status: wait briefly for it, else the link is gone.
+            try:
+                await asyncio.wait_for(proc.wait_closed(), timeout=1.0)
+            except TimeoutError:
+                pass
+            if proc.exit_status is None and proc.exit_signal is None:
+                raise ConnectionError(f"the session with {host} closed without an exit status")
+
+    async def _kill(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        pgid: list[int],
+        host: str,
+        ctx: TaskContext,
+        grace: float | None = None,
+    ) -> None:
+        for _ in range(20):  # stopped before the group id arrived: it is on its way
+            if pgid:
+                break
+            await asyncio.sleep(0.1)
+        if not pgid:
+            ctx.log(f"[{host}] the remote process group is unknown; closing the session only")
+            return
+        grace = self.kill_grace if grace is None else grace
+        try:
+            await asyncio.wait_for(
+                conn.run(kill_script(pgid[0], grace), check=False), timeout=grace + 10.0
+            )
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            ctx.log(f"[{host}] could not kill remote process group {pgid[0]}: {_describe(exc)}")
+
+
+def _line(line: str, ctx: TaskContext) -> None:
+    progress = parse_progress_line(line)
+    if progress is not None:
+        ctx.report(progress)
+    ctx.log(line)
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, asyncssh.Error):
+        return exc.reason or type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc)
+    return text or type(exc).__name__

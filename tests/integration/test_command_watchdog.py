@@ -1,0 +1,70 @@
+"""A worker killed outright does not leave its commands running: its watchdog kills
+their process groups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, run_cli, write_config
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
+
+
+def test_commands_die_with_a_worker_killed_by_sigkill(tmp_path: Path, sqlite_url: str) -> None:
+    pids = tmp_path / "pids"
+    config = write_config(
+        tmp_path,
+        f"""
+        [pipelines.slow]
+        executor = "command"
+        command = ["sh", "-c", "sleep 60 & echo $! > {pids}; echo $$ >> {pids}; wait"]
+        """,
+    )
+    env = cli_env(sqlite_url, config)
+    assert run_cli("submit", "slow", env=env, cwd=tmp_path).returncode == 0
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "worker", "--concurrency", "1"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    started: list[int] = []
+    try:
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            if pids.exists() and len(pids.read_text().split()) == 2:
+                started = [int(p) for p in pids.read_text().split()]
+                break
+            time.sleep(0.05)
+        assert started, "the command did not start"
+        os.kill(worker.pid, signal.SIGKILL)  # the worker alone, not its group
+        worker.wait(10)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and any(alive(p) for p in started):
+            time.sleep(0.05)
+        assert not any(alive(p) for p in started)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        for pid in started:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

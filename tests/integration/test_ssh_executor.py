@@ -1,0 +1,348 @@
+"""The SSH executor against a real sshd on a loopback port, through a real worker."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sshd_support import Sshd, sshd_server  # noqa: F401  (the `sshd` fixture)
+
+from conftest import make_config
+from conveyor.app import Conveyor
+from conveyor.tasks import Task, TaskStatus
+from conveyor.worker import Worker, WorkerOptions
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def make(tmp_path: Path, sqlite_url: str) -> Iterator[Callable[[str], Conveyor]]:
+    apps: list[Conveyor] = []
+
+    def build(toml: str) -> Conveyor:
+        app = Conveyor(make_config(tmp_path, sqlite_url, "[conveyor]\nlease = 3\n" + toml))
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        app.close()
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, dict):
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        )
+    return json.dumps(value)
+
+
+def pipeline_toml(command: list[str], **extra: object) -> str:
+    lines = ["[pipelines.remote]", 'executor = "ssh"', 'hosts = ["lab"]']
+    lines.append(f"command = {json.dumps(command)}")
+    for key, value in extra.items():
+        lines.append(f"{key} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+class Running:
+    """A worker in a thread of its own, stopped at the end."""
+
+    def __init__(self, app: Conveyor) -> None:
+        self.worker = Worker(app, WorkerOptions(concurrency=2, poll_interval=0.1, grace=5))
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.worker.stop(hard=True)
+        self.thread.join(20)
+
+
+def run_to_end(app: Conveyor, params: dict[str, object], timeout: float = 30) -> Task:
+    req = app.submit("remote", params)
+    worker = Running(app)
+    try:
+        done = app.wait(req.request.id, timeout=timeout)
+    finally:
+        worker.stop()
+    return done.tasks[0]
+
+
+def wait_for(check: Callable[[], bool], within: float = 15) -> None:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def log_of(app: Conveyor, task_id: int) -> str:
+    try:
+        return app.log_path(task_id).read_text()
+    except Exception:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
+
+
+# --------------------------------------------------------------------------- runs
+def test_a_command_runs_over_ssh_with_each_argument_quoted(sshd: Sshd, make, tmp_path) -> None:
+    hostile = "a b; touch " + str(tmp_path / "pwned") + " $(id) `id` 'q\" \\"
+    app = make(
+        sshd.host_toml()
+        + pipeline_toml(
+            [
+                "sh",
+                "-c",
+                'printf "arg=[%s]\\n" "$1"; echo "task $CONVEYOR_TASK_ID"; '
+                "echo conveyor:progress 1/2 halfway; echo to-stderr >&2",
+                "x",
+                "{name}",
+            ]
+        )
+    )
+    task = run_to_end(app, {"name": hostile})
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.result == {"exit_code": 0, "host": "lab"}
+    log = log_of(app, task.id)
+    assert f"arg=[{hostile}]" in log
+    assert f"task {task.id}" in log and "to-stderr" in log and "exit code 0" in log
+    assert "__conveyor_pgid__" not in log
+    assert not (tmp_path / "pwned").exists()
+    assert task.progress.current in (1, 2)
+
+
+def test_a_nonzero_exit_fails_the_task(sshd: Sshd, make) -> None:
+    app = make(sshd.host_toml() + pipeline_toml(["sh", "-c", "echo bad; exit 3"]))
+    task = run_to_end(app, {})
+    assert task.status == TaskStatus.FAILED
+    assert "exit code 3" in (task.error or "")
+
+
+def test_logs_stream_back_while_the_command_runs(sshd: Sshd, make, tmp_path) -> None:
+    gate = tmp_path / "gate"
+    app = make(
+        sshd.host_toml()
+        + pipeline_toml(
+            [
+                "sh",
+                "-c",
+                'echo first line; i=0; while [ ! -e "$1" ] && [ $i -lt 200 ]; '
+                "do sleep 0.05; i=$((i+1)); done; echo last-$((40+2))",
+                "x",
+                str(gate),
+            ]
+        )
+    )
+    req = app.submit("remote", {})
+    worker = Running(app)
+    try:
+        task_id = req.request.tasks[0].id
+        wait_for(lambda: "first line" in log_of(app, task_id))
+        assert app.task(task_id).status == TaskStatus.RUNNING
+        assert "last-42" not in log_of(app, task_id)
+        gate.touch()
+        done = app.wait(req.request.id, timeout=20)
+    finally:
+        worker.stop()
+    assert done.tasks[0].status == TaskStatus.SUCCEEDED
+    assert "last-42" in log_of(app, task_id)
+
+
+def _pids_started(sshd: Sshd, make, tmp_path, **extra: object):
+    pids = tmp_path / "pids"
+    app = make(
+        sshd.host_toml()
+        + pipeline_toml(
+            ["sh", "-c", 'sleep 120 & echo $! > "$1"; echo $$ >> "$1"; wait', "x", str(pids)],
+            **extra,
+        )
+    )
+    return app, pids
+
+
+def test_a_timeout_kills_the_remote_process_group(sshd: Sshd, make, tmp_path) -> None:
+    app, pids = _pids_started(sshd, make, tmp_path, timeout=1.5)
+    task = run_to_end(app, {})
+    assert task.status == TaskStatus.FAILED
+    assert "timed out" in (task.error or "")
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2
+    wait_for(lambda: not any(alive(p) for p in started), within=10)
+
+
+def test_a_cancel_kills_the_remote_process_group(sshd: Sshd, make, tmp_path) -> None:
+    app, pids = _pids_started(sshd, make, tmp_path)
+    req = app.submit("remote", {})
+    worker = Running(app)
+    try:
+        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2)
+        started = [int(p) for p in pids.read_text().split()]
+        app.cancel(req.request.id)
+        wait_for(lambda: not any(alive(p) for p in started), within=15)
+    finally:
+        worker.stop()
+    assert app.task(req.request.tasks[0].id).status == TaskStatus.CANCELLED
+
+
+# ------------------------------------------------------------------ lost hosts
+def _flaky(sshd: Sshd, make, tmp_path, retries: int, **host: object):
+    """A command that, the first time, says `tick` and then sleeps silently (writing its
+    sleep's pid into `marker`); the second time it succeeds."""
+    marker = tmp_path / "marker"
+    app = make(
+        sshd.host_toml(**host)
+        + pipeline_toml(
+            [
+                "sh",
+                "-c",
+                'if [ -e "$1" ]; then echo second attempt; exit 0; fi; '
+                'sleep 60 & echo $! > "$1"; echo tick; wait',
+                "x",
+                str(marker),
+            ],
+            retries=retries,
+            backoff=0.1,
+        )
+    )
+    return app
+
+
+def test_a_connection_dropped_mid_task_is_retried_and_the_retry_succeeds(
+    sshd: Sshd, make, tmp_path
+) -> None:
+    app = _flaky(sshd, make, tmp_path, retries=1)
+    req = app.submit("remote", {})
+    task_id = req.request.tasks[0].id
+    worker = Running(app)
+    try:
+        wait_for(lambda: "tick" in log_of(app, task_id).splitlines())
+        assert sshd.drop_sessions() >= 1
+        done = app.wait(req.request.id, timeout=30)
+    finally:
+        worker.stop()
+    task = done.tasks[0]
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.attempts == 2
+    first = app.log_path(task_id, 1).read_text()
+    assert "lost" in first
+    assert "second attempt" in app.log_path(task_id, 2).read_text()
+    # the first attempt's silent command did not run on after its connection was lost
+    sleeper = int((tmp_path / "marker").read_text())
+    wait_for(lambda: not alive(sleeper), within=10)
+
+
+def test_a_host_that_hangs_mid_task_is_noticed_by_keepalives(sshd: Sshd, make, tmp_path) -> None:
+    app = _flaky(sshd, make, tmp_path, retries=0, keepalive_interval=0.5, keepalive_count_max=2)
+    req = app.submit("remote", {})
+    task_id = req.request.tasks[0].id
+    worker = Running(app)
+    stopped: list[int] = []
+    try:
+        wait_for(lambda: "tick" in log_of(app, task_id).splitlines())
+        stopped = sshd.session_pids()
+        for pid in stopped:  # the host stops answering, the TCP connection stays up
+            os.kill(pid, signal.SIGSTOP)
+        done = app.wait(req.request.id, timeout=20)
+    finally:
+        for pid in stopped:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        worker.stop()
+    task = done.tasks[0]
+    assert task.status == TaskStatus.FAILED
+    assert "lost" in (task.error or ""), task.error
+    # once the stopped sshd is gone, the command's group goes too
+    sleeper = int((tmp_path / "marker").read_text())
+    wait_for(lambda: not alive(sleeper), within=10)
+
+
+def test_an_unreachable_host_is_a_retryable_failure(sshd: Sshd, make, tmp_path) -> None:
+    sshd.stop()
+    app = make(sshd.host_toml() + pipeline_toml(["true"], retries=1, backoff=0.1))
+    task = run_to_end(app, {})
+    assert task.status == TaskStatus.FAILED
+    assert task.attempts == 2  # retried on the pipeline's policy
+    assert "cannot connect" in (task.error or "")
+
+
+# ------------------------------------------------------------- refused set-ups
+def test_a_host_key_mismatch_is_refused_before_anything_runs(sshd: Sshd, make, tmp_path) -> None:
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, key = (tmp_path / "other_key.pub").read_text().split()[:2]
+    wrong = tmp_path / "wrong_known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{sshd.port} {kind} {key}\n")
+    marker = tmp_path / "ran"
+    app = make(
+        sshd.host_toml(known_hosts=str(wrong))
+        + pipeline_toml(["touch", str(marker)], retries=2, backoff=0.1)
+    )
+    task = run_to_end(app, {})
+    assert task.status == TaskStatus.FAILED
+    assert task.attempts == 1  # configuration: not retried
+    assert "not trusted" in (task.error or "") and "refusing" in (task.error or "")
+    assert not marker.exists()
+
+
+def test_an_unknown_host_is_refused_by_default(sshd: Sshd, make, tmp_path) -> None:
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    app = make(sshd.host_toml(known_hosts=str(empty)) + pipeline_toml(["true"]))
+    task = run_to_end(app, {})
+    assert task.status == TaskStatus.FAILED
+    assert "not trusted" in (task.error or "")
+
+
+@pytest.mark.parametrize("content", [None, "not a key\n"])
+def test_a_bad_key_file_is_a_clear_error(sshd: Sshd, make, tmp_path, content) -> None:
+    key = tmp_path / "bad_key"
+    if content is not None:
+        key.write_text(content)
+    app = make(sshd.host_toml(key_file=str(key)) + pipeline_toml(["true"], retries=2))
+    task = run_to_end(app, {})
+    assert task.status == TaskStatus.FAILED
+    assert task.attempts == 1
+    assert str(key) in (task.error or ""), task.error
+
+
+# ------------------------------------------------------------------ path mapping
+def test_a_hosts_path_map_rewrites_declared_paths_for_it(sshd: Sshd, make, tmp_path) -> None:
+    local = tmp_path / "mnt" / "p"
+    remote = tmp_path / "data" / "p"
+    for d in (local, remote):
+        d.mkdir(parents=True)
+    (remote / "in.bin").write_text("remote copy\n")
+    host = sshd.host_toml() + f'path_map = {{ "{local}/" = "{remote}/" }}\n'
+    app = make(
+        host
+        + pipeline_toml(
+            ["cat", "{file}"],
+            paths=["file"],
+            roots=[str(local)],
+            path_map={"P:/": f"{local}/"},
+        )
+    )
+    task = run_to_end(app, {"file": "p:\\in.bin"})
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.params["file"] == f"{local}/in.bin"  # the worker's view, checked at submit
+    log = log_of(app, task.id)
+    assert "remote copy" in log and f"{remote}/in.bin" in log
