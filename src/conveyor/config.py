@@ -11,7 +11,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -409,13 +409,15 @@ def _pipeline(name: str, m: _PipelineModel, base: Path, hosts: Mapping[str, Host
         description=m.description,
         outputs=tuple(m.outputs),
         notify=_notify(m.notify),
-        load_sqlite=_load_sqlite(m.load_sqlite, base, where),
+        load_sqlite=_load_sqlite(m.load_sqlite, base, where, m.roots),
         hosts=tuple(hosts[h] for h in m.hosts),
         paths=_path_rules(where, m),
     )
 
 
-def _load_sqlite(m: _LoadSqliteModel | None, base: Path, where: str) -> SqliteLoad | None:
+def _load_sqlite(
+    m: _LoadSqliteModel | None, base: Path, where: str, roots: Sequence[str] = ()
+) -> SqliteLoad | None:
     if m is None:
         return None
     try:
@@ -423,7 +425,7 @@ def _load_sqlite(m: _LoadSqliteModel | None, base: Path, where: str) -> SqliteLo
         mapping = read_mapping((base / m.mapping).resolve())
     except (TemplateError, LoadError) as exc:
         raise ConfigError(f"{where}.load_sqlite: {exc}") from None
-    return SqliteLoad(file=m.file, mapping=mapping, database=m.database)
+    return SqliteLoad(file=m.file, mapping=mapping, database=m.database, roots=tuple(roots))
 
 
 def parse_config(

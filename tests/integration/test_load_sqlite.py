@@ -117,3 +117,36 @@ def test_pipeline_loads_each_task_output(make_app: Any, db_url: str, tmp_path: P
     linked = query(db_url, "SELECT DISTINCT request_id, task_id FROM annotation ORDER BY task_id")
     assert linked == [(req.id, t.id) for t in sorted(done.tasks, key=lambda t: t.id)]
     assert all(t.result["loaded"] == {"annotation_header": 1, "annotation": 60} for t in done.tasks)
+
+
+def test_a_result_file_outside_the_roots_is_not_loaded(
+    make_app: Any, db_url: str, tmp_path: Path
+) -> None:
+    """With roots declared, the file a task's params name must lie inside them (or the
+    task's work directory), links resolved: a submitter cannot have another SQLite file
+    of the server's read into the database."""
+    inside = tmp_path / "data"
+    elsewhere = tmp_path / "elsewhere"
+    for d in (inside, elsewhere):
+        d.mkdir()
+        _spotbot_db(d, 5)
+    (inside / "sneaky").symlink_to(elsewhere)
+    app = make_app(
+        f"""
+        [pipelines.load]
+        executor = "command"
+        command = ["true"]
+        split = "dirs"
+        load_sqlite = {{ file = "{{dir}}/spotbot.db", mapping = "{MAPPING}" }}
+        roots = ["{inside}"]
+        """
+    )
+    req = app.submit(
+        "load", {"dirs": [{"dir": str(inside)}, {"dir": str(inside / "sneaky")}]}
+    ).request
+    Worker(app, WorkerOptions(burst=True, concurrency=2)).run()
+    ok, refused = sorted(app.get(req.id).tasks, key=lambda t: t.seq)
+    assert ok.status.value == "succeeded"
+    assert refused.status.value == "failed"
+    assert "outside the task's work directory and the pipeline's roots" in (refused.error or "")
+    assert _counts(db_url) == (1, 5)

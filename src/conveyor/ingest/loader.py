@@ -22,6 +22,7 @@ same key (`task:<id>`, or the file's path) put there, so loading again is idempo
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -268,10 +269,22 @@ class SqliteLoad:
     file: str
     mapping: SqliteMapping
     database: str | None = None  # None: Conveyor's database
+    # The pipeline's allowed roots: where declared, the file must be inside one of them
+    # or the task's work directory (after resolving links), wherever the params say.
+    roots: tuple[str, ...] = ()
 
 
 def result_file(load: SqliteLoad, values: Mapping[str, Any], work_dir: Path) -> Path:
     from conveyor.pipelines import render_argv
 
     path = Path(render_argv((load.file,), values)[0])
-    return path if path.is_absolute() else work_dir / path
+    path = path if path.is_absolute() else work_dir / path
+    if load.roots:
+        real = os.path.realpath(path)
+        allowed = [os.path.realpath(r) for r in (str(work_dir), *load.roots)]
+        if not any(real == a or real.startswith(a.rstrip("/") + "/") for a in allowed):
+            raise LoadError(
+                f"result file {path} is outside the task's work directory and the "
+                f"pipeline's roots ({', '.join(load.roots)})"
+            )
+    return path
