@@ -15,7 +15,7 @@ from conveyor.artifacts import Artifact, ArtifactKind
 from conveyor.events import Event
 from conveyor.notifications import NewNotification, Notification, NotificationStatus
 from conveyor.store import schema as t
-from conveyor.store.rows import event_row
+from conveyor.store.rows import event_from_row, event_row
 from conveyor.store.sqlbase import SQLBase
 
 Planner = Callable[[Sequence[Event]], list[NewNotification]]
@@ -188,19 +188,7 @@ class OutboxVerbs(SQLBase):
 
     def _events_after(self, conn: Connection, after: int, limit: int) -> list[Event]:
         q = sa.select(t.events).where(t.events.c.id > after).order_by(t.events.c.id).limit(limit)
-        return [
-            Event(
-                id=r.id,
-                ts=r.ts,
-                kind=r.kind,
-                request_id=r.request_id,
-                task_id=r.task_id,
-                pipeline=r.pipeline,
-                queue=r.queue,
-                data=r.data,
-            )
-            for r in conn.execute(q)
-        ]
+        return [event_from_row(r) for r in conn.execute(q)]
 
     def next_notification_at(self) -> float | None:
         with self._read() as conn:

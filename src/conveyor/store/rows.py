@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
+from conveyor.events import Event
 from conveyor.requests import Request, RequestStatus, TaskCounts
 from conveyor.store import schema as t
 from conveyor.store.base import Listener
@@ -86,6 +87,19 @@ def request_from_row(row: Any, tasks: Sequence[Task] = ()) -> Request:
         submitter=m["submitter"],
         reused_request_id=m["reused_request_id"],
         tasks=tuple(tasks),
+    )
+
+
+def event_from_row(r: Any) -> Event:
+    return Event(
+        id=r.id,
+        ts=r.ts,
+        kind=r.kind,
+        request_id=r.request_id,
+        task_id=r.task_id,
+        pipeline=r.pipeline,
+        queue=r.queue,
+        data=r.data,
     )
 
 

@@ -37,6 +37,7 @@ from conveyor.store.rows import (
     LocalWakeup,
     counts_from,
     describe_error,
+    event_from_row,
     event_row,
     in_list,
     request_from_row,
@@ -401,19 +402,7 @@ class SQLBase:
         if request_id is not None:
             q = q.where(t.events.c.request_id == request_id)
         with self._read() as conn:
-            return [
-                Event(
-                    id=r.id,
-                    ts=r.ts,
-                    kind=r.kind,
-                    request_id=r.request_id,
-                    task_id=r.task_id,
-                    pipeline=r.pipeline,
-                    queue=r.queue,
-                    data=r.data,
-                )
-                for r in conn.execute(q)
-            ]
+            return [event_from_row(r) for r in conn.execute(q)]
 
     def latest_event_id(self) -> int:
         with self._read() as conn:
