@@ -1,9 +1,12 @@
 """The ingester: scans a spool, prepares files in worker processes, writes their rows
 in batches through one writer, then moves the files.
 
-Flow and bounds: at most `2 x workers` files are being prepared at once and at most one
-batch (`batch_rows` rows, `batch_bytes` bytes, `batch_seconds` old) waits for the
-database, so memory stays flat whatever the backlog. A file is archived only after the
+Flow and bounds: at most `4 x workers` chunks of files are being prepared at once, at
+most one batch's worth of prepared files (`batch_rows` rows, `batch_bytes` bytes) waits
+for the writer while it commits, and the batch being committed is no larger, so memory
+stays flat whatever the backlog. The writer commits as soon as it is free: what was
+prepared meanwhile goes in its next transaction, so batches grow with the load and no
+prepared file waits for a batch to fill. A file is archived only after the
 transaction holding its rows commits. When the database fails the batch is kept and
 tried again with back-off, and nothing new is taken meanwhile; the files stay pending.
 """
@@ -130,6 +133,53 @@ def make_plan(
     )
 
 
+class _Handoff:
+    """Prepared files on their way from the workers to the writer, bounded by rows and
+    bytes (one batch's worth): a put waits while the writer is behind, so the backlog
+    stays on disk. A file that fits nowhere still passes when nothing else waits, and
+    the markers (`_FLUSH`, `None`) always do."""
+
+    def __init__(self, rows: int, size: int) -> None:
+        self._items: deque[Prepared | object | None] = deque()
+        self._cond = threading.Condition()
+        self._rows = self._size = 0
+        self.max_rows, self.max_size = rows, size
+
+    @staticmethod
+    def _weight(item: Prepared | object | None) -> tuple[int, int]:
+        return (max(1, item.count), item.size) if isinstance(item, Prepared) else (0, 0)
+
+    def put(self, item: Prepared | object | None) -> None:
+        rows, size = self._weight(item)
+        with self._cond:
+            while (
+                rows
+                and self._items
+                and (self._rows >= self.max_rows or self._size >= self.max_size)
+            ):
+                self._cond.wait()
+            self._items.append(item)
+            self._rows += rows
+            self._size += size
+            self._cond.notify_all()
+
+    def get(self, timeout: float | None = None) -> Prepared | object | None:
+        """The oldest item; raises queue.Empty after `timeout` seconds with none."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._items), timeout):
+                raise queue.Empty
+            item = self._items.popleft()
+            rows, size = self._weight(item)
+            self._rows -= rows
+            self._size -= size
+            self._cond.notify_all()
+            return item
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._items
+
+
 @dataclass
 class _Batch:
     files: list[Prepared] = field(default_factory=list)
@@ -186,7 +236,7 @@ class Ingester:
         preparing goes on while a batch commits."""
         self.spool.ensure()
         pool, inline = self._workers()
-        handoff: queue.Queue[Prepared | object | None] = queue.Queue(maxsize=max(64, 4 * _CHUNK))
+        handoff = _Handoff(self.cfg.batch_rows, self.cfg.batch_bytes)
         writer = threading.Thread(target=self._write_loop, args=(handoff,), name="ingest-writer")
         writer.start()
         reporter = threading.Thread(target=self._report_loop, name="ingest-report", daemon=True)
@@ -279,7 +329,7 @@ class Ingester:
             initargs=(self.plan, os.getpid()),
         ), None
 
-    def _hand(self, p: Prepared, handoff: queue.Queue[Prepared | object | None]) -> None:
+    def _hand(self, p: Prepared, handoff: _Handoff) -> None:
         if p.outcome is Outcome.RETRY:
             self._defer(p.name)
             if p.error is not None:
@@ -312,7 +362,7 @@ class Ingester:
         self._count({"empty": deleted})
 
     # -------------------------------------------------------------------- writer
-    def _write_loop(self, handoff: queue.Queue[Prepared | object | None]) -> None:
+    def _write_loop(self, handoff: _Handoff) -> None:
         batch = _Batch()
         while True:
             timeout = None
@@ -334,9 +384,11 @@ class Ingester:
             if item.outcome is Outcome.FAILED:
                 assert item.error is not None
                 self._fail(item.name, item.error)
-                continue
-            batch.add(item)
-            if self._due(batch):
+            else:
+                batch.add(item)
+            # commit now when nothing more waits: the files prepared during this commit
+            # make the next batch (group commit)
+            if batch.files and (self._due(batch) or handoff.empty()):
                 batch = self._flush(batch)
 
     @staticmethod
