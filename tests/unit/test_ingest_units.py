@@ -173,22 +173,22 @@ def test_prepared_files_waiting_for_the_writer_are_bounded_by_a_batch() -> None:
     from conveyor.ingest.pipeline import _Handoff
     from conveyor.ingest.prepare import Outcome, Prepared
 
-    def file(n: int, rows: int = 3, size: int = 100) -> Prepared:
-        return Prepared(f"f{n}.json", Outcome.ROWS, count=rows, size=size)
+    def chunk(n: int, rows: int = 3, size: int = 100) -> list[Prepared]:
+        return [Prepared(f"f{n}.json", Outcome.ROWS, count=rows, size=size)]
 
     handoff = _Handoff(rows=10, size=10_000)
     for n in range(4):  # 12 rows: the bound is reached
-        handoff.put(file(n))
-    blocked = threading.Thread(target=handoff.put, args=(file(4),), daemon=True)
+        handoff.put(chunk(n))
+    blocked = threading.Thread(target=handoff.put, args=(chunk(4),), daemon=True)
     blocked.start()
     blocked.join(0.2)
     assert blocked.is_alive()  # the workers' side waits: the backlog stays on disk
     handoff.put(None)  # markers always get in
-    assert handoff.get(1).name == "f0.json"  # type: ignore[union-attr]
-    assert handoff.get(1).name == "f1.json"  # type: ignore[union-attr]
+    assert handoff.get(1) == chunk(0)
+    assert handoff.get(1) == chunk(1)
     blocked.join(2)
     assert not blocked.is_alive()
-    assert [handoff.get(1) for _ in range(4)][-2:] == [None, file(4)]
-    # a file bigger than the whole bound still passes when nothing else waits
-    handoff.put(file(5, rows=50, size=10**6))
-    assert handoff.get(1) == file(5, rows=50, size=10**6) and handoff.empty()
+    assert [handoff.get(1) for _ in range(4)][-2:] == [None, chunk(4)]
+    # a chunk bigger than the whole bound still passes when nothing else waits
+    handoff.put(chunk(5, rows=50, size=10**6))
+    assert handoff.get(1) == chunk(5, rows=50, size=10**6) and handoff.empty()

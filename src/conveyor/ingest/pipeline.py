@@ -134,22 +134,25 @@ def make_plan(
 
 
 class _Handoff:
-    """Prepared files on their way from the workers to the writer, bounded by rows and
-    bytes (one batch's worth): a put waits while the writer is behind, so the backlog
-    stays on disk. A file that fits nowhere still passes when nothing else waits, and
-    the markers (`_FLUSH`, `None`) always do."""
+    """Prepared files on their way from the workers to the writer, a worker's answer
+    (a chunk of files) at a time, bounded by rows and bytes (one batch's worth): a put
+    waits while the writer is behind, so the backlog stays on disk. A chunk that fits
+    nowhere still passes when nothing else waits, and the markers (`_FLUSH`, `None`)
+    always do."""
 
     def __init__(self, rows: int, size: int) -> None:
-        self._items: deque[Prepared | object | None] = deque()
+        self._items: deque[list[Prepared] | object | None] = deque()
         self._cond = threading.Condition()
         self._rows = self._size = 0
         self.max_rows, self.max_size = rows, size
 
     @staticmethod
-    def _weight(item: Prepared | object | None) -> tuple[int, int]:
-        return (max(1, item.count), item.size) if isinstance(item, Prepared) else (0, 0)
+    def _weight(item: list[Prepared] | object | None) -> tuple[int, int]:
+        if not isinstance(item, list):
+            return 0, 0
+        return sum(max(1, p.count) for p in item), sum(p.size for p in item)
 
-    def put(self, item: Prepared | object | None) -> None:
+    def put(self, item: list[Prepared] | object | None) -> None:
         rows, size = self._weight(item)
         with self._cond:
             while (
@@ -163,7 +166,7 @@ class _Handoff:
             self._size += size
             self._cond.notify_all()
 
-    def get(self, timeout: float | None = None) -> Prepared | object | None:
+    def get(self, timeout: float | None = None) -> list[Prepared] | object | None:
         """The oldest item; raises queue.Empty after `timeout` seconds with none."""
         with self._cond:
             if not self._cond.wait_for(lambda: bool(self._items), timeout):
@@ -286,15 +289,13 @@ class Ingester:
                 if inflight:
                     done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
                     for fut in sorted(done, key=lambda f: inflight[f]):
-                        for p in self._result(fut, inflight.pop(fut)):
-                            self._hand(p, handoff)
-                            handed = True
+                        self._hand(self._result(fut, inflight.pop(fut)), handoff)
+                        handed = True
                 elif not todo:
                     self.stop_event.wait(max(0.0, min(next_scan - time.monotonic(), 1.0)))
             # stopping (or done): what is prepared is written, the rest stays pending
             for fut, names in list(inflight.items()):
-                for p in self._result(fut, names):
-                    self._hand(p, handoff)
+                self._hand(self._result(fut, names), handoff)
         finally:
             handoff.put(None)
             writer.join()
@@ -329,16 +330,20 @@ class Ingester:
             initargs=(self.plan, os.getpid()),
         ), None
 
-    def _hand(self, p: Prepared, handoff: _Handoff) -> None:
-        if p.outcome is Outcome.RETRY:
-            self._defer(p.name)
-            if p.error is not None:
-                log.warning(
-                    "%s: %s (%s); will try again", p.name, p.error.reason, p.error.stage.value
-                )
-            self._settled(p.name)
-            return
-        handoff.put(p)  # blocks while the writer is behind: the backlog stays on disk
+    def _hand(self, prepared: list[Prepared], handoff: _Handoff) -> None:
+        kept = []
+        for p in prepared:
+            if p.outcome is Outcome.RETRY:
+                self._defer(p.name)
+                if p.error is not None:
+                    log.warning(
+                        "%s: %s (%s); will try again", p.name, p.error.reason, p.error.stage.value
+                    )
+                self._settled(p.name)
+            else:
+                kept.append(p)
+        if kept:
+            handoff.put(kept)  # blocks while the writer is behind: the backlog stays on disk
 
     def _defer(self, name: str) -> None:
         with self._pending_lock:
@@ -380,15 +385,18 @@ class Ingester:
             if item is _FLUSH:
                 batch = self._flush(batch)
                 continue
-            assert isinstance(item, Prepared)
-            if item.outcome is Outcome.FAILED:
-                assert item.error is not None
-                self._fail(item.name, item.error)
-            else:
-                batch.add(item)
+            assert isinstance(item, list)
+            for p in item:
+                if p.outcome is Outcome.FAILED:
+                    assert p.error is not None
+                    self._fail(p.name, p.error)
+                    continue
+                batch.add(p)
+                if self._due(batch):
+                    batch = self._flush(batch)
             # commit now when nothing more waits: the files prepared during this commit
             # make the next batch (group commit)
-            if batch.files and (self._due(batch) or handoff.empty()):
+            if batch.files and handoff.empty():
                 batch = self._flush(batch)
 
     @staticmethod
