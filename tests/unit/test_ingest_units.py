@@ -192,3 +192,19 @@ def test_prepared_files_waiting_for_the_writer_are_bounded_by_a_batch() -> None:
     # a chunk bigger than the whole bound still passes when nothing else waits
     handoff.put(chunk(5, rows=50, size=10**6))
     assert handoff.get(1) == chunk(5, rows=50, size=10**6) and handoff.empty()
+
+
+def test_kcidb_version_found_for_every_spelling_and_refused_when_unknown() -> None:
+    from conveyor.ingest.validate import Invalid, KcidbValidator
+
+    validate = KcidbValidator()
+    for _ in range(2):  # the second time from what the first found
+        assert validate({"version": {"major": 5, "minor": 3}}) == {
+            "version": {"major": 5, "minor": 3}
+        }
+        upgraded = validate({"version": {"minor": 0, "major": 4}, "checkouts": []})
+        assert upgraded["version"] == {"major": 5, "minor": 3}
+    for bad in ({"major": 99, "minor": 0}, {"major": [5], "minor": 3}, "nine"):
+        with pytest.raises(Invalid) as err:
+            validate({"version": bad})
+        assert err.value.path == "$.version" and "no KCIDB schema version" in err.value.reason
