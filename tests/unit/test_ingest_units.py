@@ -165,3 +165,46 @@ def test_a_hung_blob_store_times_out_and_the_cache_is_bounded(tmp_path: Path) ->
     assert all(d["tests"][0]["log_excerpt"].startswith("file://") for d in docs)
     with pytest.raises(ArtifactError):
         store.put_bytes("../escape.txt", b"x")
+
+
+def test_prepared_files_waiting_for_the_writer_are_bounded_by_a_batch() -> None:
+    import threading
+
+    from conveyor.ingest.pipeline import _Handoff
+    from conveyor.ingest.prepare import Outcome, Prepared
+
+    def chunk(n: int, rows: int = 3, size: int = 100) -> list[Prepared]:
+        return [Prepared(f"f{n}.json", Outcome.ROWS, count=rows, size=size)]
+
+    handoff = _Handoff(rows=10, size=10_000)
+    for n in range(4):  # 12 rows: the bound is reached
+        handoff.put(chunk(n))
+    blocked = threading.Thread(target=handoff.put, args=(chunk(4),), daemon=True)
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()  # the workers' side waits: the backlog stays on disk
+    handoff.put(None)  # markers always get in
+    assert handoff.get(1) == chunk(0)
+    assert handoff.get(1) == chunk(1)
+    blocked.join(2)
+    assert not blocked.is_alive()
+    assert [handoff.get(1) for _ in range(4)][-2:] == [None, chunk(4)]
+    # a chunk bigger than the whole bound still passes when nothing else waits
+    handoff.put(chunk(5, rows=50, size=10**6))
+    assert handoff.get(1) == chunk(5, rows=50, size=10**6) and handoff.empty()
+
+
+def test_kcidb_version_found_for_every_spelling_and_refused_when_unknown() -> None:
+    from conveyor.ingest.validate import Invalid, KcidbValidator
+
+    validate = KcidbValidator()
+    for _ in range(2):  # the second time from what the first found
+        assert validate({"version": {"major": 5, "minor": 3}}) == {
+            "version": {"major": 5, "minor": 3}
+        }
+        upgraded = validate({"version": {"minor": 0, "major": 4}, "checkouts": []})
+        assert upgraded["version"] == {"major": 5, "minor": 3}
+    for bad in ({"major": 99, "minor": 0}, {"major": [5], "minor": 3}, "nine"):
+        with pytest.raises(Invalid) as err:
+            validate({"version": bad})
+        assert err.value.path == "$.version" and "no KCIDB schema version" in err.value.reason

@@ -67,7 +67,12 @@ def _count_rows(engine: sa.Engine) -> int:
 
 
 def _empty(engine: sa.Engine) -> None:
+    """Every run starts on truly empty tables: DELETE would leave dead rows and index
+    entries behind, slowing whichever run comes later."""
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"TRUNCATE {', '.join(LISTS.values())}")
+            return
         for t in LISTS.values():
             conn.exec_driver_sql(f"DELETE FROM {t}")
 

@@ -1,9 +1,12 @@
 """The ingester: scans a spool, prepares files in worker processes, writes their rows
 in batches through one writer, then moves the files.
 
-Flow and bounds: at most `2 x workers` files are being prepared at once and at most one
-batch (`batch_rows` rows, `batch_bytes` bytes, `batch_seconds` old) waits for the
-database, so memory stays flat whatever the backlog. A file is archived only after the
+Flow and bounds: at most `4 x workers` chunks of files are being prepared at once, at
+most one batch's worth of prepared files (`batch_rows` rows, `batch_bytes` bytes) waits
+for the writer while it commits, and the batch being committed is no larger, so memory
+stays flat whatever the backlog. The writer commits as soon as it is free: what was
+prepared meanwhile goes in its next transaction, so batches grow with the load and no
+prepared file waits for a batch to fill. A file is archived only after the
 transaction holding its rows commits. When the database fails the batch is kept and
 tried again with back-off, and nothing new is taken meanwhile; the files stay pending.
 """
@@ -130,6 +133,56 @@ def make_plan(
     )
 
 
+class _Handoff:
+    """Prepared files on their way from the workers to the writer, a worker's answer
+    (a chunk of files) at a time, bounded by rows and bytes (one batch's worth): a put
+    waits while the writer is behind, so the backlog stays on disk. A chunk that fits
+    nowhere still passes when nothing else waits, and the markers (`_FLUSH`, `None`)
+    always do."""
+
+    def __init__(self, rows: int, size: int) -> None:
+        self._items: deque[list[Prepared] | object | None] = deque()
+        self._cond = threading.Condition()
+        self._rows = self._size = 0
+        self.max_rows, self.max_size = rows, size
+
+    @staticmethod
+    def _weight(item: list[Prepared] | object | None) -> tuple[int, int]:
+        if not isinstance(item, list):
+            return 0, 0
+        return sum(max(1, p.count) for p in item), sum(p.size for p in item)
+
+    def put(self, item: list[Prepared] | object | None) -> None:
+        rows, size = self._weight(item)
+        with self._cond:
+            while (
+                rows
+                and self._items
+                and (self._rows >= self.max_rows or self._size >= self.max_size)
+            ):
+                self._cond.wait()
+            self._items.append(item)
+            self._rows += rows
+            self._size += size
+            self._cond.notify_all()
+
+    def get(self, timeout: float | None = None) -> list[Prepared] | object | None:
+        """The oldest item; raises queue.Empty after `timeout` seconds with none."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._items), timeout):
+                raise queue.Empty
+            item = self._items.popleft()
+            rows, size = self._weight(item)
+            self._rows -= rows
+            self._size -= size
+            self._cond.notify_all()
+            return item
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._items
+
+
 @dataclass
 class _Batch:
     files: list[Prepared] = field(default_factory=list)
@@ -186,7 +239,7 @@ class Ingester:
         preparing goes on while a batch commits."""
         self.spool.ensure()
         pool, inline = self._workers()
-        handoff: queue.Queue[Prepared | object | None] = queue.Queue(maxsize=max(64, 4 * _CHUNK))
+        handoff = _Handoff(self.cfg.batch_rows, self.cfg.batch_bytes)
         writer = threading.Thread(target=self._write_loop, args=(handoff,), name="ingest-writer")
         writer.start()
         reporter = threading.Thread(target=self._report_loop, name="ingest-report", daemon=True)
@@ -236,15 +289,13 @@ class Ingester:
                 if inflight:
                     done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
                     for fut in sorted(done, key=lambda f: inflight[f]):
-                        for p in self._result(fut, inflight.pop(fut)):
-                            self._hand(p, handoff)
-                            handed = True
+                        self._hand(self._result(fut, inflight.pop(fut)), handoff)
+                        handed = True
                 elif not todo:
                     self.stop_event.wait(max(0.0, min(next_scan - time.monotonic(), 1.0)))
             # stopping (or done): what is prepared is written, the rest stays pending
             for fut, names in list(inflight.items()):
-                for p in self._result(fut, names):
-                    self._hand(p, handoff)
+                self._hand(self._result(fut, names), handoff)
         finally:
             handoff.put(None)
             writer.join()
@@ -279,16 +330,20 @@ class Ingester:
             initargs=(self.plan, os.getpid()),
         ), None
 
-    def _hand(self, p: Prepared, handoff: queue.Queue[Prepared | object | None]) -> None:
-        if p.outcome is Outcome.RETRY:
-            self._defer(p.name)
-            if p.error is not None:
-                log.warning(
-                    "%s: %s (%s); will try again", p.name, p.error.reason, p.error.stage.value
-                )
-            self._settled(p.name)
-            return
-        handoff.put(p)  # blocks while the writer is behind: the backlog stays on disk
+    def _hand(self, prepared: list[Prepared], handoff: _Handoff) -> None:
+        kept = []
+        for p in prepared:
+            if p.outcome is Outcome.RETRY:
+                self._defer(p.name)
+                if p.error is not None:
+                    log.warning(
+                        "%s: %s (%s); will try again", p.name, p.error.reason, p.error.stage.value
+                    )
+                self._settled(p.name)
+            else:
+                kept.append(p)
+        if kept:
+            handoff.put(kept)  # blocks while the writer is behind: the backlog stays on disk
 
     def _defer(self, name: str) -> None:
         with self._pending_lock:
@@ -312,7 +367,7 @@ class Ingester:
         self._count({"empty": deleted})
 
     # -------------------------------------------------------------------- writer
-    def _write_loop(self, handoff: queue.Queue[Prepared | object | None]) -> None:
+    def _write_loop(self, handoff: _Handoff) -> None:
         batch = _Batch()
         while True:
             timeout = None
@@ -330,13 +385,18 @@ class Ingester:
             if item is _FLUSH:
                 batch = self._flush(batch)
                 continue
-            assert isinstance(item, Prepared)
-            if item.outcome is Outcome.FAILED:
-                assert item.error is not None
-                self._fail(item.name, item.error)
-                continue
-            batch.add(item)
-            if self._due(batch):
+            assert isinstance(item, list)
+            for p in item:
+                if p.outcome is Outcome.FAILED:
+                    assert p.error is not None
+                    self._fail(p.name, p.error)
+                    continue
+                batch.add(p)
+                if self._due(batch):
+                    batch = self._flush(batch)
+            # commit now when nothing more waits: the files prepared during this commit
+            # make the next batch (group commit)
+            if batch.files and handoff.empty():
                 batch = self._flush(batch)
 
     @staticmethod

@@ -54,6 +54,9 @@ class KcidbValidator:
         import kcidb_io
 
         self.latest = kcidb_io.schema.LATEST
+        # a document's `version` value -> its schema version: kcidb-io looks at nothing
+        # else, and walks its whole lineage for each document
+        self._versions: dict[Any, Any] = {}
 
     def warm(self) -> None:
         self._fast(self.latest)
@@ -61,13 +64,27 @@ class KcidbValidator:
     def _fast(self, version: Any) -> Any:
         return _compiled(version)
 
+    def _version_of(self, doc: dict[str, Any]) -> Any:
+        value = doc.get("version")
+        key = tuple(value.items()) if isinstance(value, dict) else value
+        try:
+            return self._versions[key]
+        except KeyError:
+            pass
+        except TypeError:  # not hashable: no such version
+            return self.latest.get_exactly_compatible(doc)
+        version = self.latest.get_exactly_compatible(doc)
+        if version is not None and len(self._versions) < 64:  # a few spellings of each
+            self._versions[key] = version
+        return version
+
     def __call__(self, doc: Any) -> Any:
         from jsonschema.exceptions import ValidationError
         from kcidb_io.schema.abstract import InheritanceImpossible
 
         if not isinstance(doc, dict):
             raise Invalid("$", f"expected a KCIDB object, got {type(doc).__name__}")
-        version = self.latest.get_exactly_compatible(doc)
+        version = self._version_of(doc)
         if version is None:
             raise Invalid(
                 "$.version",
