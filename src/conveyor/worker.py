@@ -44,9 +44,9 @@ class WorkerOptions:
     concurrency: int = 4
     lease: float | None = None  # seconds; None: the config's
     burst: bool = False
-    batch: int | None = None  # most tasks claimed at once; None: up to the free slots
-    # Most tasks claimed beyond the free slots (None: `concurrency`), and how soon one
-    # must be expected to start for it to be claimed ahead (see `claim_ahead`).
+    batch: int | None = None  # most tasks claimed at once; None: as many as there is room for
+    # Most tasks claimed beyond the free slots (None: twice `concurrency`), and how soon
+    # one must be expected to start for it to be claimed ahead (see `claim_ahead`).
     ahead: int | None = None
     ahead_wait: float = 0.05
     poll_interval: float | None = None
@@ -106,8 +106,9 @@ class Worker:
         self.queues = order_queues(self.opts.queues or cfg.queue_order, cfg.queue_order)
         self.lease = self.opts.lease or cfg.lease
         self.poll = self.opts.poll_interval or cfg.poll_interval
-        self.batch = self.opts.batch or max(1, self.opts.concurrency)
-        self.ahead = self.opts.concurrency if self.opts.ahead is None else self.opts.ahead
+        conc = self.opts.concurrency
+        self.ahead = 2 * conc if self.opts.ahead is None else self.opts.ahead
+        self.batch = self.opts.batch or max(1, conc + self.ahead)
         # How long attempts take lately (seconds, moving average), for `claim_ahead`.
         self._mean_duration: float | None = None
         self.stats = WorkerStats()
