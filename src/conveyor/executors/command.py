@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import selectors
+import select
 import signal
 import subprocess
 import sys
@@ -62,7 +62,7 @@ class CommandExecutor:
 
     def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
         task = ctx.task
-        work_dir = str(ctx.work_dir)  # made here, once
+        work_dir = ctx.make_work_dir()
         context = {
             "request_id": task.request_id,
             "task_id": task.id,
@@ -133,8 +133,9 @@ class CommandExecutor:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
-        sel = selectors.DefaultSelector()
-        sel.register(fd, selectors.EVENT_READ)
+        # poll(2) rather than a selector: no epoll descriptor to make and close per command
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         buf = b""
         eof = False
         try:
@@ -151,7 +152,7 @@ class CommandExecutor:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(0.2)
                     continue
-                if not exited and not sel.select(timeout=0.2):
+                if not exited and not poller.poll(200):
                     continue
                 # Once the command has exited, take what is already written and stop: a
                 # child it left behind may hold the pipe open for ever.
@@ -168,7 +169,6 @@ class CommandExecutor:
                 self._line(buf, ctx)
             return None
         finally:
-            sel.close()
             proc.stdout.close()
 
     def _line(self, raw: bytes, ctx: TaskContext) -> None:
