@@ -44,10 +44,34 @@ class WorkerOptions:
     concurrency: int = 4
     lease: float | None = None  # seconds; None: the config's
     burst: bool = False
-    batch: int | None = None  # most tasks claimed at once; None: up to the free slots
+    batch: int | None = None  # most tasks claimed at once; None: as many as there is room for
+    # Most tasks claimed beyond the free slots (None: twice `concurrency`), and how soon
+    # one must be expected to start for it to be claimed ahead (see `claim_ahead`).
+    ahead: int | None = None
+    ahead_wait: float = 0.05
     poll_interval: float | None = None
     grace: float = 30.0  # on SIGTERM, how long running tasks may take before release
     linger: float = 0.002  # how long finished outcomes may wait to be written together
+
+
+def claim_ahead(mean_duration: float | None, concurrency: int, most: int, wait: float) -> int:
+    """How many tasks to hold claimed beyond the free slots, waiting for one: as many as
+    the slots are expected to start within `wait` seconds, given how long attempts take
+    lately. None known yet, or long attempts: none, so a waiting task never sits here
+    while another worker could run it."""
+    if mean_duration is None or most <= 0:
+        return 0
+    return min(most, int(wait * concurrency / max(mean_duration, 1e-6)))
+
+
+def claim_wanted(held: int, concurrency: int, ahead: int) -> int:
+    """How many tasks to claim now, with `held` claimed and not yet returned: any idle
+    slot is filled at once; the tasks held ahead are topped up once half are gone, so
+    claims come several tasks at a time rather than one by one as slots free."""
+    room = concurrency + ahead - held
+    if room <= 0 or (held >= concurrency and room < max(1, ahead // 2)):
+        return 0
+    return room
 
 
 @dataclass
@@ -55,7 +79,8 @@ class _Running:
     task: Task
     ctx: TaskContext
     pipeline: Pipeline
-    deadline: float | None
+    deadline: float | None = None  # set when a runner starts it
+    started: bool = False  # a runner has begun the attempt (else it waits, claimed ahead)
     finished: bool = False  # the attempt's thread has returned
     settled: bool = False  # its outcome is decided elsewhere (lost, timed out, released)
 
@@ -81,7 +106,11 @@ class Worker:
         self.queues = order_queues(self.opts.queues or cfg.queue_order, cfg.queue_order)
         self.lease = self.opts.lease or cfg.lease
         self.poll = self.opts.poll_interval or cfg.poll_interval
-        self.batch = self.opts.batch or max(1, self.opts.concurrency)
+        conc = self.opts.concurrency
+        self.ahead = 2 * conc if self.opts.ahead is None else self.opts.ahead
+        self.batch = self.opts.batch or max(1, conc + self.ahead)
+        # How long attempts take lately (seconds, moving average), for `claim_ahead`.
+        self._mean_duration: float | None = None
         self.stats = WorkerStats()
         self.publisher = Publisher(
             lambda: app.artifact_store, app.store, cfg.artifact_settings, app.clock
@@ -96,6 +125,9 @@ class Worker:
         self._stopping = threading.Event()
         self._hard_stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Taken to start a claimed-ahead attempt or to hand it back unstarted, so the two
+        # never both happen.
+        self._handoff = threading.Lock()
         self._executors = Executors()
 
     # control ------------------------------------------------------------------
@@ -147,6 +179,7 @@ class Worker:
                 if self._stopping.is_set():
                     if stop_deadline is None:
                         stop_deadline = time.monotonic() + self.opts.grace
+                        self._release_waiting()
                     if self._hard_stop.is_set() or time.monotonic() >= stop_deadline:
                         self._release_unsettled()
                     if not self._running:
@@ -193,16 +226,19 @@ class Worker:
     def _claim(self, now: float) -> bool:
         # An attempt that has returned frees its slot at once, while its outcome is still
         # being written: short commands would otherwise leave slots idle for a round trip.
-        busy = sum(1 for r in self._running.values() if not r.finished)
-        free = self.opts.concurrency - busy
-        # Wait for a useful batch of free slots, so a busy worker does not claim one by one.
-        if free <= 0 or (busy and free < min(self.batch, self.opts.concurrency) // 4):
+        held = sum(1 for r in self._running.values() if not r.finished)
+        # Short tasks are claimed ahead of the free slots: a slot that frees starts its
+        # next task at once instead of waiting for a claim round trip.
+        conc = self.opts.concurrency
+        ahead = claim_ahead(self._mean_duration, conc, self.ahead, self.opts.ahead_wait)
+        wanted = claim_wanted(held, conc, ahead)
+        if not wanted:
             return False
         try:
             tasks = self.store.claim(
                 self.id,
                 self.queues,
-                min(free, self.batch),
+                min(wanted, self.batch),
                 self.lease,
                 now,
                 limits=self.app.concurrency_limits,
@@ -244,8 +280,7 @@ class Worker:
             except Unavailable:
                 pass  # progress is advisory; the outcome is what must not be lost
 
-        deadline = app.clock() + task.timeout if task.timeout else None
-        run = _Running(task, TaskContext(task, paths, report), pipeline, deadline)
+        run = _Running(task, TaskContext(task, paths, report), pipeline)
         self._running[task.id] = run
         self._todo.put(run)
 
@@ -254,6 +289,17 @@ class Worker:
             run = self._todo.get()
             if run is None:
                 return
+            with self._handoff:
+                if not run.settled:
+                    run.started = True
+                    timeout = run.task.timeout
+                    run.deadline = self.app.clock() + timeout if timeout else None
+            if not run.started:  # handed back (or cancelled) while it waited
+                run.finished = True
+                self._done.put((run, ExecResult(ok=False, error="not started")))
+                self._wake.set()
+                continue
+            began = time.monotonic()
             try:
                 if run.pipeline.outputs:
                     self.publisher.before_attempt(run.pipeline, run.ctx)
@@ -267,6 +313,10 @@ class Worker:
                 run.ctx.flush_progress()
                 run.ctx.close()
             result = self._keep_outputs(run, result)
+            took = time.monotonic() - began
+            mean = self._mean_duration
+            # Runners update it without a lock: a lost update only nudges an estimate.
+            self._mean_duration = took if mean is None else mean + (took - mean) / 16
             run.finished = True
             self._done.put((run, result))
             self._wake.set()  # a slot is free
@@ -399,6 +449,15 @@ class Worker:
                 run.ctx.stop("cancelled")
                 self.stats.lost += 1
 
+    def _release_waiting(self) -> None:
+        """Hand back, at once, the tasks claimed ahead that no runner has started."""
+        with self._handoff:
+            waiting = [r for r in self._running.values() if not r.started and not r.settled]
+            for run in waiting:
+                run.settled = True
+        if waiting:
+            self._record([Outcome(r.task.id, TaskAction.RELEASE) for r in waiting])
+
     def _release_unsettled(self) -> None:
         """Hand running attempts back to the queue (their attempt not counted)."""
         unsettled = [r for r in self._running.values() if not r.settled and not r.finished]
@@ -435,11 +494,11 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         interval = max(0.2, min(self.lease / 3, 2.0))
         while not self._hard_stop.wait(interval):
-            snapshot = {
-                tid for tid, r in list(self._running.items()) if not r.settled and not r.finished
-            }
+            held = [(tid, r) for tid, r in list(self._running.items()) if not r.finished]
+            snapshot = {tid for tid, r in held if not r.settled}
+            running = sum(1 for _, r in held if r.started and not r.settled)
             try:
-                owned = self.store.heartbeat(self.id, self.lease, self.app.clock(), len(snapshot))
+                owned = self.store.heartbeat(self.id, self.lease, self.app.clock(), running)
             except Unavailable as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue

@@ -136,6 +136,38 @@ def test_program_that_cannot_start_fails_for_good(tmp_path):
     assert "cannot start" in run.log
 
 
+def test_a_program_not_in_path_cannot_start(tmp_path):
+    run = Run(tmp_path)
+    pipeline = Pipeline(name="p", executor="command", command=("no-such-program-here",))
+    result = CommandExecutor().run(pipeline, run.ctx, None)
+    assert not result.ok
+    assert not result.retryable
+    assert "cannot start no-such-program-here" in result.error
+
+
+def test_a_program_found_in_path_is_found_again_after_it_moves(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    prog = first / "say-hi"
+    prog.write_text("#!/bin/sh\necho hi from $0\n")
+    prog.chmod(0o755)
+    pipeline = Pipeline(
+        name="p",
+        executor="command",
+        command=("say-hi",),
+        env={"PATH": f"{first}:{second}:{os.environ['PATH']}"},
+    )
+    executor = CommandExecutor()  # one per worker: it remembers where programs are
+    run = Run(tmp_path / "1")
+    assert executor.run(pipeline, run.ctx, None).ok
+    assert f"hi from {prog}" in run.log
+    prog.rename(second / "say-hi")
+    run = Run(tmp_path / "2")
+    assert executor.run(pipeline, run.ctx, None).ok
+    assert f"hi from {second / 'say-hi'}" in run.log
+
+
 def test_template_error_at_run_time_fails_for_good(tmp_path):
     run = Run(tmp_path, params={"a": 1})
     pipeline = Pipeline(name="p", executor="command", command=("echo", "{missing}"))

@@ -3,12 +3,13 @@ decides what it means for the task."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from conveyor.pipelines import Pipeline
 from conveyor.tasks import Progress, Task
@@ -33,6 +34,18 @@ def parse_progress_line(line: str) -> Progress | None:
     return Progress(cur, tot, message.strip() or None)
 
 
+def make_dir(path: str) -> None:
+    """Make a directory and, when missing, its parents: one system call in the usual case
+    (the parent exists), where `Path.mkdir(parents=True)` checks more."""
+    try:
+        os.mkdir(path)
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
 @dataclass(frozen=True)
 class ExecResult:
     ok: bool
@@ -48,13 +61,14 @@ class TaskContext:
     def __init__(
         self,
         task: Task,
-        paths: Callable[[], tuple[Path, Path]],
+        paths: Callable[[], tuple[str | Path, str | Path]],
         report: Callable[[Progress], None],
         min_report_interval: float = 0.5,
     ) -> None:
         self.task = task
         self._paths = paths  # (log file, work dir), worked out when first needed
-        self._resolved: tuple[Path, Path] | None = None
+        self._resolved: tuple[str, str] | None = None
+        self._work_made = False
         self._report = report
         self._interval = min_report_interval
         self._last_report = 0.0
@@ -63,26 +77,33 @@ class TaskContext:
         self._stop_event: threading.Event | None = None
         self._stopped = False
         self.stop_reason: str | None = None
-        self._log: IO[str] | None = None
+        self._log: int | None = None  # the log's file descriptor, opened for appending
         # Guards the rare shared moments of this context (opening its log, making its
         # stop event); one per context, so one task's slow file system work never holds
         # up another's.
         self._lock = threading.Lock()
 
-    def _where(self) -> tuple[Path, Path]:
+    def _where(self) -> tuple[str, str]:
         if self._resolved is None:
-            self._resolved = self._paths()
+            log, work = self._paths()
+            self._resolved = (os.fspath(log), os.fspath(work))
         return self._resolved
 
     @property
     def log_path(self) -> Path:
-        return self._where()[0]
+        return Path(self._where()[0])
 
     @property
     def work_dir(self) -> Path:
         """A scratch directory of the task's own, made on first use."""
+        return Path(self.make_work_dir())
+
+    def make_work_dir(self) -> str:
+        """The work directory's path, made if it is not yet."""
         path = self._where()[1]
-        path.mkdir(parents=True, exist_ok=True)
+        if not self._work_made:
+            make_dir(path)
+            self._work_made = True
         return path
 
     @property
@@ -116,17 +137,21 @@ class TaskContext:
 
     # log --------------------------------------------------------------------
     def log(self, message: str) -> None:
+        line = message if message.endswith("\n") else message + "\n"
+        data = line.encode("utf-8", "replace")
         with self._lock:
             if self._log is None:
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
-                self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
-            self._log.write(message if message.endswith("\n") else message + "\n")
-            self._log.flush()
+                path = self._where()[0]
+                make_dir(os.path.dirname(path))
+                self._log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+            # Unbuffered: each line is in the file (for readers following it) once written.
+            while data:
+                data = data[os.write(self._log, data) :]
 
     def close(self) -> None:
         with self._lock:
             if self._log is not None:
-                self._log.close()
+                os.close(self._log)
                 self._log = None
 
     # stopping ---------------------------------------------------------------

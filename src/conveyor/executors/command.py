@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import selectors
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,10 +60,27 @@ class CommandExecutor:
         self.watchdog = watchdog
         # Read once: `dict(os.environ)` decodes every variable again on each call.
         self._environ = dict(os.environ)
+        # Where a program named without a directory was found, by (name, PATH).
+        self._found: dict[tuple[str, str | None], str] = {}
+
+    def _program(self, name: str, path: str | None) -> str | None:
+        """The absolute path of a program named without a directory, looked up in PATH
+        once: left to the child, every spawn tries each PATH entry in turn (a failed
+        execve for each entry before the right one). None: the child looks it up."""
+        if "/" in name:
+            return None
+        found = self._found.get((name, path))
+        if found is None:
+            found = shutil.which(name, path=path)
+            # Only absolute: a relative PATH entry means relative to the command's cwd.
+            if found is None or not os.path.isabs(found):
+                return None
+            self._found[(name, path)] = found
+        return found
 
     def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
         task = ctx.task
-        work_dir = str(ctx.work_dir)  # made here, once
+        work_dir = ctx.make_work_dir()
         context = {
             "request_id": task.request_id,
             "task_id": task.id,
@@ -82,16 +100,16 @@ class CommandExecutor:
             CONVEYOR_ATTEMPT=str(task.attempts),
             CONVEYOR_WORK_DIR=work_dir,
         )
+        program = self._program(argv[0], env.get("PATH"))
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=pipeline.cwd or work_dir,
-                env=env,
-                start_new_session=True,
-            )
+            try:
+                proc = self._spawn(argv, program, pipeline.cwd or work_dir, env)
+            except FileNotFoundError:
+                if program is None:
+                    raise
+                # moved or removed since it was found: look again
+                self._found.pop((argv[0], env.get("PATH")), None)
+                proc = self._spawn(argv, None, pipeline.cwd or work_dir, env)
         except OSError as exc:
             ctx.log(f"$ {' '.join(argv)}")
             ctx.log(f"cannot start {argv[0]}: {exc.strerror}")
@@ -125,6 +143,21 @@ class CommandExecutor:
             return ExecResult(ok=False, error=f"killed by signal {-code}")
         return ExecResult(ok=False, error=f"exit code {code}")
 
+    @staticmethod
+    def _spawn(
+        argv: list[str], program: str | None, cwd: str, env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            executable=program,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+
     def _pump(
         self, proc: subprocess.Popen[bytes], ctx: TaskContext, deadline: float | None
     ) -> str | None:
@@ -133,8 +166,9 @@ class CommandExecutor:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
-        sel = selectors.DefaultSelector()
-        sel.register(fd, selectors.EVENT_READ)
+        # poll(2) rather than a selector: no epoll descriptor to make and close per command
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         buf = b""
         eof = False
         try:
@@ -151,7 +185,7 @@ class CommandExecutor:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(0.2)
                     continue
-                if not exited and not sel.select(timeout=0.2):
+                if not exited and not poller.poll(200):
                     continue
                 # Once the command has exited, take what is already written and stop: a
                 # child it left behind may hold the pipe open for ever.
@@ -168,7 +202,6 @@ class CommandExecutor:
                 self._line(buf, ctx)
             return None
         finally:
-            sel.close()
             proc.stdout.close()
 
     def _line(self, raw: bytes, ctx: TaskContext) -> None:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -117,6 +120,16 @@ class SQLiteStore(SQLStore):
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         super().__init__(url, engine)
+        self._writer = threading.RLock()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        # Writers of this process queue here and each starts the moment the one before it
+        # commits. Left to SQLite's write lock, a writer that finds it taken sleeps in the
+        # busy handler's growing steps (up to 100 ms) while others keep taking it: a
+        # worker's outcomes could wait behind hundreds of its own claims.
+        with self._writer, super()._write() as conn:
+            yield conn
 
     def _claim_tasks(
         self,
