@@ -254,12 +254,13 @@ class Conveyor:
         self.task(task_id)  # NotFound for an unknown task
         return latest_outputs(self.store.list_artifacts(task_id=task_id))
 
-    def request_outputs(self, request_id: int) -> dict[int, list[Artifact]]:
-        """Each task's artifacts, by task id."""
-        by_task: dict[int, list[Artifact]] = {}
-        for a in self.store.list_artifacts(request_id=request_id):
-            by_task.setdefault(a.task_id, []).append(a)
-        return {tid: latest_outputs(found) for tid, found in by_task.items()}
+    def get_with_outputs(self, request_id: int) -> tuple[Request, dict[int, list[Artifact]]]:
+        """A request with its tasks and each task's artifacts (one read)."""
+        found = self.store.get_request_artifacts(request_id)
+        if found is None:
+            raise NotFound(f"no request {request_id}")
+        req, artifacts = found
+        return req, _by_task(artifacts)
 
     def artifact(self, task_id: int, name: str) -> Artifact:
         """One of the task's artifacts by name (an output before a log of that name)."""
@@ -495,6 +496,13 @@ class Conveyor:
         if needs_touch(token, now):
             self.store.touch_token(token.id, now)
         return token
+
+
+def _by_task(artifacts: Sequence[Artifact]) -> dict[int, list[Artifact]]:
+    by_task: dict[int, list[Artifact]] = {}
+    for a in artifacts:
+        by_task.setdefault(a.task_id, []).append(a)
+    return {tid: latest_outputs(found) for tid, found in by_task.items()}
 
 
 def check_json(value: Any) -> None:

@@ -46,6 +46,17 @@ def test_artifacts_are_recorded_listed_and_replaced(store: Store) -> None:
     assert len(store.list_artifacts(request_id=rid)) == 3
     assert store.list_artifacts(task_id=t2.id + 100) == []
 
+    # a request and its artifacts, read together
+    found = store.get_request_artifacts(rid)
+    assert found is not None
+    req, kept = found
+    assert req.id == rid and [t.id for t in req.tasks] == [t1.id, t2.id]
+    assert kept == store.list_artifacts(request_id=rid)
+    other = submit(store)
+    assert store.get_request_artifacts(other) is not None
+    assert store.get_request_artifacts(other)[1] == []  # type: ignore[index]
+    assert store.get_request_artifacts(other + 100) is None
+
 
 SETTINGS = {"p": NotifySettings(webhook="http://127.0.0.1:9/hook")}
 

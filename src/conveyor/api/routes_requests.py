@@ -88,9 +88,8 @@ async def submit(request: Request, caller: Submitter) -> JSONResponse:
 def get_request(request: Request, caller: Reader, request_id: RequestId) -> JSONResponse:
     """Status, tasks with progress and attempts, timestamps, and where the result was
     reused from the cache (`reused_request_id`), and each task's outputs."""
-    app = conveyor_of(request)
-    req = app.get(request_id)
-    return JSONResponse(request_view(req, outputs=app.request_outputs(request_id)))
+    req, outputs = conveyor_of(request).get_with_outputs(request_id)
+    return JSONResponse(request_view(req, outputs=outputs))
 
 
 def encode_cursor(last_id: int) -> str:

@@ -155,7 +155,7 @@ def request_page(request: Request, request_id: int) -> Response:
     viewer = ui.viewer(request)
     app = ui.app
     try:
-        req = app.get(request_id)
+        req, outputs = app.get_with_outputs(request_id)
     except NotFound:
         return ui.render(
             request,
@@ -178,7 +178,7 @@ def request_page(request: Request, request_id: int) -> Response:
         durations={t.id: views.task_duration(t, now) for t in req.tasks},
         percent=views.percent,
         outputs=views.outputs,
-        kept=app.request_outputs(request_id),
+        kept=outputs,
     )
 
 

@@ -102,6 +102,10 @@ class Store(Protocol):
 
     def get_request(self, request_id: int, with_tasks: bool = True) -> Request | None: ...
 
+    def get_request_artifacts(self, request_id: int) -> tuple[Request, list[Artifact]] | None:
+        """A request with its tasks and every artifact of its tasks, read together."""
+        ...
+
     def list_requests(self, flt: RequestFilter) -> list[Request]:
         """Newest first, every field of the filter applied (`text` too)."""
         ...

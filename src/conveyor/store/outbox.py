@@ -110,14 +110,19 @@ class OutboxVerbs(SQLBase):
     def list_artifacts(
         self, task_id: int | None = None, request_id: int | None = None
     ) -> list[Artifact]:
+        with self._read() as conn:
+            return self._artifacts(conn, task_id, request_id)
+
+    def _artifacts(
+        self, conn: Connection, task_id: int | None = None, request_id: int | None = None
+    ) -> list[Artifact]:
         c = t.artifacts.c
         q = sa.select(t.artifacts).order_by(c.task_id, c.attempt, c.kind, c.name)
         if task_id is not None:
             q = q.where(c.task_id == task_id)
         if request_id is not None:
             q = q.where(c.request_id == request_id)
-        with self._read() as conn:
-            return [_artifact(r) for r in conn.execute(q)]
+        return [_artifact(r) for r in conn.execute(q)]
 
     # ------------------------------------------------------------ notifications
     def _ensure_cursor(self, name: str, now: float) -> None:

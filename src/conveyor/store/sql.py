@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
+from conveyor.artifacts import Artifact
 from conveyor.queues import claimable_queues
 from conveyor.requests import (
     NewRequest,
@@ -234,6 +235,13 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
         with self._read() as conn:
             row = conn.execute(sa.select(t.requests).where(t.requests.c.id == request_id)).first()
             return None if row is None else self._load_request(conn, row, with_tasks)
+
+    def get_request_artifacts(self, request_id: int) -> tuple[Request, list[Artifact]] | None:
+        with self._read() as conn:
+            row = conn.execute(sa.select(t.requests).where(t.requests.c.id == request_id)).first()
+            if row is None:
+                return None
+            return self._load_request(conn, row), self._artifacts(conn, request_id=request_id)
 
     def cancel_request(self, request_id: int, now: float) -> Request:
         with self._write() as conn:
