@@ -16,7 +16,6 @@ Two kinds of figures, so that any number of API processes answer alike:
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from conveyor.app import Conveyor
 from conveyor.stats import (
@@ -103,35 +102,6 @@ class _Forward(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return self.registry.collect()
-
-
-class RequestMetrics:
-    """ASGI middleware: count every HTTP request by its route's template (not its path:
-    ids would make a series each)."""
-
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            self.metrics.observe(
-                scope["method"], route_label(scope), status, time.perf_counter() - start
-            )
 
 
 def route_label(scope: Scope) -> str:

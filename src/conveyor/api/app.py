@@ -25,13 +25,13 @@ from conveyor.api import (
     routes_tasks,
 )
 from conveyor.api.auth import TokenCache
-from conveyor.api.middleware import AccessLog, BodyLimit
+from conveyor.api.middleware import AccessLog, BodyLimit, RequestMetrics
 from conveyor.api.models import Submit
 from conveyor.api.problems import ProblemModel
 from conveyor.api.stream import EventHub
 from conveyor.app import Conveyor
 from conveyor.dashboard import mount_dashboard
-from conveyor.metrics import ApiMetrics, DatabaseCollector, RequestMetrics
+from conveyor.metrics import ApiMetrics, DatabaseCollector
 
 API_PREFIX = "/api/v1"
 

@@ -1,14 +1,17 @@
-"""ASGI middleware: the body size limit, and an access log that never holds a token."""
+"""ASGI middleware: the body size limit, an access log that never holds a token, and
+the API's request metrics."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.api.problems import Problem, problem_response
+from conveyor.metrics import ApiMetrics, route_label
 
 access_log = logging.getLogger("conveyor.api.access")
 
@@ -60,6 +63,30 @@ def redacted_query(query: bytes) -> str:
     return urlencode([(k, "***" if k == "token" else v) for k, v in pairs], safe="*")
 
 
+async def _timed(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    done: Callable[[int | None, float], None],
+) -> None:
+    """Run `app`, then tell `done` the answer's status (None: none was sent) and the
+    seconds it took, even when it raised."""
+    start = time.perf_counter()
+    status: int | None = None
+
+    async def sending(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    try:
+        await app(scope, receive, sending)
+    finally:
+        done(status, time.perf_counter() - start)
+
+
 class AccessLog:
     """One line per request: method, path, status, time. Headers are never logged."""
 
@@ -70,18 +97,8 @@ class AccessLog:
         if scope["type"] != "http" or not access_log.isEnabledFor(logging.INFO):
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
-        status = 0
 
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
+        def done(status: int | None, seconds: float) -> None:
             query = redacted_query(scope.get("query_string", b""))
             client = scope.get("client")
             access_log.info(
@@ -91,5 +108,26 @@ class AccessLog:
                 scope["path"],
                 f"?{query}" if query else "",
                 status or "-",
-                (time.perf_counter() - start) * 1000,
+                seconds * 1000,
             )
+
+        await _timed(self.app, scope, receive, send, done)
+
+
+class RequestMetrics:
+    """Count every HTTP request by its route's template (not its path: ids would make a
+    series each); an answer never started counts as a 500."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        def done(status: int | None, seconds: float) -> None:
+            self.metrics.observe(scope["method"], route_label(scope), status or 500, seconds)
+
+        await _timed(self.app, scope, receive, send, done)
