@@ -1,13 +1,28 @@
-"""`conveyor bench` (the store and workers) and `conveyor bench-api` (the HTTP API)."""
+"""The benchmarks: `conveyor bench` (the store and workers), `bench-api` (the HTTP API),
+`bench-dashboard` (page renders) and `bench-exec` (the command executor)."""
 
 from __future__ import annotations
 
 import shlex
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from conveyor.cli.common import JsonOption, cli, err, out
+
+ServerDatabase = Annotated[
+    str | None,
+    typer.Option(help="PostgreSQL server URL (default: a temporary SQLite file)."),
+]
+
+
+def _report(result: dict[str, Any], as_json: bool) -> None:
+    """The figures as JSON, or a `name: value` line each."""
+    if as_json:
+        out.print_json(data=result)
+        return
+    for k, v in result.items():
+        out.print(f"{k}: {v}")
 
 
 @cli.command()
@@ -43,19 +58,12 @@ def bench(
         ),
         progress=None if as_json else err,
     )
-    if as_json:
-        out.print_json(data=result)
-    else:
-        for k, v in result.items():
-            out.print(f"{k}: {v}")
+    _report(result, as_json)
 
 
 @cli.command("bench-api")
 def bench_api(
-    database: Annotated[
-        str | None,
-        typer.Option(help="PostgreSQL server URL (default: a temporary SQLite file)."),
-    ] = None,
+    database: ServerDatabase = None,
     clients: Annotated[int, typer.Option(min=1, max=256, help="Connections submitting.")] = 32,
     readers: Annotated[
         int, typer.Option(min=0, max=256, help="Connections reading requests meanwhile.")
@@ -82,19 +90,12 @@ def bench_api(
         ),
         say=None if as_json else err.print,
     )
-    if as_json:
-        out.print_json(data=result)
-    else:
-        for k, v in result.items():
-            out.print(f"{k}: {v}")
+    _report(result, as_json)
 
 
 @cli.command("bench-dashboard")
 def bench_dashboard(
-    database: Annotated[
-        str | None,
-        typer.Option(help="PostgreSQL server URL (default: a temporary SQLite file)."),
-    ] = None,
+    database: ServerDatabase = None,
     requests: Annotated[int, typer.Option(min=10, max=5_000_000, help="Requests.")] = 100_000,
     tasks_per_request: Annotated[int, typer.Option(min=1, max=100, help="Tasks each.")] = 3,
     rounds: Annotated[int, typer.Option(min=1, max=1000, help="Renders timed per page.")] = 20,
@@ -114,11 +115,9 @@ def bench_dashboard(
         say=None if as_json else err.print,
     )
     if as_json:
-        out.print_json(data=result)
+        _report(result, as_json)
         return
-    for k, v in result.items():
-        if k != "pages":
-            out.print(f"{k}: {v}")
+    _report({k: v for k, v in result.items() if k != "pages"}, as_json)
     for name, figures in result["pages"].items():
         out.print(
             f"{name} ({figures['path']}): median {figures['median_ms']} ms, "
@@ -149,8 +148,4 @@ def bench_exec(
         ),
         say=None if as_json else err.print,
     )
-    if as_json:
-        out.print_json(data=result)
-    else:
-        for k, v in result.items():
-            out.print(f"{k}: {v}")
+    _report(result, as_json)
