@@ -1,7 +1,8 @@
 """Fixtures shared by every tier.
 
 PostgreSQL: the server in CONVEYOR_TEST_DATABASE_URL, else 127.0.0.1:5432 as user
-postgres. Each test session makes a database of its own there and drops it at the end.
+postgres (a local cluster that is down is started as .ci/run does). Each test session
+makes a database of its own there and drops it at the end.
 Under CI=true a test that needs PostgreSQL fails when the server cannot be reached;
 elsewhere it is skipped with the reason.
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,16 +63,48 @@ def _missing(what: str) -> None:
     pytest.skip(what)
 
 
-@pytest.fixture(scope="session")
-def pg_server_url() -> str:
+def _pg_reachable() -> Exception | None:
     engine = sa.create_engine(sqlalchemy_url(PG_SERVER), connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
+        return None
     except Exception as exc:
-        _missing(f"PostgreSQL not reachable at {PG_SERVER}: {exc}")
+        return exc
     finally:
         engine.dispose()
+
+
+def _start_local_pg() -> str:
+    """Start this machine's PostgreSQL cluster the way .ci/run does; what happened."""
+    clusters = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    if not clusters or shutil.which("pg_ctlcluster") is None:
+        return "no local PostgreSQL cluster to start"
+    done = subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", clusters[0], "main", "start"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return f"tried `pg_ctlcluster {clusters[0]} main start`: {done.stderr.strip() or 'ok'}"
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    problem = _pg_reachable()
+    if problem is None:
+        return PG_SERVER
+    if "127.0.0.1" in PG_SERVER or "localhost" in PG_SERVER:
+        tried = _start_local_pg()
+        for _ in range(30):
+            problem = _pg_reachable()
+            if problem is None:
+                break
+            time.sleep(1)
+        if problem is not None:
+            _missing(f"PostgreSQL not reachable at {PG_SERVER} ({tried}): {problem}")
+    else:
+        _missing(f"PostgreSQL not reachable at {PG_SERVER}: {problem}")
     return PG_SERVER
 
 
