@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import hmac
 import re
 import secrets
 from dataclasses import dataclass
@@ -107,10 +106,6 @@ def plausible(secret: str) -> bool:
         and 16 <= len(secret) <= 128
         and all(c.isascii() and (c.isalnum() or c in "-_") for c in secret[len(TOKEN_PREFIX) :])
     )
-
-
-def same_hash(a: str, b: str) -> bool:
-    return hmac.compare_digest(a, b)
 
 
 def needs_touch(token: Token, now: float) -> bool:
