@@ -17,9 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from conveyor.store.base import Listener
-from conveyor.store.rows import EventRow, describe_error
+from conveyor.store.rows import CLAIMED_COLUMNS, EventRow, claimed_tasks, describe_error
 from conveyor.store.sql import SQLStore
-from conveyor.tasks import Task, TaskStatus
+from conveyor.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +44,6 @@ _INSERT_EVENTS = (
     "FROM json_to_recordset(%(rows)s::json) AS x(ts float8, kind text, request_id bigint, "
     "task_id bigint, pipeline text, queue text, data json)"
 )
-# What a claim returns: the Task fields a claimed task has, in Task's order (status is
-# running; progress, result and error are reset).
-_CLAIMED = [
-    "id",
-    "request_id",
-    "pipeline",
-    "queue",
-    "priority",
-    "seq",
-    "params",
-    "attempts",
-    "max_attempts",
-    "timeout",
-    "created_at",
-    "available_at",
-    "started_at",
-    "lease_owner",
-    "lease_expires_at",
-]
 
 
 def _claim_sql(picked: str) -> str:
@@ -75,7 +56,7 @@ def _claim_sql(picked: str) -> str:
         "finished_at = NULL, error = NULL, result = NULL, progress_current = 0, "
         "progress_total = NULL, progress_message = NULL "
         "WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) "
-        f"RETURNING {', '.join('t.' + c for c in _CLAIMED)}), "
+        f"RETURNING {', '.join('t.' + c for c in CLAIMED_COLUMNS)}), "
         "started AS (UPDATE requests r SET status = 'running', started_at = %(now)s "
         "WHERE r.id = ANY(ARRAY(SELECT DISTINCT request_id FROM claimed)) "
         "AND r.status = 'requested' RETURNING r.id, r.pipeline, r.queue), "
@@ -85,32 +66,6 @@ def _claim_sql(picked: str) -> str:
         "json_build_object('attempt', attempts, 'worker', %(w)s::text) FROM claimed) "
         "SELECT * FROM claimed ORDER BY priority DESC, id"
     )
-
-
-def _claimed(rows: list[tuple[Any, ...]]) -> list[Task]:
-    running = TaskStatus.RUNNING
-    return [
-        Task(
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            r[4],
-            r[5],
-            r[6],
-            running,
-            r[7],
-            r[8],
-            r[9],
-            r[10],
-            r[11],
-            r[12],
-            None,
-            r[13],
-            r[14],
-        )
-        for r in rows
-    ]
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -233,7 +188,7 @@ class PostgresStore(SQLStore):
             "x": exclude,
             "slots": _ENCODE(dict(slots)),
         }
-        tasks = _claimed(self._raw(conn, _claim_sql(picked), params))
+        tasks = claimed_tasks(self._raw(conn, _claim_sql(picked), params))
         # Fewer than n tasks claimed with nothing left out for lack of slots means the
         # queue has no more to offer.
         return tasks, len(tasks) < n and not any(
@@ -268,7 +223,7 @@ class PostgresStore(SQLStore):
             "FOR UPDATE SKIP LOCKED"
         )
         params = {"q": queue, "now": now, "n": n, "w": worker_id, "exp": expires, "x": exclude}
-        return _claimed(self._raw(conn, _claim_sql(picked), params))
+        return claimed_tasks(self._raw(conn, _claim_sql(picked), params))
 
     def _candidates(
         self, conn: Connection, queue: str, n: int, exclude: list[str], now: float
@@ -288,7 +243,7 @@ class PostgresStore(SQLStore):
     ) -> list[Task]:
         picked = "SELECT id FROM tasks WHERE id = ANY(%(ids)s::bigint[]) AND status = 'queued'"
         params = {"ids": ids, "w": worker_id, "exp": expires, "now": now}
-        return _claimed(self._raw(conn, _claim_sql(picked), params))
+        return claimed_tasks(self._raw(conn, _claim_sql(picked), params))
 
     def _apply_changes(
         self, conn: Connection, changes: list[dict[str, Any]], now: float

@@ -186,3 +186,53 @@ def describe_error(exc: Exception) -> str:
         return "the database has no Conveyor tables yet: run `conveyor db upgrade`"
     text = str(orig).strip().splitlines()
     return text[0] if text else type(orig).__name__
+
+
+# What a claim returns: the Task fields a claimed task has, in Task's order (status is
+# running; progress, result and error are reset).
+CLAIMED_COLUMNS = (
+    "id",
+    "request_id",
+    "pipeline",
+    "queue",
+    "priority",
+    "seq",
+    "params",
+    "attempts",
+    "max_attempts",
+    "timeout",
+    "created_at",
+    "available_at",
+    "started_at",
+    "lease_owner",
+    "lease_expires_at",
+)
+
+
+def claimed_tasks(rows: Sequence[Sequence[Any]], params_text: bool = False) -> list[Task]:
+    """Tasks from claim rows of CLAIMED_COLUMNS, in the order given. `params_text`: the
+    driver hands JSON columns over as text (SQLite), so params are decoded here."""
+    running = TaskStatus.RUNNING
+    loads = json.loads
+    return [
+        Task(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            (loads(r[6]) if r[6] is not None else None) if params_text else r[6],
+            running,
+            r[7],
+            r[8],
+            r[9],
+            r[10],
+            r[11],
+            r[12],
+            None,
+            r[13],
+            r[14],
+        )
+        for r in rows
+    ]

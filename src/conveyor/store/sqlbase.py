@@ -57,6 +57,17 @@ _COUNTER_OF = {
 }
 
 
+def counter_deltas(rows: Sequence[Any]) -> list[tuple[int, int, int, int]]:
+    """(request id, succeeded, failed, cancelled) to add, by request id, for task rows
+    that just reached those statuses."""
+    delta: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for r in rows:
+        col = _COUNTER_OF.get(r.status)
+        if col is not None:
+            delta[r.request_id][col] += 1
+    return [(i, d[0], d[1], d[2]) for i, d in sorted(delta.items())]
+
+
 class _Retryable(Unavailable):
     """The database aborted the transaction for a deadlock or a serialisation conflict;
     it was rolled back whole. Verbs run through `_retrying` run it again; elsewhere it
@@ -185,25 +196,23 @@ class SQLBase:
         return rows, self._bump_counters(conn, rows)
 
     def _bump_counters(self, conn: Connection, rows: Sequence[Any]) -> list[Any]:
-        delta: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
-        for r in rows:
-            col = _COUNTER_OF.get(r.status)
-            if col is not None:
-                delta[r.request_id][col] += 1
-        if not delta:
+        """Count finished tasks in their requests; returns those requests' rows."""
+        deltas = counter_deltas(rows)
+        if not deltas:
             return []
-        ids = sorted(delta)
         conn.execute(
             sa.text(
                 "UPDATE requests SET tasks_succeeded = tasks_succeeded + :s, "
                 "tasks_failed = tasks_failed + :f, tasks_cancelled = tasks_cancelled + :c "
                 "WHERE id = :id"
             ),
-            [{"id": i, "s": delta[i][0], "f": delta[i][1], "c": delta[i][2]} for i in ids],
+            [{"id": i, "s": s, "f": f, "c": c} for i, s, f, c in deltas],
         )
         return list(
             conn.execute(
-                sa.select(t.requests).where(t.requests.c.id.in_(ids)).order_by(t.requests.c.id)
+                sa.select(t.requests)
+                .where(t.requests.c.id.in_([d[0] for d in deltas]))
+                .order_by(t.requests.c.id)
             ).all()
         )
 

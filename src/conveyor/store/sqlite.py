@@ -8,7 +8,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,21 +17,46 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Row
 
+from conveyor.requests import RequestStatus
 from conveyor.store.base import Listener
-from conveyor.store.rows import TASK_COLUMNS, task_from_row, typed_tasks
+from conveyor.store.rows import (
+    CLAIMED_COLUMNS,
+    EventRow,
+    claimed_tasks,
+    dumps,
+)
 from conveyor.store.sql import SQLStore
+from conveyor.store.sqlbase import counter_deltas
 from conveyor.tasks import Task
 
-_RETURNING = ", ".join(TASK_COLUMNS)
+# The worker's hot verbs (claim, finish) run their statements on the transaction's
+# sqlite3 cursor, as the PostgreSQL store does on psycopg's: each goes through
+# SQLAlchemy's statement machinery otherwise, which costs several times the statement.
+_RETURNING = ", ".join(CLAIMED_COLUMNS)
 _CLAIM_SET = (
     "status = 'running', attempts = attempts + 1, lease_owner = :w, "
     "lease_expires_at = :exp, started_at = :now, finished_at = NULL, error = NULL, "
-    "progress_current = 0, progress_total = NULL, progress_message = NULL"
+    "result = NULL, progress_current = 0, progress_total = NULL, progress_message = NULL"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (ts, kind, request_id, task_id, pipeline, queue, data) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 
 
-def _tasks(rows: Any) -> list[Task]:
-    return sorted((task_from_row(r) for r in rows), key=lambda t: (-t.priority, t.id))
+def _cursor(conn: Connection) -> sqlite3.Cursor:
+    """The sqlite3 cursor of the transaction `conn` is in."""
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    return raw.cursor()
+
+
+def _tasks(rows: list[Any]) -> list[Task]:
+    return sorted(claimed_tasks(rows, params_text=True), key=lambda t: (-t.priority, t.id))
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
 
 
 class _Changed(NamedTuple):
@@ -142,17 +167,18 @@ class SQLiteStore(SQLStore):
         now: float,
     ) -> list[Task]:
         extra, binds = _excluded(exclude)
-        return _tasks(
-            conn.execute(
-                typed_tasks(
-                    f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN ("
-                    "SELECT id FROM tasks INDEXED BY ix_tasks_claim "
-                    "WHERE status = 'queued' AND queue = :q AND available_at <= :now"
-                    f"{extra} ORDER BY priority DESC, id LIMIT :n) RETURNING {_RETURNING}"
-                ),
+        cur = _cursor(conn)
+        try:
+            rows = cur.execute(
+                f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN ("
+                "SELECT id FROM tasks INDEXED BY ix_tasks_claim "
+                "WHERE status = 'queued' AND queue = :q AND available_at <= :now"
+                f"{extra} ORDER BY priority DESC, id LIMIT :n) RETURNING {_RETURNING}",
                 {"q": queue, "now": now, "n": n, "w": worker_id, "exp": expires, **binds},
-            ).all()
-        )
+            ).fetchall()
+        finally:
+            cur.close()
+        return _tasks(rows)
 
     def _candidates(
         self, conn: Connection, queue: str, n: int, exclude: list[str], now: float
@@ -171,44 +197,151 @@ class SQLiteStore(SQLStore):
     def _mark_claimed(
         self, conn: Connection, ids: list[int], worker_id: str, expires: float, now: float
     ) -> list[Task]:
-        return _tasks(
-            conn.execute(
-                typed_tasks(
-                    f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN :ids AND status = 'queued' "
-                    f"RETURNING {_RETURNING}"
-                ).bindparams(sa.bindparam("ids", expanding=True)),
-                {"ids": ids, "w": worker_id, "exp": expires, "now": now},
-            ).all()
-        )
+        cur = _cursor(conn)
+        try:
+            rows = cur.execute(
+                f"UPDATE tasks SET {_CLAIM_SET} WHERE id IN (SELECT value FROM json_each(:ids)) "
+                f"AND status = 'queued' RETURNING {_RETURNING}",
+                {"ids": json.dumps(ids), "w": worker_id, "exp": expires, "now": now},
+            ).fetchall()
+        finally:
+            cur.close()
+        return _tasks(rows)
+
+    def _claim_prelude(
+        self, conn: Connection, limited: list[str]
+    ) -> tuple[set[str], dict[str, int]]:
+        if limited:
+            return super()._claim_prelude(conn, limited)
+        cur = _cursor(conn)
+        try:
+            return {r[0] for r in cur.execute("SELECT name FROM queue_settings WHERE paused")}, {}
+        finally:
+            cur.close()
+
+    def _after_claim(
+        self, conn: Connection, claimed: list[Task], worker_id: str, now: float
+    ) -> None:
+        rids = sorted({c.request_id for c in claimed})
+        cur = _cursor(conn)
+        try:
+            started = cur.execute(
+                f"UPDATE requests SET status = ?, started_at = ? WHERE id IN ({_marks(len(rids))}) "
+                f"AND status = ? RETURNING id, pipeline, queue",
+                [RequestStatus.RUNNING.value, now, *rids, RequestStatus.REQUESTED.value],
+            ).fetchall()
+            events: list[tuple[Any, ...]] = [
+                (
+                    now,
+                    "task.running",
+                    c.request_id,
+                    c.id,
+                    c.pipeline,
+                    c.queue,
+                    dumps({"attempt": c.attempts, "worker": worker_id}),
+                )
+                for c in claimed
+            ]
+            events += [(now, "request.running", r[0], None, r[1], r[2], None) for r in started]
+            cur.executemany(_INSERT_EVENT, events)
+        finally:
+            cur.close()
+
+    def _insert_events(self, conn: Connection, rows: list[EventRow]) -> None:
+        if not rows:
+            return
+        cur = _cursor(conn)
+        try:
+            cur.executemany(
+                _INSERT_EVENT,
+                [
+                    (
+                        r["ts"],
+                        r["kind"],
+                        r["request_id"],
+                        r["task_id"],
+                        r["pipeline"],
+                        r["queue"],
+                        dumps(r["data"]),
+                    )
+                    for r in rows
+                ],
+            )
+        finally:
+            cur.close()
+
+    def _apply_changes(
+        self, conn: Connection, changes: list[dict[str, Any]], now: float
+    ) -> tuple[list[Any], list[Any]]:
+        rows = self._update_running(conn, changes)
+        by_id = {c["id"]: c for c in changes}
+        cur = _cursor(conn)
+        try:
+            cur.executemany(
+                _INSERT_EVENT,
+                [
+                    (
+                        now,
+                        by_id[r.id]["kind"],
+                        r.request_id,
+                        r.id,
+                        r.pipeline,
+                        r.queue,
+                        by_id[r.id]["data"],
+                    )
+                    for r in rows
+                ],
+            )
+        finally:
+            cur.close()
+        return rows, self._bump_counters(conn, rows)
+
+    def _bump_counters(self, conn: Connection, rows: Sequence[Any]) -> list[Any]:
+        deltas = counter_deltas(rows)
+        if not deltas:
+            return []
+        cur = _cursor(conn)
+        try:
+            cur.executemany(
+                "UPDATE requests SET tasks_succeeded = tasks_succeeded + ?, "
+                "tasks_failed = tasks_failed + ?, tasks_cancelled = tasks_cancelled + ? "
+                "WHERE id = ?",
+                [(s, f, c, i) for i, s, f, c in deltas],
+            )
+            cur.row_factory = sqlite3.Row
+            return cur.execute(
+                f"SELECT * FROM requests WHERE id IN ({_marks(len(deltas))}) ORDER BY id",
+                [d[0] for d in deltas],
+            ).fetchall()
+        finally:
+            cur.close()
 
     def _update_running(self, conn: Connection, changes: list[dict[str, Any]]) -> list[Row[Any]]:
         # This transaction holds SQLite's write lock (BEGIN IMMEDIATE), so the guard can be
         # checked with one read and the updates applied with one executemany; the guard
         # stays in the UPDATE as well.
         by_id = {c["id"]: c for c in changes}
-        current = conn.execute(
-            sa.text(
+        cursor = _cursor(conn)
+        try:
+            current = cursor.execute(
                 "SELECT id, request_id, pipeline, queue, attempts, status, lease_owner, "
-                "lease_expires_at FROM tasks WHERE id IN (SELECT value FROM json_each(:ids))"
-            ),
-            {"ids": json.dumps(list(by_id))},
-        ).all()
+                "lease_expires_at FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(by_id)),),
+            ).fetchall()
+        finally:
+            cursor.close()
         applied = []
         rows = []
-        for r in current:
-            c = by_id[r.id]
-            if r.status != "running" or r.lease_owner != c["owner"]:
+        for tid, rid, pipeline, queue, attempts, status, owner, lease_expires_at in current:
+            c = by_id[tid]
+            if status != "running" or owner != c["owner"]:
                 continue
-            if c["expires"] is not None and r.lease_expires_at != c["expires"]:
+            if c["expires"] is not None and lease_expires_at != c["expires"]:
                 continue
             applied.append(c)
-            rows.append(
-                _Changed(
-                    r.id, r.request_id, r.pipeline, r.queue, r.attempts + c["delta"], c["status"]
-                )
-            )
+            rows.append(_Changed(tid, rid, pipeline, queue, attempts + c["delta"], c["status"]))
         if applied:
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            cursor = _cursor(conn)
             try:
                 cursor.executemany(
                     "UPDATE tasks SET status = :status, result = :result, error = :error, "
