@@ -45,13 +45,17 @@ class WorkerOptions:
     lease: float | None = None  # seconds; None: the config's
     burst: bool = False
     batch: int | None = None  # most tasks claimed at once; None: as many as there is room for
-    # Most tasks claimed beyond the free slots (None: twice `concurrency`), and how soon
-    # one must be expected to start for it to be claimed ahead (see `claim_ahead`).
+    # Most tasks claimed beyond the free slots (None: eight times `concurrency`), and how
+    # soon one must be expected to start for it to be claimed ahead (see `claim_ahead`):
+    # the time bound is what keeps other workers from waiting on tasks held here.
     ahead: int | None = None
     ahead_wait: float = 0.05
     poll_interval: float | None = None
     grace: float = 30.0  # on SIGTERM, how long running tasks may take before release
-    linger: float = 0.002  # how long finished outcomes may wait to be written together
+    # Outcomes are written together (group commit): after one arrives, the writer waits
+    # while more keep coming, each within `linger` of the last, up to `linger_max` in all.
+    linger: float = 0.002
+    linger_max: float = 0.01
 
 
 def claim_ahead(mean_duration: float | None, concurrency: int, most: int, wait: float) -> int:
@@ -107,7 +111,7 @@ class Worker:
         self.lease = self.opts.lease or cfg.lease
         self.poll = self.opts.poll_interval or cfg.poll_interval
         conc = self.opts.concurrency
-        self.ahead = 2 * conc if self.opts.ahead is None else self.opts.ahead
+        self.ahead = 8 * conc if self.opts.ahead is None else self.opts.ahead
         self.batch = self.opts.batch or max(1, conc + self.ahead)
         # How long attempts take lately (seconds, moving average), for `claim_ahead`.
         self._mean_duration: float | None = None
@@ -373,24 +377,45 @@ class Worker:
         return Outcome(task.id, decision.action, error=res.error, delay=decision.delay)
 
     def _finisher(self) -> None:
-        """Record finished attempts, as many at a time as have finished."""
-        while True:
+        """Record finished attempts, as many at a time as finish together."""
+        stop = False
+        while not stop:
             item = self._done.get()
             if item is None:
                 return
-            if self.opts.linger and self._done.qsize() < len(self._running) // 4:
-                time.sleep(self.opts.linger)  # let outcomes that finish together share a write
-            items = [item]
-            while not self._done.empty():
-                more = self._done.get()
-                if more is None:
-                    self._done.put(None)
-                    break
-                items.append(more)
+            items, stop = self._gather(item)
             outcomes = [self._outcome(run, res) for run, res in items if not run.settled]
             self._record(outcomes)
             self._recorded.put([run for run, _ in items])
             self._wake.set()
+
+    def _gather(
+        self, first: tuple[_Running, ExecResult]
+    ) -> tuple[list[tuple[_Running, ExecResult]], bool]:
+        """`first` and the outcomes that follow it closely: while attempts keep finishing
+        (each within `linger` of the last) they share one write, up to `linger_max` and
+        twice `concurrency` outcomes; a lone outcome waits `linger` at most. Also says
+        whether the stop marker came meanwhile."""
+        items = [first]
+        most = max(16, 2 * self.opts.concurrency)
+        until = time.monotonic() + self.opts.linger_max
+        while True:
+            try:
+                if len(items) >= most:
+                    break
+                if not self._done.empty():
+                    item = self._done.get()
+                else:
+                    left = min(self.opts.linger, until - time.monotonic())
+                    if left <= 0:
+                        break
+                    item = self._done.get(timeout=left)
+            except queue.Empty:
+                break  # the burst is over: write now
+            if item is None:
+                return items, True
+            items.append(item)
+        return items, False
 
     def _record(self, outcomes: list[Outcome]) -> None:
         """Write outcomes, retrying while the database is away: an attempt's result is

@@ -18,11 +18,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Row
 
 from conveyor.requests import RequestStatus
-from conveyor.store.base import Listener
+from conveyor.store.base import Listener, Unavailable
 from conveyor.store.rows import (
     CLAIMED_COLUMNS,
     EventRow,
     claimed_tasks,
+    describe_error,
     dumps,
 )
 from conveyor.store.sql import SQLStore
@@ -119,12 +120,16 @@ class SQLiteStore(SQLStore):
             return super().listener()
         return _SqliteListener(self._path, super().listener())
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, lock_timeout: float = 60.0) -> None:
+        """`lock_timeout`: how long a statement waits for another process's lock before
+        the verb fails as unavailable."""
         database = sa.engine.make_url(url).database
         self._path = database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        engine = sa.create_engine(
+            url, connect_args={"timeout": lock_timeout, "check_same_thread": False}
+        )
 
         @event.listens_for(engine, "connect")
         def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -133,16 +138,19 @@ class SQLiteStore(SQLStore):
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Connection) -> None:
+            # on the driver's connection: every transaction passes here
+            raw = conn.connection.driver_connection
+            assert isinstance(raw, sqlite3.Connection)
             if conn.get_execution_options().get("conveyor_readonly"):
-                conn.exec_driver_sql("BEGIN")
+                raw.execute("BEGIN")
             else:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                raw.execute("BEGIN IMMEDIATE")
 
         super().__init__(url, engine)
         self._writer = threading.RLock()
@@ -153,8 +161,22 @@ class SQLiteStore(SQLStore):
         # commits. Left to SQLite's write lock, a writer that finds it taken sleeps in the
         # busy handler's growing steps (up to 100 ms) while others keep taking it: a
         # worker's outcomes could wait behind hundreds of its own claims.
-        with self._writer, super()._write() as conn:
-            yield conn
+        with self._writer:
+            try:
+                with super()._write() as conn:
+                    yield conn
+            except sqlite3.OperationalError as exc:
+                # raised by statements run on the driver's cursor (the hot verbs) and by
+                # BEGIN: the database is locked, read-only, out of space or gone
+                raise Unavailable(describe_error(exc)) from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with super()._read() as conn:
+                yield conn
+        except sqlite3.OperationalError as exc:  # from BEGIN, run on the driver's connection
+            raise Unavailable(describe_error(exc)) from exc
 
     def _claim_tasks(
         self,
