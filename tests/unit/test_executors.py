@@ -23,6 +23,15 @@ from .factories import make_task
 pytestmark = pytest.mark.timeout(30)
 
 
+@pytest.fixture(autouse=True, params=["pidfd", "waitpid"])
+def exit_watch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: commands' exits seen through a pidfd (Linux), and through
+    waitpid between polls (where the system has no pidfd)."""
+    if request.param == "waitpid":
+        monkeypatch.setattr("conveyor.executors.command._pidfd", lambda pid: None)
+    return str(request.param)
+
+
 class Run:
     """One attempt's context, with what it reported and logged."""
 

@@ -50,6 +50,15 @@ def _read_available(fd: int) -> bytes | None:
         out += chunk
 
 
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when the process exits (Linux 5.3 and later);
+    None where there is none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
 class CommandExecutor:
     """With a `watchdog`, the commands die with the worker even if it is SIGKILLed.
 
@@ -161,41 +170,56 @@ class CommandExecutor:
     def _pump(
         self, proc: subprocess.Popen[bytes], ctx: TaskContext, deadline: float | None
     ) -> str | None:
-        """Copy output to the log and read progress lines until the command closes its
-        output; returns why it must be killed, or None."""
+        """Copy output to the log and read progress lines until the command exits;
+        returns why it must be killed, or None.
+
+        One poll(2) waits for output and for the exit together: the exit through a
+        pidfd (a descriptor that becomes readable when the process ends), so a command's
+        end is seen at once, without polling waitpid in a sleeping loop. poll(2) rather
+        than a selector: no epoll descriptor to make and close per command."""
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
-        # poll(2) rather than a selector: no epoll descriptor to make and close per command
+        pidfd = _pidfd(proc.pid)
         poller = select.poll()
         poller.register(fd, select.POLLIN)
+        if pidfd is not None:
+            poller.register(pidfd, select.POLLIN)
         buf = b""
         eof = False
         try:
             while True:
                 if ctx.stopping:
                     return ctx.stop_reason or "stopped"
-                if deadline is not None and time.time() >= deadline:
-                    ctx.stop("timed out")
-                    return f"timed out after {ctx.task.timeout:g}s"
-                exited = proc.poll() is not None
-                if eof:  # output closed, command still running: keep watching the clock
-                    if exited:
-                        break
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(0.2)
-                    continue
-                if not exited and not poller.poll(200):
-                    continue
-                # Once the command has exited, take what is already written and stop: a
-                # child it left behind may hold the pipe open for ever.
-                chunk = _read_available(fd)
-                if chunk:
-                    buf += chunk
-                    *lines, buf = buf.split(b"\n")
-                    for raw in lines:
-                        self._line(raw, ctx)
-                eof = chunk is None
+                wait = 200
+                if deadline is not None:
+                    left = deadline - time.time()
+                    if left <= 0:
+                        ctx.stop("timed out")
+                        return f"timed out after {ctx.task.timeout:g}s"
+                    wait = min(wait, int(left * 1000) + 1)
+                if pidfd is None:  # no pidfd: look at the process between polls
+                    exited = proc.poll() is not None
+                    ready = [] if exited else poller.poll(wait if not eof else 0)
+                    if eof and not exited:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            proc.wait(wait / 1000)
+                        continue
+                else:
+                    ready = poller.poll(wait)
+                    exited = any(f == pidfd for f, _ in ready)
+                if not eof and (exited or any(f == fd for f, _ in ready)):
+                    # Once the command has exited, take what is already written and
+                    # stop: a child it left behind may hold the pipe open for ever.
+                    chunk = _read_available(fd)
+                    if chunk:
+                        buf += chunk
+                        *lines, buf = buf.split(b"\n")
+                        for raw in lines:
+                            self._line(raw, ctx)
+                    if chunk is None:
+                        eof = True
+                        poller.unregister(fd)
                 if exited:
                     break
             if buf:
@@ -203,6 +227,8 @@ class CommandExecutor:
             return None
         finally:
             proc.stdout.close()
+            if pidfd is not None:
+                os.close(pidfd)
 
     def _line(self, raw: bytes, ctx: TaskContext) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
