@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 
 from conveyor.app import Conveyor
@@ -272,11 +271,8 @@ class Worker:
             )
             return
 
-        def paths(t: Task = task) -> tuple[Path, Path]:
-            return (
-                app.artifacts.log_path(t.request_id, t.id, t.attempts),
-                app.artifacts.work_dir(t.request_id, t.id),
-            )
+        def paths(t: Task = task) -> tuple[str, str]:
+            return app.artifacts.attempt_paths(t.request_id, t.id, t.attempts)
 
         def report(progress: Progress, task_id: int = task.id) -> None:
             try:

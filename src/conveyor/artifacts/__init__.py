@@ -25,7 +25,15 @@ class LocalArtifacts:
         self._root = str(self.root)
 
     def log_path(self, request_id: int, task_id: int, attempt: int) -> Path:
-        return Path(f"{self._root}/logs/{request_id}/{task_id}/attempt-{attempt}.log")
+        return Path(self.attempt_paths(request_id, task_id, attempt)[0])
+
+    def attempt_paths(self, request_id: int, task_id: int, attempt: int) -> tuple[str, str]:
+        """An attempt's log file and its task's work directory, as plain strings: the
+        worker asks for them once per attempt."""
+        return (
+            f"{self._root}/logs/{request_id}/{task_id}/attempt-{attempt}.log",
+            f"{self._root}/work/{request_id}/{task_id}",
+        )
 
     def attempts_logged(self, request_id: int, task_id: int) -> list[int]:
         folder = self.root / "logs" / str(request_id) / str(task_id)
@@ -41,7 +49,7 @@ class LocalArtifacts:
 
     def work_dir(self, request_id: int, task_id: int) -> Path:
         """A scratch directory for the task (made by whoever first needs it)."""
-        return Path(f"{self._root}/work/{request_id}/{task_id}")
+        return Path(self.attempt_paths(request_id, task_id, 0)[1])
 
 
 class ArtifactKind(enum.StrEnum):
