@@ -40,6 +40,7 @@ class ExecBenchOptions:
     concurrency: int = 8
     rounds: int = 5
     command: tuple[str, ...] = ("true",)
+    scratch: Path | None = None  # where the rounds' files go; None: the system's temp dir
 
 
 def bare_loop(opts: ExecBenchOptions) -> float:
@@ -117,7 +118,7 @@ def run_exec_bench(
     # The rounds' files are deleted at the end, not between rounds: deleting thousands of
     # files just before a round makes creating files in it slower on some file systems
     # (ext4 skips recently freed inodes), which would load the Conveyor rounds only.
-    with tempfile.TemporaryDirectory(prefix="conveyor-bench-exec-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="conveyor-bench-exec-", dir=opts.scratch) as tmp:
         scratch = Path(tmp)
 
         def conveyor_round(o: ExecBenchOptions) -> float:
@@ -138,6 +139,7 @@ def run_exec_bench(
     conv_med = statistics.median(conveyor)
     return {
         "command": list(opts.command),
+        "scratch": str(opts.scratch or tempfile.gettempdir()),
         "tasks": opts.tasks,
         "concurrency": opts.concurrency,
         "rounds": opts.rounds,

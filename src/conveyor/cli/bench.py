@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -133,6 +134,15 @@ def bench_exec(
     command: Annotated[
         str, typer.Option(help="The command each task runs (split like a shell line).")
     ] = "true",
+    scratch: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the rounds keep their database, logs and work directories "
+            "(a temporary directory inside it; default: the system's).",
+            file_okay=False,
+            exists=True,
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """The command executor against a bare Python loop running the same processes with
@@ -145,6 +155,7 @@ def bench_exec(
             concurrency=concurrency,
             rounds=rounds,
             command=tuple(shlex.split(command)) or ("true",),
+            scratch=scratch,
         ),
         say=None if as_json else err.print,
     )

@@ -1,0 +1,40 @@
+"""`conveyor bench-exec`, small: both sides run the same tasks, the figures add up, and
+the rounds' files go where `--scratch` says and are gone afterwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conveyor.cli import main
+
+
+def test_bench_exec_reports_both_sides_and_cleans_its_scratch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["bench-exec", "--tasks", "20", "--rounds", "2", "--scratch", str(scratch), "--json"])
+    assert exc.value.code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["scratch"] == str(scratch)
+    assert result["tasks"] == 20
+    assert len(result["bare_seconds"]) == len(result["conveyor_seconds"]) == 2
+    assert all(t > 0 for t in result["bare_seconds"] + result["conveyor_seconds"])
+    assert result["ratio"] == pytest.approx(
+        result["conveyor_median_s"] / result["bare_median_s"],
+        rel=0.1,  # rounded to 1 ms
+    )
+    assert list(scratch.iterdir()) == []
+
+
+def test_bench_exec_refuses_a_scratch_that_does_not_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench-exec", "--scratch", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2
+    assert "nowhere" in capsys.readouterr().err
