@@ -42,7 +42,7 @@ from conveyor.ingest.sinks import TableSpec, spec_of
 from conveyor.ingest.sinks.kcidb import kcidb_specs
 from conveyor.ingest.sinks.table import TableMapping
 from conveyor.ingest.spool import FileError, Spool, Stage
-from conveyor.ingest.writer import Encoded, RowWriter, SinkRejected, SinkUnavailable
+from conveyor.ingest.writer import RowWriter, SinkRejected, SinkUnavailable, TableRows
 
 log = logging.getLogger(__name__)
 _FLUSH = object()  # to the writer: commit what you have now
@@ -472,10 +472,10 @@ class Ingester:
         return _Batch()
 
     def _commit(self, files: list[Prepared]) -> None:
-        merged: Encoded = {}
+        merged: dict[str, list[TableRows]] = {}
         for p in files:
             for table, table_rows in p.rows.items():
-                merged.setdefault(table, []).extend(table_rows)
+                merged.setdefault(table, []).append(table_rows)
         try:
             self.writer.commit_encoded(merged)
         except SinkRejected as exc:
