@@ -10,7 +10,7 @@ import pytest
 from conveyor.config import ConfigError, parse_config
 from conveyor.ingest.samples import OBJECT_LISTS, split_document, split_samples
 from conveyor.ingest.sinks import TableSpec
-from conveyor.ingest.spool import _free
+from conveyor.ingest.spool import _free, read_file
 from conveyor.ingest.transforms import (
     RelativeUrls,
     TransformError,
@@ -132,6 +132,16 @@ def test_a_name_already_archived_gets_a_free_one(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text("{}")
     (tmp_path / "a.1.json").write_text("{}")
     assert _free(tmp_path, "a.json") == tmp_path / "a.2.json"
+
+
+def test_read_file_reads_small_large_and_empty_files(tmp_path: Path) -> None:
+    for size in (0, 10, (1 << 20) + 7, 3 << 20):
+        path = tmp_path / f"f{size}.json"
+        data = bytes(i % 251 for i in range(size))
+        path.write_bytes(data)
+        assert read_file(str(path)) == data
+    with pytest.raises(FileNotFoundError):
+        read_file(str(tmp_path / "gone.json"))
 
 
 def test_spool_settings_are_checked(tmp_path: Path) -> None:
