@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -94,16 +94,13 @@ def _update_clause(spec: TableSpec, dialect: str) -> str:
     return f"{conflict} DO UPDATE SET {sets}"
 
 
-class TableRows(NamedTuple):
-    """One file's rows of one table as the worker processes hand them to the writer,
-    already in the form the database takes, so the writer only joins them and few
-    objects cross the process boundary: for PostgreSQL the rows as one JSON array (one
-    encoder call per table, not per row), for SQLite a tuple of values per row."""
-
-    keys: list[Any]  # each row's key, in order (a value, or a tuple for a composite key)
-    payload: bytes | list[tuple[Any, ...]]
-
-
+# One file's rows of one table as the worker processes hand them to the writer: each
+# row's key, in order (a value, or a tuple for a composite key), and the rows already in
+# the form the database takes, so the writer only joins them and few objects cross the
+# process boundary: for PostgreSQL the rows as one JSON array (one encoder call per
+# table, not per row), for SQLite a tuple of values per row. A plain tuple: a named one
+# costs a Python call per table per file to pickle.
+TableRows = tuple[list[Any], bytes | list[tuple[Any, ...]]]
 Encoded = dict[str, TableRows]  # one file's rows, per table
 Batch = Mapping[str, list[TableRows]]  # the rows of several files, per table
 
@@ -121,9 +118,9 @@ def encode_rows(rows: Rows, tables: Mapping[str, TableSpec], dialect: str) -> En
         spec = tables[table]
         keys = list(map(key_of(spec.key), table_rows))
         if dialect == "postgresql":
-            out[table] = TableRows(keys, orjson.dumps(table_rows))
+            out[table] = (keys, orjson.dumps(table_rows))
         else:
-            out[table] = TableRows(keys, [_tuple(spec, r) for r in table_rows])
+            out[table] = (keys, [_tuple(spec, r) for r in table_rows])
     return out
 
 
@@ -138,13 +135,13 @@ def _tuple(spec: TableSpec, row: dict[str, Any]) -> tuple[Any, ...]:
 
 def _clashing(parts: list[TableRows]) -> set[Any]:
     """The keys found more than once among the parts' rows."""
-    total = sum(len(p.keys) for p in parts)
-    if len(set(itertools.chain.from_iterable(p.keys for p in parts))) == total:
+    total = sum(len(keys) for keys, _ in parts)
+    if len(set(itertools.chain.from_iterable(keys for keys, _ in parts))) == total:
         return set()  # the usual case, found at the cost of one set
     seen: set[Any] = set()
     twice: set[Any] = set()
-    for p in parts:
-        for k in p.keys:
+    for keys, _ in parts:
+        for k in keys:
             (twice if k in seen else seen).add(k)
     return twice
 
@@ -156,13 +153,13 @@ def json_rows(parts: list[TableRows]) -> str:
     clashing = _clashing(parts)
     kept: list[bytes | memoryview] = []
     merged: dict[Any, dict[str, Any]] = {}
-    for p in parts:
-        assert isinstance(p.payload, bytes)
-        if clashing and not clashing.isdisjoint(p.keys):
-            for k, row in zip(p.keys, orjson.loads(p.payload), strict=True):
+    for keys, payload in parts:
+        assert isinstance(payload, bytes)
+        if clashing and not clashing.isdisjoint(keys):
+            for k, row in zip(keys, orjson.loads(payload), strict=True):
                 _merge_into(merged, k, row)
-        elif p.keys:
-            kept.append(memoryview(p.payload)[1:-1])
+        elif keys:
+            kept.append(memoryview(payload)[1:-1])
     if merged:
         kept.append(orjson.dumps(list(merged.values()))[1:-1])
     return "[" + b",".join(kept).decode() + "]"
@@ -184,12 +181,12 @@ def tuple_rows(parts: list[TableRows]) -> list[tuple[Any, ...]]:
     clashing = _clashing(parts)
     first: dict[Any, tuple[Any, ...]] = {}
     rows: list[tuple[Any, ...]] = []
-    for p in parts:
-        assert isinstance(p.payload, list)
+    for keys, payload in parts:
+        assert isinstance(payload, list)
         if not clashing:
-            rows.extend(p.payload)
+            rows.extend(payload)
             continue
-        for k, row in zip(p.keys, p.payload, strict=True):
+        for k, row in zip(keys, payload, strict=True):
             have = first.get(k)
             first[k] = (
                 row
@@ -231,7 +228,7 @@ class RowWriter:
         """Upsert every table's rows on `conn` (inside the caller's transaction)."""
         written = 0
         for table, parts in batch.items():
-            count = sum(len(p.keys) for p in parts)
+            count = sum(len(keys) for keys, _ in parts)
             if not count:
                 continue
             if self.dialect == "postgresql":
