@@ -139,7 +139,7 @@ def read_file(path: str) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-_READ_SIZE = 1 << 20  # most submissions in one read
+_READ_SIZE = 1 << 16  # most submissions in one read; below malloc's mmap threshold
 
 
 def _free(folder: Path, name: str) -> Path:
