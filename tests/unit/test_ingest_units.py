@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 
 from conveyor.config import ConfigError, parse_config
 from conveyor.ingest.samples import OBJECT_LISTS, split_document, split_samples
-from conveyor.ingest.spool import _free
+from conveyor.ingest.sinks import TableSpec
+from conveyor.ingest.spool import _free, read_file
 from conveyor.ingest.transforms import (
     RelativeUrls,
     TransformError,
@@ -17,7 +19,7 @@ from conveyor.ingest.transforms import (
     apply_before,
     load_trees,
 )
-from conveyor.ingest.writer import merge_rows
+from conveyor.ingest.writer import encode_rows, json_rows, merge_rows, tuple_rows
 
 
 def test_url_rewrites_and_origins() -> None:
@@ -85,6 +87,37 @@ def test_merge_rows_keeps_the_first_non_null_value() -> None:
     ]
 
 
+def test_rows_of_several_files_merge_as_merge_rows_does() -> None:
+    spec = TableSpec("t", ("id",), ("id", "status", "comment"), ("text",) * 3, frozenset())
+    files = [
+        [{"id": "a", "status": "FAIL"}, {"id": "b", "status": "PASS"}],
+        [{"id": "c", "status": "PASS", "comment": "alone"}],
+        [{"id": "a", "status": "PASS", "comment": "later"}, {"id": "a", "comment": "last"}],
+        [],
+    ]
+    every = [row for rows in files for row in rows]
+    by_id = {row["id"]: row for row in merge_rows(every, ("id",))}
+    assert by_id["a"] == {"id": "a", "status": "FAIL", "comment": "later"}
+    parts = [encode_rows({"t": rows}, {"t": spec}, "postgresql")["t"] for rows in files]
+    assert {r["id"]: r for r in orjson.loads(json_rows(parts))} == by_id
+    assert orjson.loads(json_rows(parts[1:2] + parts[3:])) == files[1]
+    parts = [encode_rows({"t": rows}, {"t": spec}, "sqlite")["t"] for rows in files]
+    expected = {k: tuple(r.get(c) for c in spec.columns) for k, r in by_id.items()}
+    assert {r[0]: r for r in tuple_rows(parts)} == expected
+
+
+def test_a_composite_key_is_a_tuple_and_no_key_merges_everything() -> None:
+    spec = TableSpec("t", ("id", "version"), ("id", "version"), ("text", "int"), frozenset())
+    rows = [{"id": "a", "version": 1}, {"id": "a", "version": 2}, {"id": "a", "version": 1}]
+    assert encode_rows({"t": rows}, {"t": spec}, "postgresql")["t"][0] == [
+        ("a", 1),
+        ("a", 2),
+        ("a", 1),
+    ]
+    assert merge_rows(rows, ("id", "version")) == rows[:2]
+    assert merge_rows(rows, ()) == rows[:1]
+
+
 def test_split_keeps_every_object_once() -> None:
     doc = {"version": "1", "revisions": [{"i": i} for i in range(7)], "tests": [{"i": 1}]}
     parts = split_document(doc, 3)
@@ -99,6 +132,16 @@ def test_a_name_already_archived_gets_a_free_one(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text("{}")
     (tmp_path / "a.1.json").write_text("{}")
     assert _free(tmp_path, "a.json") == tmp_path / "a.2.json"
+
+
+def test_read_file_reads_small_large_and_empty_files(tmp_path: Path) -> None:
+    for size in (0, 10, (1 << 20) + 7, 3 << 20):
+        path = tmp_path / f"f{size}.json"
+        data = bytes(i % 251 for i in range(size))
+        path.write_bytes(data)
+        assert read_file(str(path)) == data
+    with pytest.raises(FileNotFoundError):
+        read_file(str(tmp_path / "gone.json"))
 
 
 def test_spool_settings_are_checked(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from conveyor.ingest.sinks import TableSpec, spec_of
 from conveyor.ingest.sinks.kcidb import kcidb_specs
 from conveyor.ingest.sinks.table import TableMapping
 from conveyor.ingest.spool import FileError, Spool, Stage
-from conveyor.ingest.writer import Encoded, RowWriter, SinkRejected, SinkUnavailable
+from conveyor.ingest.writer import RowWriter, SinkRejected, SinkUnavailable, TableRows
 
 log = logging.getLogger(__name__)
 _FLUSH = object()  # to the writer: commit what you have now
@@ -226,6 +226,8 @@ class Ingester:
         self._pending: set[str] = set()
         self._pending_lock = threading.Condition()
         self._deferred: dict[str, float] = {}  # name -> when it may be tried again
+        # files whose rows are committed, (name, rows) per batch, on their way to archive/
+        self._committed: queue.SimpleQueue[list[tuple[str, int]] | None] = queue.SimpleQueue()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -235,13 +237,15 @@ class Ingester:
         """Ingest until stopped (or, with `once`, until the spool is empty).
 
         This thread scans and feeds the worker processes; a writer thread takes what they
-        prepared through a bounded queue, commits it in batches and moves the files, so
-        preparing goes on while a batch commits."""
+        prepared through a bounded queue and commits it in batches, so preparing goes on
+        while a batch commits; an archive thread then moves the committed files."""
         self.spool.ensure()
         pool, inline = self._workers()
         handoff = _Handoff(self.cfg.batch_rows, self.cfg.batch_bytes)
         writer = threading.Thread(target=self._write_loop, args=(handoff,), name="ingest-writer")
         writer.start()
+        archiver = threading.Thread(target=self._archive_loop, name="ingest-archive")
+        archiver.start()
         reporter = threading.Thread(target=self._report_loop, name="ingest-report", daemon=True)
         reporter.start()
         slots = max(2, 4 * self.cfg.workers)
@@ -299,6 +303,8 @@ class Ingester:
         finally:
             handoff.put(None)
             writer.join()
+            self._committed.put(None)  # after the writer: every committed file is moved
+            archiver.join()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             if inline is not None and inline.offloader is not None:
@@ -472,10 +478,10 @@ class Ingester:
         return _Batch()
 
     def _commit(self, files: list[Prepared]) -> None:
-        merged: Encoded = {}
+        merged: dict[str, list[TableRows]] = {}
         for p in files:
             for table, table_rows in p.rows.items():
-                merged.setdefault(table, []).extend(table_rows)
+                merged.setdefault(table, []).append(table_rows)
         try:
             self.writer.commit_encoded(merged)
         except SinkRejected as exc:
@@ -486,19 +492,36 @@ class Ingester:
             for p in files:
                 self._commit([p])
             return
-        rows = 0
-        for p in files:
+        self._committed.put([(p.name, p.count) for p in files])
+
+    # ------------------------------------------------------------------ archiving
+    def _archive_loop(self) -> None:
+        """Committed files move to archive/ in this thread, so the writer goes on to the
+        next batch meanwhile (a move is a system call or two, each file). A file stays
+        pending, skipped by the scan, until it is moved."""
+        while (files := self._committed.get()) is not None:
+            self._archive(files)
+
+    def _archive(self, files: list[tuple[str, int]]) -> None:
+        done, rows = len(files), 0  # a vanished file counts as done, as its rows are in
+        for name, count in files:
             try:
-                self.spool.archive(p.name)
+                self.spool.archive(name)
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                # its rows are in: ingesting it again later changes nothing
+                log.error("%s cannot be moved to archive/: %s; will try again", name, exc)
+                self._defer(name)
+                done -= 1
+                continue
             finally:
-                self._settled(p.name)
-            rows += p.count
+                self._settled(name)
+            rows += count
         with self._stats_lock:
-            self.stats.files += len(files)
+            self.stats.files += done
             self.stats.rows += rows
-        self._count({"files": len(files), "rows": rows})
+        self._count({"files": done, "rows": rows})
         self._progress()
 
     # ------------------------------------------------------------------ visibility

@@ -10,7 +10,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,7 +18,7 @@ from conveyor.ingest.offload import BlobSpec, Offloader, OffloadUnavailable, ope
 from conveyor.ingest.sinks import MappingError, Sink, TableSpec
 from conveyor.ingest.sinks.kcidb import KcidbSink
 from conveyor.ingest.sinks.table import TableMapping, TableSink
-from conveyor.ingest.spool import FileError, Stage
+from conveyor.ingest.spool import FileError, Stage, read_file
 from conveyor.ingest.transforms import TransformError, Transforms, apply_after, apply_before
 from conveyor.ingest.validate import (
     Invalid,
@@ -73,7 +72,7 @@ class Stages:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.root = Path(plan.spool_dir)
+        self.spool_dir = os.path.join(plan.spool_dir, "")  # ends with a separator
         self.validator: Validator
         self.sink: Sink
         if plan.sink_type == "kcidb":
@@ -107,7 +106,7 @@ class Stages:
             return Prepared(name, Outcome.FAILED, error=FileError(stage, reason, path))
 
         try:
-            raw = (self.root / name).read_bytes()
+            raw = read_file(self.spool_dir + name)
         except FileNotFoundError:
             return Prepared(name, Outcome.RETRY, error=FileError(Stage.READ, "file vanished"))
         except OSError as exc:

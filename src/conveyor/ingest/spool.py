@@ -125,6 +125,23 @@ class Spool:
         return target
 
 
+def read_file(path: str) -> bytes:
+    """The whole file, with plain system calls: a few times cheaper than
+    `Path.read_bytes()` (no path object, no buffered file object), which counts at
+    thousands of small files a second."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, _READ_SIZE):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_READ_SIZE = 1 << 16  # most submissions in one read; below malloc's mmap threshold
+
+
 def _free(folder: Path, name: str) -> Path:
     """`folder/name`, or, when a file of that name is already there (the same name
     submitted again), a name beside it that is not taken."""

@@ -88,61 +88,92 @@ def rewrite_url(value: str, t: Transforms) -> str:
 
 def apply_before(doc: Any, t: Transforms) -> Any:
     """URL rewrites, relative URLs and origins, in place; raises TransformError."""
-    if not t.empty:
-        _walk(doc, t, [])
+    if t.empty:
+        return doc
+    try:
+        _walk(doc, t)
+    except _Refused as exc:
+        # where the refused field is, found only now: the walk keeps no paths
+        where = json_path([*path_to(doc, exc.node), exc.key])
+        raise TransformError(where, exc.reason) from None
     return doc
 
 
-def _walk(node: Any, t: Transforms, path: list[Any]) -> None:
+class _Refused(Exception):
+    """A field refused by a transform, named by its object and key."""
+
+    def __init__(self, node: dict[str, Any], key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.node, self.key, self.reason = node, key, reason
+
+
+_CONTAINERS = (dict, list)  # a tuple: isinstance is quicker with it than with `dict | list`
+
+
+def _walk(node: Any, t: Transforms) -> None:
+    """Depth first, in document order, so the first refused field is the one a reader
+    meets first. Deletions (`drop`) wait for the end of their object's loop."""
     if isinstance(node, dict):
-        for key in list(node):
-            value = node[key]
+        dropped: list[str] = []
+        for key, value in node.items():
             if isinstance(value, str):
                 if key.endswith("url") and (key == "url" or key.endswith("_url")):
-                    _fix_url(node, key, value, t, path)
+                    if _fix_url(node, key, value, t):
+                        dropped.append(key)
                 elif key == "origin" and value in t.origins:
                     node[key] = t.origins[value]
-            elif isinstance(value, dict | list):
-                path.append(key)
-                _walk(value, t, path)
-                path.pop()
+            elif isinstance(value, _CONTAINERS):
+                _walk(value, t)
+        for key in dropped:
+            del node[key]
     elif isinstance(node, list):
-        for i, item in enumerate(node):
-            if isinstance(item, dict | list):
-                path.append(i)
-                _walk(item, t, path)
-                path.pop()
+        for item in node:
+            if isinstance(item, _CONTAINERS):
+                _walk(item, t)
 
 
-def _fix_url(node: dict[str, Any], key: str, value: str, t: Transforms, path: list[Any]) -> None:
+def path_to(doc: Any, target: Any) -> list[Any]:
+    """The path from `doc` to the object `target` (the first place it is found, in the
+    walk's order); [] when it is `doc` or nowhere."""
+    stack: list[tuple[Any, list[Any]]] = [(doc, [])]
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        # pushed last to first: popped in document order
+        stack.extend((v, [*path, k]) for k, v in reversed(items) if isinstance(v, _CONTAINERS))
+    return []
+
+
+def _fix_url(node: dict[str, Any], key: str, value: str, t: Transforms) -> bool:
+    """Rewrites or resolves `node[key]` in place; True when the field is to be dropped."""
     if t.url_rewrites:
         value = rewrite_url(value, t)
         node[key] = value
     if not value or _SCHEME.match(value):
-        return
+        return False
     if t.relative_urls is RelativeUrls.RESOLVE and t.url_base:
-        node[key] = urljoin(_fill(t.url_base, node, [*path, key]), value)
+        node[key] = urljoin(_fill(t.url_base, node, key), value)
     elif t.relative_urls is RelativeUrls.DROP:
-        del node[key]
+        return True
     elif t.relative_urls is RelativeUrls.RESOLVE:
-        raise TransformError(
-            json_path([*path, key]), f"relative URL {value!r} and no url_base to resolve it"
-        )
+        raise _Refused(node, key, f"relative URL {value!r} and no url_base to resolve it")
+    return False
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _FIELD = re.compile(r"\{([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)\}")
 
 
-def _fill(template: str, node: dict[str, Any], path: list[Any]) -> str:
+def _fill(template: str, node: dict[str, Any], key: str) -> str:
     def value(m: re.Match[str]) -> str:
         found: Any = node
         for part in m.group(1).split("."):
             found = found.get(part) if isinstance(found, dict) else None
         if found is None or isinstance(found, dict | list):
-            raise TransformError(
-                json_path(path),
-                f"url_base needs {m.group(1)!r}, which this object does not have",
+            raise _Refused(
+                node, key, f"url_base needs {m.group(1)!r}, which this object does not have"
             )
         return quote(str(found), safe="/")
 

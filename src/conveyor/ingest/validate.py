@@ -52,8 +52,13 @@ class KcidbValidator:
 
     def __init__(self) -> None:
         import kcidb_io
+        from fastjsonschema import JsonSchemaException
+        from kcidb_io.schema.abstract import InheritanceImpossible
 
         self.latest = kcidb_io.schema.LATEST
+        # looked up once: an import statement costs about a microsecond per document
+        self._fast_refused = JsonSchemaException
+        self._impossible = InheritanceImpossible
         # a document's `version` value -> its schema version: kcidb-io looks at nothing
         # else, and walks its whole lineage for each document
         self._versions: dict[Any, Any] = {}
@@ -79,9 +84,6 @@ class KcidbValidator:
         return version
 
     def __call__(self, doc: Any) -> Any:
-        from jsonschema.exceptions import ValidationError
-        from kcidb_io.schema.abstract import InheritanceImpossible
-
         if not isinstance(doc, dict):
             raise Invalid("$", f"expected a KCIDB object, got {type(doc).__name__}")
         version = self._version_of(doc)
@@ -91,27 +93,32 @@ class KcidbValidator:
                 f"no KCIDB schema version {doc.get('version')!r} "
                 f"(known: {', '.join(str(v) for v in self.latest.history)})",
             )
-        from fastjsonschema import JsonSchemaException
-        from kcidb_io.schema.abstract import _build_validator_for
-
         try:
             self._fast(version)(doc)
-        except JsonSchemaException:
-            validator = _build_validator_for(version)
-            try:
-                validator.validate(doc)
-            except ValidationError:
-                bad = _best(validator.iter_errors(doc))
-                if bad is not None:
-                    raise bad from None
-                raise
+        except self._fast_refused:
+            self._refuse(version, doc)
         if version is self.latest:
             return doc
         try:
             return self.latest.upgrade(doc, copy=False)
-        except InheritanceImpossible as exc:
+        except self._impossible as exc:
             # the upgrade works in place: the path is found again in the file as sent
             raise NotUpgradable("$", f"cannot upgrade from schema {version}: {exc}") from None
+
+    @staticmethod
+    def _refuse(version: Any, doc: Any) -> None:
+        """kcidb-io's own verdict and message on a document the fast check refused."""
+        from jsonschema.exceptions import ValidationError
+        from kcidb_io.schema.abstract import _build_validator_for
+
+        validator = _build_validator_for(version)
+        try:
+            validator.validate(doc)
+        except ValidationError:
+            bad = _best(validator.iter_errors(doc))
+            if bad is not None:
+                raise bad from None
+            raise
 
 
 class NotUpgradable(Invalid):

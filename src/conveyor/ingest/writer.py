@@ -8,7 +8,9 @@ the server (`json_to_recordset`): one round trip per table per batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import itertools
+import operator
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -71,16 +73,10 @@ def make_engine(url: str, lock_timeout: float = 60.0) -> Engine:
 def merge_rows(rows: Iterable[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
     """One row per key, the first non-null value of each field winning (as the upsert
     does): one statement may not touch a row twice."""
-    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    get = key_of(key)
+    merged: dict[Any, dict[str, Any]] = {}
     for row in rows:
-        k = tuple(row[c] for c in key) if key else ()
-        have = merged.get(k)
-        if have is None:
-            merged[k] = dict(row)
-        else:
-            for col, value in row.items():
-                if have.get(col) is None and value is not None:
-                    have[col] = value
+        _merge_into(merged, get(row), dict(row))
     return list(merged.values())
 
 
@@ -98,22 +94,33 @@ def _update_clause(spec: TableSpec, dialect: str) -> str:
     return f"{conflict} DO UPDATE SET {sets}"
 
 
-# Rows as the worker processes hand them to the writer: per table, (key, payload)
-# pairs, the payload already in the form the database takes (a JSON object's text for
-# PostgreSQL, a tuple for SQLite), so the writer only joins them and little crosses the
-# process boundary.
-Encoded = dict[str, list[tuple[tuple[Any, ...], Any]]]
+# One file's rows of one table as the worker processes hand them to the writer: each
+# row's key, in order (a value, or a tuple for a composite key), and the rows already in
+# the form the database takes, so the writer only joins them and few objects cross the
+# process boundary: for PostgreSQL the rows as one JSON array (one encoder call per
+# table, not per row), for SQLite a tuple of values per row. A plain tuple: a named one
+# costs a Python call per table per file to pickle.
+TableRows = tuple[list[Any], bytes | list[tuple[Any, ...]]]
+Encoded = dict[str, TableRows]  # one file's rows, per table
+Batch = Mapping[str, list[TableRows]]  # the rows of several files, per table
+
+
+def key_of(key: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
+    """A row's key: the value of a one-column key, else a tuple of values."""
+    if not key:
+        return lambda _row: ()
+    return operator.itemgetter(*key)
 
 
 def encode_rows(rows: Rows, tables: Mapping[str, TableSpec], dialect: str) -> Encoded:
     out: Encoded = {}
     for table, table_rows in rows.items():
         spec = tables[table]
-        key = spec.key
+        keys = list(map(key_of(spec.key), table_rows))
         if dialect == "postgresql":
-            out[table] = [(tuple(r[c] for c in key), _ENCODE(r)) for r in table_rows]
+            out[table] = (keys, orjson.dumps(table_rows))
         else:
-            out[table] = [(tuple(r[c] for c in key), _tuple(spec, r)) for r in table_rows]
+            out[table] = (keys, [_tuple(spec, r) for r in table_rows])
     return out
 
 
@@ -126,26 +133,67 @@ def _tuple(spec: TableSpec, row: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _merge_encoded(pairs: list[tuple[tuple[Any, ...], Any]], dialect: str) -> list[Any]:
-    """One payload per key, the first non-null value of each field winning."""
-    first: dict[tuple[Any, ...], Any] = {}
-    clash = False
-    for key, payload in pairs:
-        if key in first:
-            clash = True
-            have = first[key]
-            if dialect == "postgresql":
-                merged = merge_rows([orjson.loads(have), orjson.loads(payload)], ())
-                first[key] = _ENCODE(merged[0])
-            else:
-                first[key] = tuple(
-                    a if a is not None else b for a, b in zip(have, payload, strict=True)
-                )
-        else:
-            first[key] = payload
-    if not clash:
-        return [p for _, p in pairs]
-    return list(first.values())
+def _clashing(parts: list[TableRows]) -> set[Any]:
+    """The keys found more than once among the parts' rows."""
+    total = sum(len(keys) for keys, _ in parts)
+    if len(set(itertools.chain.from_iterable(keys for keys, _ in parts))) == total:
+        return set()  # the usual case, found at the cost of one set
+    seen: set[Any] = set()
+    twice: set[Any] = set()
+    for keys, _ in parts:
+        for k in keys:
+            (twice if k in seen else seen).add(k)
+    return twice
+
+
+def json_rows(parts: list[TableRows]) -> str:
+    """The parts' rows (JSON arrays) as one JSON array with one row per key, the first
+    non-null value of each field winning: only the parts holding a key seen twice are
+    decoded and merged, the others are passed on as they are."""
+    clashing = _clashing(parts)
+    kept: list[bytes | memoryview] = []
+    merged: dict[Any, dict[str, Any]] = {}
+    for keys, payload in parts:
+        assert isinstance(payload, bytes)
+        if clashing and not clashing.isdisjoint(keys):
+            for k, row in zip(keys, orjson.loads(payload), strict=True):
+                _merge_into(merged, k, row)
+        elif keys:
+            kept.append(memoryview(payload)[1:-1])
+    if merged:
+        kept.append(orjson.dumps(list(merged.values()))[1:-1])
+    return "[" + b",".join(kept).decode() + "]"
+
+
+def _merge_into(merged: dict[Any, dict[str, Any]], key: Any, row: dict[str, Any]) -> None:
+    have = merged.get(key)
+    if have is None:
+        merged[key] = row
+        return
+    for col, value in row.items():
+        if have.get(col) is None and value is not None:
+            have[col] = value
+
+
+def tuple_rows(parts: list[TableRows]) -> list[tuple[Any, ...]]:
+    """The parts' rows (tuples) with one row per key, the first non-null value of each
+    field winning."""
+    clashing = _clashing(parts)
+    first: dict[Any, tuple[Any, ...]] = {}
+    rows: list[tuple[Any, ...]] = []
+    for keys, payload in parts:
+        assert isinstance(payload, list)
+        if not clashing:
+            rows.extend(payload)
+            continue
+        for k, row in zip(keys, payload, strict=True):
+            have = first.get(k)
+            first[k] = (
+                row
+                if have is None
+                else tuple(a if a is not None else b for a, b in zip(have, row, strict=True))
+            )
+    return list(first.values()) if clashing else rows
 
 
 class RowWriter:
@@ -176,25 +224,25 @@ class RowWriter:
     def encode(self, rows: Rows) -> Encoded:
         return encode_rows(rows, self.tables, self.dialect)
 
-    def write(self, conn: Connection, encoded: Encoded) -> int:
+    def write(self, conn: Connection, batch: Batch) -> int:
         """Upsert every table's rows on `conn` (inside the caller's transaction)."""
         written = 0
-        for table, pairs in encoded.items():
-            if not pairs:
+        for table, parts in batch.items():
+            count = sum(len(keys) for keys, _ in parts)
+            if not count:
                 continue
-            payloads = _merge_encoded(pairs, self.dialect)
             if self.dialect == "postgresql":
-                conn.exec_driver_sql(self._sql[table], {"rows": "[" + ",".join(payloads) + "]"})
+                conn.exec_driver_sql(self._sql[table], {"rows": json_rows(parts)})
             else:
-                conn.exec_driver_sql(self._sql[table], payloads)
-            written += len(pairs)
+                conn.exec_driver_sql(self._sql[table], tuple_rows(parts))
+            written += count
         return written
 
     def commit(self, rows: Rows) -> int:
         """Write the rows in one transaction; raises SinkUnavailable or SinkRejected."""
-        return self.commit_encoded(self.encode(rows))
+        return self.commit_encoded({t: [r] for t, r in self.encode(rows).items()})
 
-    def commit_encoded(self, data: Encoded) -> int:
+    def commit_encoded(self, data: Batch) -> int:
         try:
             with self.engine.begin() as conn:
                 return self.write(conn, data)
