@@ -67,6 +67,13 @@ def claim_ahead(mean_duration: float | None, concurrency: int, most: int, wait: 
     return min(most, int(wait * concurrency / max(mean_duration, 1e-6)))
 
 
+def claim_threshold(concurrency: int, ahead: int) -> int:
+    """The most tasks held (claimed, not returned) at which `claim_wanted` asks for
+    more: runners wake the claiming loop only when a returned attempt brings the count
+    down to it."""
+    return max(concurrency - 1, concurrency + ahead - max(1, ahead // 2))
+
+
 def claim_wanted(held: int, concurrency: int, ahead: int) -> int:
     """How many tasks to claim now, with `held` claimed and not yet returned: any idle
     slot is filled at once; the tasks held ahead are topped up once half are gone, so
@@ -132,6 +139,11 @@ class Worker:
         # never both happen.
         self._handoff = threading.Lock()
         self._executors = Executors()
+        # Attempts handed to the runners, and returned by each runner (each counts only
+        # its own): their difference is how many are held, without a look at every one.
+        self._started_n = 0
+        self._returned = [0] * self.opts.concurrency
+        self._claim_below = claim_threshold(self.opts.concurrency, 0)
 
     # control ------------------------------------------------------------------
     def stop(self, hard: bool = False) -> None:
@@ -162,7 +174,8 @@ class Worker:
             self.app.clock(),
         )
         runners = [
-            self._spawn(self._runner, f"conveyor-task-{i}") for i in range(self.opts.concurrency)
+            self._spawn(lambda i=i: self._runner(i), f"conveyor-task-{i}")
+            for i in range(self.opts.concurrency)
         ]
         finisher = self._spawn(self._finisher, "conveyor-finish")
         self._spawn(self._heartbeat_loop, "conveyor-heartbeat")
@@ -229,11 +242,12 @@ class Worker:
     def _claim(self, now: float) -> bool:
         # An attempt that has returned frees its slot at once, while its outcome is still
         # being written: short commands would otherwise leave slots idle for a round trip.
-        held = sum(1 for r in self._running.values() if not r.finished)
+        held = self._held()
         # Short tasks are claimed ahead of the free slots: a slot that frees starts its
         # next task at once instead of waiting for a claim round trip.
         conc = self.opts.concurrency
         ahead = claim_ahead(self._mean_duration, conc, self.ahead, self.opts.ahead_wait)
+        self._claim_below = claim_threshold(conc, ahead)
         wanted = claim_wanted(held, conc, ahead)
         if not wanted:
             return False
@@ -282,9 +296,21 @@ class Worker:
 
         run = _Running(task, TaskContext(task, paths, report), pipeline)
         self._running[task.id] = run
+        self._started_n += 1
         self._todo.put(run)
 
-    def _runner(self) -> None:
+    def _held(self) -> int:
+        """Attempts handed to the runners and not yet returned."""
+        return self._started_n - sum(self._returned)
+
+    def _returned_one(self, runner: int) -> None:
+        self._returned[runner] += 1
+        # Woken only when a claim is due: a wake-up per attempt costs more than a short
+        # command's whole run on an otherwise idle machine.
+        if self._held() <= self._claim_below or self._stopping.is_set():
+            self._wake.set()
+
+    def _runner(self, i: int) -> None:
         while True:
             run = self._todo.get()
             if run is None:
@@ -297,7 +323,7 @@ class Worker:
             if not run.started:  # handed back (or cancelled) while it waited
                 run.finished = True
                 self._done.put((run, ExecResult(ok=False, error="not started")))
-                self._wake.set()
+                self._returned_one(i)
                 continue
             began = time.monotonic()
             try:
@@ -319,7 +345,7 @@ class Worker:
             self._mean_duration = took if mean is None else mean + (took - mean) / 16
             run.finished = True
             self._done.put((run, result))
-            self._wake.set()  # a slot is free
+            self._returned_one(i)
 
     def _load_output(self, run: _Running, result: ExecResult) -> ExecResult:
         """The pipeline's `load_sqlite`: the task succeeds only once its result file is
@@ -389,28 +415,29 @@ class Worker:
         self, first: tuple[_Running, ExecResult]
     ) -> tuple[list[tuple[_Running, ExecResult]], bool]:
         """`first` and the outcomes that follow it closely: while attempts keep finishing
-        (each within `linger` of the last) they share one write, up to `linger_max` and
-        twice `concurrency` outcomes; a lone outcome waits `linger` at most. Also says
-        whether the stop marker came meanwhile."""
+        they share one write, up to `linger_max` and twice `concurrency` outcomes; a lone
+        outcome waits `linger` at most. This thread sleeps `linger` and then takes what
+        came, rather than waking for each outcome. Also says whether the stop marker
+        came meanwhile."""
         items = [first]
         most = max(16, 2 * self.opts.concurrency)
         until = time.monotonic() + self.opts.linger_max
+        slept = False
         while True:
-            try:
-                if len(items) >= most:
-                    break
-                if not self._done.empty():
-                    item = self._done.get()
-                else:
-                    left = min(self.opts.linger, until - time.monotonic())
-                    if left <= 0:
-                        break
-                    item = self._done.get(timeout=left)
-            except queue.Empty:
-                break  # the burst is over: write now
-            if item is None:
-                return items, True
-            items.append(item)
+            came = 0
+            while not self._done.empty():
+                item = self._done.get()
+                if item is None:
+                    return items, True
+                items.append(item)
+                came += 1
+            if len(items) >= most or (slept and not came):
+                break  # enough, or the burst is over
+            left = min(self.opts.linger, until - time.monotonic())
+            if left <= 0:
+                break
+            time.sleep(left)
+            slept = True
         return items, False
 
     def _record(self, outcomes: list[Outcome]) -> None:

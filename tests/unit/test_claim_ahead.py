@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conveyor.worker import claim_ahead, claim_wanted
+from conveyor.worker import claim_ahead, claim_threshold, claim_wanted
 
 
 def test_nothing_is_claimed_ahead_before_attempts_have_been_timed() -> None:
@@ -38,3 +38,15 @@ def test_tasks_held_ahead_are_topped_up_once_half_are_gone() -> None:
 def test_a_worker_holding_more_than_it_may_claims_nothing() -> None:
     # e.g. the limit fell as attempts got longer
     assert claim_wanted(held=12, concurrency=8, ahead=0) == 0
+
+
+def test_runners_wake_the_claiming_loop_exactly_when_a_claim_is_due() -> None:
+    for concurrency in (1, 2, 8, 64):
+        for ahead in (0, 1, 2, 7, 16, 64):
+            below = claim_threshold(concurrency, ahead)
+            for held in range(0, concurrency + ahead + 2):
+                assert (claim_wanted(held, concurrency, ahead) > 0) == (held <= below), (
+                    concurrency,
+                    ahead,
+                    held,
+                )
