@@ -1,5 +1,5 @@
-"""A worker killed outright does not leave its commands running: its command host (or,
-where there is none, its watchdog) kills their process groups."""
+"""A worker killed outright does not leave its commands running: its watchdog kills
+their process groups."""
 
 from __future__ import annotations
 

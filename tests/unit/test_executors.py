@@ -23,13 +23,10 @@ from .factories import make_task
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(autouse=True, params=["host", "pidfd", "waitpid"])
+@pytest.fixture(autouse=True, params=["pidfd", "waitpid"])
 def exit_watch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs three ways: commands run by the command host (Linux), and, where
-    there is none, watched from the attempt's thread with their exits seen through a
-    pidfd or through waitpid between polls (where the system has no pidfd)."""
-    if request.param != "host":
-        monkeypatch.setattr("conveyor.executors.spawner.available", lambda: False)
+    """Every test runs twice: commands' exits seen through a pidfd (Linux), and through
+    waitpid between polls (where the system has no pidfd)."""
     if request.param == "waitpid":
         monkeypatch.setattr("conveyor.executors.command._pidfd", lambda pid: None)
     return str(request.param)

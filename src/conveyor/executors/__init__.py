@@ -98,19 +98,6 @@ class TaskContext:
         """A scratch directory of the task's own, made on first use."""
         return Path(self.make_work_dir())
 
-    @property
-    def log_file(self) -> str:
-        return self._where()[0]
-
-    def work_dir_made_by(self, make: Callable[[str], None]) -> str:
-        """The work directory's path, made by `make` (an executor that makes it
-        elsewhere, with the command) if it is not made yet."""
-        path = self._where()[1]
-        if not self._work_made:
-            make(path)
-            self._work_made = True
-        return path
-
     def make_work_dir(self) -> str:
         """The work directory's path, made if it is not yet."""
         path = self._where()[1]

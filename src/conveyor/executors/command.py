@@ -13,13 +13,7 @@ import subprocess
 import sys
 import time
 
-from conveyor.executors import (
-    PROGRESS_PREFIX,
-    ExecResult,
-    TaskContext,
-    parse_progress_line,
-    spawner,
-)
+from conveyor.executors import ExecResult, TaskContext, parse_progress_line
 from conveyor.executors.watchdog import Watchdog
 from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
 
@@ -71,11 +65,8 @@ class CommandExecutor:
     Spawning stays on CPython's fast path (`vfork`): no `preexec_fn`, and the new
     session comes from `start_new_session`."""
 
-    def __init__(self, watchdog: Watchdog | None = None, hosted: bool | None = None) -> None:
+    def __init__(self, watchdog: Watchdog | None = None) -> None:
         self.watchdog = watchdog
-        # Through this process's command host where the system allows (see `spawner`);
-        # otherwise each command is watched from its attempt's own thread.
-        self.hosted = spawner.available() if hosted is None else hosted
         # Read once: `dict(os.environ)` decodes every variable again on each call.
         self._environ = dict(os.environ)
         # Where a program named without a directory was found, by (name, PATH).
@@ -98,8 +89,7 @@ class CommandExecutor:
 
     def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
         task = ctx.task
-        dirs: list[str] = []
-        work_dir = ctx.work_dir_made_by(dirs.append) if self.hosted else ctx.make_work_dir()
+        work_dir = ctx.make_work_dir()
         context = {
             "request_id": task.request_id,
             "task_id": task.id,
@@ -111,21 +101,15 @@ class CommandExecutor:
             argv = render_argv(pipeline.command, command_values(task.params, context))
         except TemplateError as exc:
             return ExecResult(ok=False, error=str(exc), retryable=False)
-        changes = dict(pipeline.env)
-        changes.update(
+        env = self._environ.copy()
+        env.update(pipeline.env)
+        env.update(
             CONVEYOR_REQUEST_ID=str(task.request_id),
             CONVEYOR_TASK_ID=str(task.id),
             CONVEYOR_ATTEMPT=str(task.attempts),
             CONVEYOR_WORK_DIR=work_dir,
         )
-        path = changes.get("PATH", self._environ.get("PATH"))
-        if self.hosted:
-            return self._run_hosted(
-                argv, path, pipeline.cwd or work_dir, changes, dirs, ctx, deadline
-            )
-        env = self._environ.copy()
-        env.update(changes)
-        program = self._program(argv[0], path)
+        program = self._program(argv[0], env.get("PATH"))
         try:
             try:
                 proc = self._spawn(argv, program, pipeline.cwd or work_dir, env)
@@ -136,7 +120,11 @@ class CommandExecutor:
                 self._found.pop((argv[0], env.get("PATH")), None)
                 proc = self._spawn(argv, None, pipeline.cwd or work_dir, env)
         except OSError as exc:
-            return self._not_started(argv, exc, ctx)
+            ctx.log(f"$ {' '.join(argv)}")
+            ctx.log(f"cannot start {argv[0]}: {exc.strerror}")
+            return ExecResult(
+                ok=False, error=f"cannot start {argv[0]}: {exc.strerror}", retryable=False
+            )
         if self.watchdog is not None:
             self.watchdog.started(proc.pid)
         # Logged once the command runs, so opening the log overlaps its start; still the
@@ -158,74 +146,6 @@ class CommandExecutor:
             if self.watchdog is not None:
                 self.watchdog.ended(proc.pid)
         ctx.log(f"exit code {code}")
-        return self._outcome(code)
-
-    # through the command host -----------------------------------------------------------
-    def _run_hosted(
-        self,
-        argv: list[str],
-        path: str | None,
-        cwd: str,
-        changes: dict[str, str],
-        dirs: list[str],
-        ctx: TaskContext,
-        deadline: float | None,
-    ) -> ExecResult:
-        host = spawner.shared_host(PROGRESS_PREFIX)
-        program = self._program(argv[0], path)
-        job = host.run(argv, program, cwd, changes, ctx.log_file, dirs)
-        reason = self._await(job, ctx, deadline)
-        if isinstance(job.error, FileNotFoundError) and program is not None:
-            # moved or removed since it was found: look again
-            self._found.pop((argv[0], path), None)
-            job = host.run(argv, None, cwd, changes, ctx.log_file, dirs)
-            reason = self._await(job, ctx, deadline)
-        if isinstance(job.error, spawner.HostGone):
-            ctx.log(f"$ {' '.join(argv)}")
-            ctx.log(str(job.error.strerror))
-            return ExecResult(ok=False, error=str(job.error.strerror))
-        if job.error is not None:
-            return self._not_started(argv, job.error, ctx)
-        if reason is not None:
-            host.kill(job, signal.SIGTERM, reason)
-            until = time.monotonic() + KILL_GRACE
-            while not job.wait(max(0.0, min(1.0, until - time.monotonic()))):
-                if time.monotonic() >= until:
-                    host.kill(job, signal.SIGKILL, reason)
-                    until += 3600  # no more signals: it goes once the kernel lets it
-            return ExecResult(ok=False, error=reason)
-        assert job.code is not None
-        return self._outcome(job.code)
-
-    @staticmethod
-    def _await(job: spawner.Job, ctx: TaskContext, deadline: float | None) -> str | None:
-        """Wait for the command, storing its progress reports; returns why it must be
-        killed, or None once it has ended."""
-        while True:
-            step = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.time()))
-            ended = job.wait(step)
-            while job.lines:
-                progress = parse_progress_line(job.lines.popleft())
-                if progress is not None:
-                    ctx.report(progress)
-            if ended:
-                return None
-            if ctx.stopping:
-                return ctx.stop_reason or "stopped"
-            if deadline is not None and time.time() >= deadline:
-                ctx.stop("timed out")
-                return f"timed out after {ctx.task.timeout:g}s"
-
-    @staticmethod
-    def _not_started(argv: list[str], exc: OSError, ctx: TaskContext) -> ExecResult:
-        ctx.log(f"$ {' '.join(argv)}")
-        ctx.log(f"cannot start {argv[0]}: {exc.strerror}")
-        return ExecResult(
-            ok=False, error=f"cannot start {argv[0]}: {exc.strerror}", retryable=False
-        )
-
-    @staticmethod
-    def _outcome(code: int) -> ExecResult:
         if code == 0:
             return ExecResult(ok=True, result={"exit_code": 0})
         if code < 0:
