@@ -236,11 +236,11 @@ class Conveyor:
     def log_attempts(self, task_id: int) -> tuple[Task, list[int]]:
         """The task, and the attempts that have a log (oldest first)."""
         task = self.task(task_id)
-        return task, self.artifacts.attempts_logged(task.request_id, task.id)
+        return task, self.artifacts.attempts_logged(task.request_id, task.id, task.attempts)
 
     def log_path(self, task_id: int, attempt: int | None = None) -> Path:
         task = self.task(task_id)
-        attempts = self.artifacts.attempts_logged(task.request_id, task.id)
+        attempts = self.artifacts.attempts_logged(task.request_id, task.id, task.attempts)
         if not attempts:
             raise NotFound(f"task {task_id} has no log yet")
         chosen = attempt if attempt is not None else attempts[-1]

@@ -128,7 +128,8 @@ class Publisher:
         log = ctx.log_path
         if self._upload_logs() and log.is_file() and not ctx.stopping:
             try:
-                kept.append(self._put(task, log.name, log, ArtifactKind.LOG))
+                name = f"attempt-{task.attempts}.log"  # the file's own name says its task too
+                kept.append(self._put(task, name, log, ArtifactKind.LOG))
             except (ArtifactError, ArtifactKeyError) as exc:
                 if result.ok:
                     result = ExecResult(ok=False, error=f"uploading the log failed: {exc}")

@@ -9,7 +9,9 @@ to fetch, behind one interface chosen by URL (`open_artifact_store`): a local di
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,31 +22,61 @@ from conveyor.artifacts.keys import check_key
 
 
 class LocalArtifacts:
+    """Logs are `logs/<request>/<task>.attempt-<n>.log`: one directory per request, not
+    per task, as each new directory or file is an inode to allocate on the critical
+    path of every attempt. (Logs written as `logs/<request>/<task>/attempt-<n>.log`,
+    the layout before, are still found.)"""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._root = str(self.root)
 
     def log_path(self, request_id: int, task_id: int, attempt: int) -> Path:
-        return Path(self.attempt_paths(request_id, task_id, attempt)[0])
+        path = self.attempt_paths(request_id, task_id, attempt)[0]
+        if not os.path.exists(path):
+            legacy = self._legacy_log(request_id, task_id, attempt)
+            if os.path.exists(legacy):
+                return Path(legacy)
+        return Path(path)
+
+    def _legacy_log(self, request_id: int, task_id: int, attempt: int) -> str:
+        return f"{self._root}/logs/{request_id}/{task_id}/attempt-{attempt}.log"
 
     def attempt_paths(self, request_id: int, task_id: int, attempt: int) -> tuple[str, str]:
         """An attempt's log file and its task's work directory, as plain strings: the
         worker asks for them once per attempt."""
         return (
-            f"{self._root}/logs/{request_id}/{task_id}/attempt-{attempt}.log",
+            f"{self._root}/logs/{request_id}/{task_id}.attempt-{attempt}.log",
             f"{self._root}/work/{request_id}/{task_id}",
         )
 
-    def attempts_logged(self, request_id: int, task_id: int) -> list[int]:
-        folder = self.root / "logs" / str(request_id) / str(task_id)
-        if not folder.is_dir():
-            return []
-        found = []
-        for p in folder.glob("attempt-*.log"):
+    def attempts_logged(self, request_id: int, task_id: int, upto: int | None = None) -> list[int]:
+        """The attempts of a task that have a log, oldest first. `upto`: the task's
+        attempts so far, when known: then only those are looked for (a request's folder
+        may hold the logs of thousands of tasks)."""
+        folder = f"{self._root}/logs/{request_id}"
+        found: set[int] = set()
+        if upto is not None:
+            found = {
+                n
+                for n in range(1, upto + 2)  # a released attempt's number comes again
+                if os.path.exists(f"{folder}/{task_id}.attempt-{n}.log")
+            }
+        else:
+            prefix = f"{task_id}.attempt-"
             try:
-                found.append(int(p.stem.split("-", 1)[1]))
-            except ValueError:
-                continue
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if entry.name.startswith(prefix) and entry.name.endswith(".log"):
+                            with contextlib.suppress(ValueError):
+                                found.add(int(entry.name[len(prefix) : -len(".log")]))
+            except FileNotFoundError:
+                return []
+        legacy = Path(folder) / str(task_id)
+        if legacy.is_dir():
+            for p in legacy.glob("attempt-*.log"):
+                with contextlib.suppress(ValueError):
+                    found.add(int(p.stem.split("-", 1)[1]))
         return sorted(found)
 
     def work_dir(self, request_id: int, task_id: int) -> Path:

@@ -339,7 +339,7 @@ def _tail(path: Path, lines: int) -> str:
 
 def _latest_tail(request: Request, task: Task) -> str:
     app = dashboard_of(request).app
-    logged = app.artifacts.attempts_logged(task.request_id, task.id)
+    logged = app.artifacts.attempts_logged(task.request_id, task.id, task.attempts)
     if not logged:
         return ""
     return _tail(app.artifacts.log_path(task.request_id, task.id, logged[-1]), LOG_TAIL_FAILED)
