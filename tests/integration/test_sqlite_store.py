@@ -40,3 +40,22 @@ def test_verbs_fail_as_unavailable_while_another_process_holds_the_lock(
     [second] = store.claim("w", ["default"], 5, 60, time.time())
     assert second.params["items"] == 2
     store.close()
+
+
+def test_upgrade_fails_as_unavailable_while_another_process_holds_the_lock(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("CREATE TABLE held (x)")
+    other.execute("BEGIN IMMEDIATE")
+    store = SQLiteStore(f"sqlite:///{path}", lock_timeout=0.2)
+    try:
+        with pytest.raises(Unavailable, match="locked"):
+            store.upgrade()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.upgrade()  # once free, it goes through
+    assert store.claim("w", ["default"], 1, 60, time.time()) == []
+    store.close()

@@ -170,6 +170,12 @@ class SQLiteStore(SQLStore):
                 # BEGIN: the database is locked, read-only, out of space or gone
                 raise Unavailable(describe_error(exc)) from exc
 
+    def upgrade(self) -> None:
+        try:
+            super().upgrade()
+        except sqlite3.OperationalError as exc:  # from BEGIN, run on the driver's connection
+            raise Unavailable(describe_error(exc)) from exc
+
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         try:
