@@ -462,31 +462,9 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
     def _after_claim(
         self, conn: Connection, claimed: list[Task], worker_id: str, now: float
     ) -> None:
-        events = [
-            event_row(
-                now,
-                "task.running",
-                c.request_id,
-                c.id,
-                c.pipeline,
-                c.queue,
-                {"attempt": c.attempts, "worker": worker_id},
-            )
-            for c in claimed
-        ]
-        rids = sorted({c.request_id for c in claimed})
-        started = conn.execute(
-            sa.text(
-                f"UPDATE requests SET status = :running, started_at = :now "
-                f"WHERE id IN :ids AND status = '{RequestStatus.REQUESTED.value}' "
-                f"RETURNING id, pipeline, queue"
-            ).bindparams(sa.bindparam("ids", expanding=True)),
-            {"running": RequestStatus.RUNNING.value, "now": now, "ids": rids},
-        ).all()
-        events += [
-            event_row(now, "request.running", r.id, None, r.pipeline, r.queue) for r in started
-        ]
-        self._insert_events(conn, events)
+        """Record the claimed tasks' `task.running` events and start their requests
+        (`request.running`), for dialects whose claim statement does not."""
+        raise NotImplementedError
 
     def next_available(self, queues: Sequence[str]) -> float | None:
         with self._read() as conn:

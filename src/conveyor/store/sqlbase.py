@@ -176,24 +176,7 @@ class SQLBase:
         """Apply guarded changes to running tasks, record an event for each one applied,
         and count the finished ones in their requests. Returns the changed task rows and
         the requests' rows with their new counters."""
-        rows = self._update_running(conn, changes)
-        by_id = {c["id"]: c for c in changes}
-        self._insert_events(
-            conn,
-            [
-                event_row(
-                    now,
-                    by_id[r.id]["kind"],
-                    r.request_id,
-                    r.id,
-                    r.pipeline,
-                    r.queue,
-                    json.loads(by_id[r.id]["data"]) if by_id[r.id]["data"] else None,
-                )
-                for r in rows
-            ],
-        )
-        return rows, self._bump_counters(conn, rows)
+        raise NotImplementedError
 
     def _bump_counters(self, conn: Connection, rows: Sequence[Any]) -> list[Any]:
         """Count finished tasks in their requests; returns those requests' rows."""
