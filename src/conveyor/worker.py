@@ -416,7 +416,8 @@ class Worker:
     ) -> tuple[list[tuple[_Running, ExecResult]], bool]:
         """`first` and the outcomes that follow it closely: while attempts keep finishing
         they share one write, up to `linger_max` and twice `concurrency` outcomes; a lone
-        outcome waits `linger` at most. This thread sleeps `linger` and then takes what
+        outcome waits `linger` at most, and not at all when no other attempt runs. This
+        thread sleeps `linger` and then takes what
         came, rather than waking for each outcome. Also says whether the stop marker
         came meanwhile."""
         items = [first]
@@ -433,6 +434,8 @@ class Worker:
                 came += 1
             if len(items) >= most or (slept and not came):
                 break  # enough, or the burst is over
+            if not self._held():
+                break  # no attempt is running that could join them
             left = min(self.opts.linger, until - time.monotonic())
             if left <= 0:
                 break
