@@ -4,6 +4,7 @@ re-submission, and a database outage in the middle of a run."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -11,11 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from conftest import make_config
 from conveyor.app import Conveyor
 from conveyor.ingest.samples import split_document
+from conveyor.ingest.spool import Spool
 from conveyor.store.postgres import sqlalchemy_url
 from ingest_support import (
     V1_TRANSFORMS,
@@ -425,3 +428,34 @@ def test_writer_connection_killed_mid_batch(pg_url: str, tmp_path: Path) -> None
         "issues": 1,
         "incidents": 1138,
     }
+
+
+def test_a_file_that_cannot_be_moved_stays_pending_and_moves_later(
+    make_app: Any, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its rows are in; the move fails (a disk error): the file stays in the spool, and
+    the next run moves it without writing its rows twice."""
+    spool = tmp_path / "spool"
+    parts = split_document(sample("cki-v5.json"), 4)
+    for i, part in enumerate(parts):
+        put(spool, f"part-{i}.json", part)
+    real_archive = Spool.archive
+
+    def failing_archive(self: Spool, name: str) -> str:
+        if name == "part-2.json":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_archive(self, name)
+
+    monkeypatch.setattr(Spool, "archive", failing_archive)
+    app = make_app()
+    stats = run_once(app, spool_config(spool))
+    expected = {"checkouts": 37, "builds": 140, "tests": 3387, "issues": 1, "incidents": 1138}
+    assert counts(db_url) == expected
+    assert names(spool) == ["part-2.json"]
+    assert names(spool / "archive") == ["part-0.json", "part-1.json", "part-3.json"]
+    assert stats.files == 3
+    monkeypatch.setattr(Spool, "archive", real_archive)
+    stats = run_once(app, spool_config(spool))
+    assert names(spool) == []
+    assert "part-2.json" in names(spool / "archive")
+    assert counts(db_url) == expected
