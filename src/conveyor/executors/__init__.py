@@ -142,8 +142,13 @@ class TaskContext:
         with self._lock:
             if self._log is None:
                 path = self._where()[0]
-                make_dir(os.path.dirname(path))
-                self._log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                try:
+                    # its folder (the request's) is there for all but the first attempt
+                    self._log = os.open(path, flags, 0o666)
+                except FileNotFoundError:
+                    make_dir(os.path.dirname(path))
+                    self._log = os.open(path, flags, 0o666)
             # Unbuffered: each line is in the file (for readers following it) once written.
             while data:
                 data = data[os.write(self._log, data) :]
