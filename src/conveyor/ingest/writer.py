@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import itertools
 import operator
+import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from conveyor.ingest.sinks import Rows, TableSpec
@@ -38,24 +38,9 @@ def make_engine(url: str, lock_timeout: float = 60.0) -> Engine:
     """An engine for a sink database. `lock_timeout`: how long a write waits for a lock
     another client holds before the batch fails (and is tried again later)."""
     if url.startswith("sqlite"):
-        engine = sa.create_engine(
-            url, connect_args={"timeout": lock_timeout, "check_same_thread": False}
-        )
+        from conveyor.store.sqlite import sqlite_engine
 
-        @event.listens_for(engine, "connect")
-        def _connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
+        return sqlite_engine(url, lock_timeout, foreign_keys=False)
     from conveyor.store.postgres import sqlalchemy_url
 
     return sa.create_engine(
@@ -246,7 +231,7 @@ class RowWriter:
         try:
             with self.engine.begin() as conn:
                 return self.write(conn, data)
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sqlite3.OperationalError) as exc:
             raise SinkUnavailable(_describe(exc)) from exc
         except sa.exc.DBAPIError as exc:
             if exc.connection_invalidated:
@@ -257,6 +242,7 @@ class RowWriter:
         self.engine.dispose()
 
 
-def _describe(exc: sa.exc.DBAPIError) -> str:
-    text = str(exc.orig).strip().splitlines()
-    return text[0] if text else type(exc.orig).__name__
+def _describe(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None) or exc  # the driver's error, wrapped or not
+    text = str(orig).strip().splitlines()
+    return text[0] if text else type(orig).__name__

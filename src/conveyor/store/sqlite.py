@@ -112,6 +112,41 @@ class _SqliteListener:
         self._db.close()
 
 
+def sqlite_engine(url: str, lock_timeout: float, foreign_keys: bool) -> sa.Engine:
+    """An engine for a SQLite file, as Conveyor's store and the ingest writers use it:
+    WAL, and writers that take the write lock when their transaction begins (BEGIN
+    IMMEDIATE; `conveyor_readonly` connections begin deferred), waiting up to
+    `lock_timeout` seconds for another process's lock. BEGIN runs on the driver's
+    connection, so a lock time-out there raises sqlite3.OperationalError."""
+    engine = sa.create_engine(
+        url, connect_args={"timeout": lock_timeout, "check_same_thread": False}
+    )
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        # Transactions are begun below, not by the driver.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
+        if foreign_keys:
+            cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # on the driver's connection: every transaction passes here
+        raw = conn.connection.driver_connection
+        assert isinstance(raw, sqlite3.Connection)
+        if conn.get_execution_options().get("conveyor_readonly"):
+            raw.execute("BEGIN")
+        else:
+            raw.execute("BEGIN IMMEDIATE")
+
+    return engine
+
+
 class SQLiteStore(SQLStore):
     dialect = "sqlite"
 
@@ -127,31 +162,7 @@ class SQLiteStore(SQLStore):
         self._path = database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(
-            url, connect_args={"timeout": lock_timeout, "check_same_thread": False}
-        )
-
-        @event.listens_for(engine, "connect")
-        def _connect(dbapi_conn: Any, _record: Any) -> None:
-            # Transactions are begun below, not by the driver.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _begin(conn: Connection) -> None:
-            # on the driver's connection: every transaction passes here
-            raw = conn.connection.driver_connection
-            assert isinstance(raw, sqlite3.Connection)
-            if conn.get_execution_options().get("conveyor_readonly"):
-                raw.execute("BEGIN")
-            else:
-                raw.execute("BEGIN IMMEDIATE")
-
+        engine = sqlite_engine(url, lock_timeout, foreign_keys=True)
         super().__init__(url, engine)
         self._writer = threading.RLock()
 
