@@ -17,13 +17,17 @@ CHUNK = 1024 * 1024
 
 
 def file_digest(path: Path) -> tuple[int, str]:
-    """(size, sha256 hex) of a file, read once in chunks."""
+    """(size, sha256 hex) of a file about to be stored, read once in chunks; raises
+    ArtifactError when it cannot be read."""
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise ArtifactError(f"reading {path}: {exc.strerror or exc}") from None
     return size, digest.hexdigest()
 
 
@@ -69,10 +73,7 @@ class LocalStore:
         return self.url(key)
 
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> ArtifactRef:
-        try:
-            size, sha = file_digest(path)
-        except OSError as exc:
-            raise ArtifactError(f"reading {path}: {exc.strerror or exc}") from None
+        size, sha = file_digest(path)
         self._write(key, path)
         return ArtifactRef(key=key, url=self.url(key), size=size, sha256=sha)
 

@@ -123,10 +123,7 @@ class S3Store:
         return self.url(key)
 
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> ArtifactRef:
-        try:
-            size, sha = file_digest(path)
-        except OSError as exc:
-            raise ArtifactError(f"reading {path}: {exc.strerror or exc}") from None
+        size, sha = file_digest(path)
         extra: dict[str, Any] = {"Metadata": {"sha256": sha}}
         if content_type:
             extra["ContentType"] = content_type

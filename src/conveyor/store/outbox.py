@@ -5,6 +5,7 @@ a process that dies loses no completion and announces none twice."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,18 +92,7 @@ class OutboxVerbs(SQLBase):
             conn.execute(
                 t.artifacts.insert(),
                 [
-                    {
-                        "task_id": a.task_id,
-                        "request_id": a.request_id,
-                        "attempt": a.attempt,
-                        "kind": a.kind.value,
-                        "name": a.name,
-                        "key": a.key,
-                        "url": a.url,
-                        "size": a.size,
-                        "sha256": a.sha256,
-                        "created_at": a.created_at,
-                    }
+                    {**dataclasses.asdict(a), "kind": a.kind.value}  # the table's columns
                     for a in artifacts
                 ],
             )
