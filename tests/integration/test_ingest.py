@@ -459,3 +459,52 @@ def test_a_file_that_cannot_be_moved_stays_pending_and_moves_later(
     assert names(spool) == []
     assert "part-2.json" in names(spool / "archive")
     assert counts(db_url) == expected
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_rows_the_database_refuses_fail_their_file_alone(
+    make_app: Any, db_url: str, tmp_path: Path, workers: int
+) -> None:
+    """One file's rows break a constraint: that file goes to failed/ at the sink stage
+    with the database's reason, and every other file of its batch is written."""
+    engine = sa.create_engine(sqlalchemy_url(db_url))
+    meta = sa.MetaData()
+    readings = sa.Table(
+        "test_refused",
+        meta,
+        sa.Column("station", sa.Text, primary_key=True),
+        sa.Column("ts", sa.Double, primary_key=True),
+        sa.Column("value", sa.Double, nullable=False),
+    )
+    meta.drop_all(engine)
+    meta.create_all(engine)
+    try:
+        app = make_app(
+            """
+            [sinks.refused]
+            type = "table"
+            [sinks.refused.tables.readings]
+            table = "test_refused"
+            columns = { station = "station", t = "ts", v = "value" }
+            """
+        )
+        spool = tmp_path / "spool"
+        for i in range(40):
+            readings_of = [{"station": "CE02", "t": float(i * 10 + j), "v": 1.5} for j in range(3)]
+            if i == 17:
+                readings_of[1].pop("v")  # NOT NULL column left empty
+            put(spool, f"r-{i:02d}.json", {"readings": readings_of})
+        stats = run_once(app, spool_config(spool, sink="refused", workers=workers))
+        assert stats.files == 39 and stats.failed == {"sink": 1}
+        assert names(spool / "failed") == ["r-17.error.json", "r-17.json"]
+        error = json.loads((spool / "failed" / "r-17.error.json").read_text())
+        assert error["stage"] == "sink" and "null" in error["reason"].lower()
+        assert len(names(spool / "archive")) == 39
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(readings.c.ts)).scalars().all()
+        assert sorted(rows) == sorted(
+            float(i * 10 + j) for i in range(40) if i != 17 for j in range(3)
+        )
+    finally:
+        meta.drop_all(engine)
+        engine.dispose()

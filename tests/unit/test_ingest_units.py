@@ -19,7 +19,7 @@ from conveyor.ingest.transforms import (
     apply_before,
     load_trees,
 )
-from conveyor.ingest.writer import encode_rows, json_rows, merge_rows, tuple_rows
+from conveyor.ingest.writer import encode_rows, json_rows, merge_parts, merge_rows, tuple_rows
 
 
 def test_url_rewrites_and_origins() -> None:
@@ -104,6 +104,35 @@ def test_rows_of_several_files_merge_as_merge_rows_does() -> None:
     parts = [encode_rows({"t": rows}, {"t": spec}, "sqlite")["t"] for rows in files]
     expected = {k: tuple(r.get(c) for c in spec.columns) for k, r in by_id.items()}
     assert {r[0]: r for r in tuple_rows(parts)} == expected
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_files_merged_in_chunks_then_across_chunks_merge_as_merge_rows_does(
+    dialect: str,
+) -> None:
+    """A worker merges the files it prepared together; the writer merges the chunks of
+    a batch: the keys stay in step with the rows, and the first non-null value wins."""
+    spec = TableSpec("t", ("id",), ("id", "status", "comment"), ("text",) * 3, frozenset())
+    files = [
+        [{"id": "a", "status": "FAIL"}, {"id": "b"}],
+        [{"id": "b", "status": "PASS"}, {"id": "c", "comment": "c1"}],
+        [{"id": "a", "comment": "a2"}],
+        [{"id": "d", "status": "SKIP"}],
+        [{"id": "c", "status": "DONE", "comment": "c2"}, {"id": "a", "status": "PASS"}],
+    ]
+    expected = merge_rows([row for rows in files for row in rows], ("id",))
+    parts = [encode_rows({"t": rows}, {"t": spec}, dialect)["t"] for rows in files]
+    chunks = [merge_parts(parts[:2]), merge_parts(parts[2:4]), merge_parts(parts[4:])]
+    keys, payload = merge_parts(chunks)
+    if dialect == "postgresql":
+        assert isinstance(payload, bytes)
+        rows = orjson.loads(payload)
+    else:
+        assert isinstance(payload, list)
+        rows = [dict(zip(spec.columns, r, strict=True)) for r in payload]
+    assert keys == [r["id"] for r in rows]
+    by_id = {r["id"]: {c: r.get(c) for c in spec.columns} for r in rows}
+    assert by_id == {r["id"]: {c: r.get(c) for c in spec.columns} for r in expected}
 
 
 def test_a_composite_key_is_a_tuple_and_no_key_merges_everything() -> None:
@@ -214,10 +243,10 @@ def test_prepared_files_waiting_for_the_writer_are_bounded_by_a_batch() -> None:
     import threading
 
     from conveyor.ingest.pipeline import _Handoff
-    from conveyor.ingest.prepare import Outcome, Prepared
+    from conveyor.ingest.prepare import Chunk
 
-    def chunk(n: int, rows: int = 3, size: int = 100) -> list[Prepared]:
-        return [Prepared(f"f{n}.json", Outcome.ROWS, count=rows, size=size)]
+    def chunk(n: int, rows: int = 3, size: int = 100) -> Chunk:
+        return Chunk(((f"f{n}.json", rows),), count=rows, size=size)
 
     handoff = _Handoff(rows=10, size=10_000)
     for n in range(4):  # 12 rows: the bound is reached

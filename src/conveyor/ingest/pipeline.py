@@ -13,6 +13,7 @@ tried again with back-off, and nothing new is taken meanwhile; the files stay pe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -29,11 +30,13 @@ import sqlalchemy as sa
 
 from conveyor.ingest.offload import BlobSpec
 from conveyor.ingest.prepare import (
+    Chunk,
     Outcome,
     Plan,
     Prepared,
     Stages,
     adopt_stages,
+    gather,
     init_process,
     prepare_in_process,
 )
@@ -141,18 +144,18 @@ class _Handoff:
     always do."""
 
     def __init__(self, rows: int, size: int) -> None:
-        self._items: deque[list[Prepared] | object | None] = deque()
+        self._items: deque[Chunk | object | None] = deque()
         self._cond = threading.Condition()
         self._rows = self._size = 0
         self.max_rows, self.max_size = rows, size
 
     @staticmethod
-    def _weight(item: list[Prepared] | object | None) -> tuple[int, int]:
-        if not isinstance(item, list):
+    def _weight(item: Chunk | object | None) -> tuple[int, int]:
+        if not isinstance(item, Chunk):
             return 0, 0
-        return sum(max(1, p.count) for p in item), sum(p.size for p in item)
+        return max(1, item.count), item.size
 
-    def put(self, item: list[Prepared] | object | None) -> None:
+    def put(self, item: Chunk | object | None) -> None:
         rows, size = self._weight(item)
         with self._cond:
             while (
@@ -166,7 +169,7 @@ class _Handoff:
             self._size += size
             self._cond.notify_all()
 
-    def get(self, timeout: float | None = None) -> list[Prepared] | object | None:
+    def get(self, timeout: float | None = None) -> Chunk | object | None:
         """The oldest item; raises queue.Empty after `timeout` seconds with none."""
         with self._cond:
             if not self._cond.wait_for(lambda: bool(self._items), timeout):
@@ -185,17 +188,24 @@ class _Handoff:
 
 @dataclass
 class _Batch:
-    files: list[Prepared] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
     rows: int = 0
     size: int = 0
     since: float = 0.0
 
-    def add(self, p: Prepared) -> None:
-        if not self.files:
+    def add(self, chunk: Chunk) -> None:
+        if not self.chunks:
             self.since = time.monotonic()
-        self.files.append(p)
-        self.rows += p.count
-        self.size += p.size
+        self.chunks.append(chunk)
+        self.rows += chunk.count
+        self.size += chunk.size
+
+    @property
+    def files(self) -> int:
+        return sum(len(c.files) for c in self.chunks)
+
+    def names(self) -> list[str]:
+        return [name for c in self.chunks for name in c.names]
 
 
 class Ingester:
@@ -228,6 +238,9 @@ class Ingester:
         self._deferred: dict[str, float] = {}  # name -> when it may be tried again
         # files whose rows are committed, (name, rows) per batch, on their way to archive/
         self._committed: queue.SimpleQueue[list[tuple[str, int]] | None] = queue.SimpleQueue()
+        # stages run in this process: every file's when there are no worker processes,
+        # else only those of files whose rows the database refused (see _rejected)
+        self._stages: Stages | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -240,7 +253,7 @@ class Ingester:
         prepared through a bounded queue and commits it in batches, so preparing goes on
         while a batch commits; an archive thread then moves the committed files."""
         self.spool.ensure()
-        pool, inline = self._workers()
+        pool = self._workers()
         handoff = _Handoff(self.cfg.batch_rows, self.cfg.batch_bytes)
         writer = threading.Thread(target=self._write_loop, args=(handoff,), name="ingest-writer")
         writer.start()
@@ -249,7 +262,7 @@ class Ingester:
         reporter = threading.Thread(target=self._report_loop, name="ingest-report", daemon=True)
         reporter.start()
         slots = max(2, 4 * self.cfg.workers)
-        inflight: dict[Future[list[Prepared]], list[str]] = {}
+        inflight: dict[Future[Chunk], list[str]] = {}
         todo: list[str] = []
         next_scan = 0.0
         handed = False
@@ -286,9 +299,8 @@ class Ingester:
                     if pool is not None:
                         inflight[pool.submit(prepare_in_process, names)] = names
                     else:
-                        assert inline is not None
-                        fut: Future[list[Prepared]] = Future()
-                        fut.set_result([inline.run(n) for n in names])
+                        fut: Future[Chunk] = Future()
+                        fut.set_result(gather([self._own_stages().run(n) for n in names]))
                         inflight[fut] = names
                 if inflight:
                     done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
@@ -307,49 +319,59 @@ class Ingester:
             archiver.join()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-            if inline is not None and inline.offloader is not None:
-                inline.offloader.close()
+            if self._stages is not None and self._stages.offloader is not None:
+                self._stages.offloader.close()
             self._reporting_done.set()
             self._wake_reporter.set()
             reporter.join(timeout=10)
         return self.stats
 
-    def _workers(self) -> tuple[ProcessPoolExecutor | None, Stages | None]:
+    def _workers(self) -> ProcessPoolExecutor | None:
         workers = self.cfg.workers
         if workers == 0:
-            return None, Stages(self.plan)
+            return None
         # Forking is instant and safe while this process has one thread (`conveyor
         # ingest`); beside other threads (`conveyor up`) only a fresh interpreter is.
         if threading.active_count() == 1:
             warm = Stages(self.plan)  # the children inherit it built and warm
             warm.warm()
-            return ProcessPoolExecutor(
+            pool = ProcessPoolExecutor(
                 max_workers=workers,
                 mp_context=multiprocessing.get_context("fork"),
                 initializer=adopt_stages,
                 initargs=(warm, os.getpid()),
-            ), None
+            )
+            pool.submit(int)  # forks every worker now, to start while the spool is scanned
+            return pool
         return ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=init_process,
             initargs=(self.plan, os.getpid()),
-        ), None
+        )
 
-    def _hand(self, prepared: list[Prepared], handoff: _Handoff) -> None:
-        kept = []
-        for p in prepared:
-            if p.outcome is Outcome.RETRY:
-                self._defer(p.name)
-                if p.error is not None:
-                    log.warning(
-                        "%s: %s (%s); will try again", p.name, p.error.reason, p.error.stage.value
-                    )
-                self._settled(p.name)
-            else:
-                kept.append(p)
-        if kept:
-            handoff.put(kept)  # blocks while the writer is behind: the backlog stays on disk
+    def _own_stages(self) -> Stages:
+        if self._stages is None:
+            self._stages = Stages(self.plan)
+        return self._stages
+
+    def _hand(self, chunk: Chunk, handoff: _Handoff) -> None:
+        failed = tuple(p for p in chunk.others if not self._retry_later(p))
+        if chunk.files or failed:
+            # blocks while the writer is behind: the backlog stays on disk
+            handoff.put(
+                dataclasses.replace(chunk, others=failed) if failed != chunk.others else chunk
+            )
+
+    def _retry_later(self, p: Prepared) -> bool:
+        """A file whose outcome is RETRY is left pending for a later scan."""
+        if p.outcome is not Outcome.RETRY:
+            return False
+        self._defer(p.name)
+        if p.error is not None:
+            log.warning("%s: %s (%s); will try again", p.name, p.error.reason, p.error.stage.value)
+        self._settled(p.name)
+        return True
 
     def _defer(self, name: str) -> None:
         with self._pending_lock:
@@ -377,7 +399,7 @@ class Ingester:
         batch = _Batch()
         while True:
             timeout = None
-            if batch.files:
+            if batch.chunks:
                 timeout = max(0.0, batch.since + self.cfg.batch_seconds - time.monotonic())
             try:
                 item = handoff.get(timeout=timeout)
@@ -385,37 +407,36 @@ class Ingester:
                 batch = self._flush(batch)
                 continue
             if item is None:
-                if batch.files:
+                if batch.chunks:
                     self._flush(batch)
                 return
             if item is _FLUSH:
                 batch = self._flush(batch)
                 continue
-            assert isinstance(item, list)
-            for p in item:
-                if p.outcome is Outcome.FAILED:
-                    assert p.error is not None
-                    self._fail(p.name, p.error)
-                    continue
-                batch.add(p)
+            assert isinstance(item, Chunk)
+            for p in item.others:
+                assert p.error is not None
+                self._fail(p.name, p.error)
+            if item.files:
+                batch.add(item)
                 if self._due(batch):
                     batch = self._flush(batch)
             # commit now when nothing more waits: the files prepared during this commit
             # make the next batch (group commit)
-            if batch.files and handoff.empty():
+            if batch.chunks and handoff.empty():
                 batch = self._flush(batch)
 
     @staticmethod
-    def _result(fut: Future[list[Prepared]], names: list[str]) -> list[Prepared]:
+    def _result(fut: Future[Chunk], names: list[str]) -> Chunk:
         try:
             return fut.result()
         except Exception as exc:  # a worker process died, or a bug in a stage
             log.exception("preparing %s failed", ", ".join(names))
             err = FileError(Stage.READ, str(exc))
-            return [Prepared(name, Outcome.RETRY, error=err) for name in names]
+            return Chunk(others=tuple(Prepared(name, Outcome.RETRY, error=err) for name in names))
 
     def _due(self, batch: _Batch) -> bool:
-        return bool(batch.files) and (
+        return bool(batch.chunks) and (
             batch.rows >= self.cfg.batch_rows
             or batch.size >= self.cfg.batch_bytes
             or time.monotonic() - batch.since >= self.cfg.batch_seconds
@@ -450,7 +471,7 @@ class Ingester:
         delay = 0.2
         while True:
             try:
-                self._commit(batch.files)
+                self._commit(batch.chunks)
                 break
             except SinkUnavailable as exc:
                 with self._stats_lock:
@@ -458,41 +479,58 @@ class Ingester:
                 log.warning(
                     "database unavailable (%s); %d files kept, retrying in %.1fs",
                     exc,
-                    len(batch.files),
+                    batch.files,
                     delay,
                 )
-                self._event("ingest.retry", {"files": len(batch.files), "reason": str(exc)})
+                self._event("ingest.retry", {"files": batch.files, "reason": str(exc)})
                 if self.stop_event.wait(delay):
-                    for p in batch.files:  # stopping: the files stay pending
-                        self._settled(p.name)
+                    for name in batch.names():  # stopping: the files stay pending
+                        self._settled(name)
                     return _Batch()
                 delay = min(delay * 2, self.backoff_max)
             except Exception:
                 # Not the database's availability: a bug, or the disk. The writer must
                 # live on; the files stay pending and are tried again on a later scan.
-                log.exception("writing %d files failed; they stay pending", len(batch.files))
-                for p in batch.files:
-                    self._defer(p.name)
-                    self._settled(p.name)
+                log.exception("writing %d files failed; they stay pending", batch.files)
+                for name in batch.names():
+                    self._defer(name)
+                    self._settled(name)
                 return _Batch()
         return _Batch()
 
-    def _commit(self, files: list[Prepared]) -> None:
+    def _commit(self, chunks: list[Chunk]) -> None:
         merged: dict[str, list[TableRows]] = {}
-        for p in files:
-            for table, table_rows in p.rows.items():
+        for chunk in chunks:
+            for table, table_rows in chunk.rows.items():
                 merged.setdefault(table, []).append(table_rows)
         try:
             self.writer.commit_encoded(merged)
         except SinkRejected as exc:
-            if len(files) == 1:
-                self._fail(files[0].name, FileError(Stage.SINK, str(exc)))
-                return
-            # One file's rows were refused: find it by writing them one by one.
-            for p in files:
-                self._commit([p])
+            self._rejected(chunks, exc)
             return
-        self._committed.put([(p.name, p.count) for p in files])
+        self._committed.put([f for chunk in chunks for f in chunk.files])
+
+    def _rejected(self, chunks: list[Chunk], exc: SinkRejected) -> None:
+        """The database refused some of these rows: the files they came from are found
+        by writing the chunks one by one, then a refused chunk's files one by one. A
+        chunk's rows are merged, so its files are prepared again, here, one at a time
+        (they are still pending, unchanged); the refused ones fail at the sink stage."""
+        if len(chunks) > 1:
+            for chunk in chunks:
+                self._commit([chunk])
+            return
+        (chunk,) = chunks
+        if len(chunk.files) == 1:
+            self._fail(chunk.files[0][0], FileError(Stage.SINK, str(exc)))
+            return
+        for name in chunk.names:
+            alone = gather([self._own_stages().run(name)])
+            for p in alone.others:
+                if not self._retry_later(p):
+                    assert p.error is not None
+                    self._fail(p.name, p.error)
+            if alone.files:
+                self._commit([alone])
 
     # ------------------------------------------------------------------ archiving
     def _archive_loop(self) -> None:

@@ -28,7 +28,7 @@ from conveyor.ingest.validate import (
     NoValidation,
     Validator,
 )
-from conveyor.ingest.writer import Encoded, encode_rows
+from conveyor.ingest.writer import Encoded, encode_rows, merge_parts
 
 
 class Outcome(StrEnum):
@@ -65,6 +65,42 @@ class Prepared:
     size: int = 0
     error: FileError | None = None
     offloaded: int = 0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Several files prepared together, as a worker process sends them back: the rows
+    of those that made rows already merged per table (so what crosses to the writer,
+    and what it handles, grows with the tables, not with the files), and the files
+    that failed or are to be tried again one by one. Their order is the files'."""
+
+    files: tuple[tuple[str, int], ...] = ()  # (name, rows) of the files in `rows`
+    rows: Encoded = field(default_factory=dict)
+    count: int = 0  # rows in all
+    size: int = 0  # bytes of those files
+    others: tuple[Prepared, ...] = ()  # outcome FAILED or RETRY
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.files]
+
+
+def gather(prepared: list[Prepared]) -> Chunk:
+    files: list[tuple[str, int]] = []
+    parts: dict[str, list[Any]] = {}
+    others: list[Prepared] = []
+    count = size = 0
+    for p in prepared:
+        if p.outcome is not Outcome.ROWS:
+            others.append(p)
+            continue
+        files.append((p.name, p.count))
+        count += p.count
+        size += p.size
+        for table, table_rows in p.rows.items():
+            parts.setdefault(table, []).append(table_rows)
+    rows = {table: merge_parts(table_parts) for table, table_parts in parts.items()}
+    return Chunk(tuple(files), rows, count, size, tuple(others))
 
 
 class Stages:
@@ -175,7 +211,7 @@ def _follow_parent(parent: int) -> None:
     threading.Thread(target=watch, name="follow-parent", daemon=True).start()
 
 
-def prepare_in_process(names: list[str]) -> list[Prepared]:
+def prepare_in_process(names: list[str]) -> Chunk:
     """Several files per call: one round trip to the pool for many small files."""
     stages = _PROCESS_STAGES[0]
-    return [stages.run(name) for name in names]
+    return gather([stages.run(name) for name in names])

@@ -131,23 +131,61 @@ def _clashing(parts: list[TableRows]) -> set[Any]:
     return twice
 
 
-def json_rows(parts: list[TableRows]) -> str:
-    """The parts' rows (JSON arrays) as one JSON array with one row per key, the first
-    non-null value of each field winning: only the parts holding a key seen twice are
-    decoded and merged, the others are passed on as they are."""
+def merge_parts(parts: list[TableRows]) -> TableRows:
+    """The parts' rows (JSON arrays or tuples, as encoded) as one part with one row per
+    key, the first non-null value of each field winning, and the keys in the rows'
+    order. Only the parts holding a key seen twice are decoded and merged; the others
+    are passed on as they are. A worker process merges the files it prepared together
+    this way, and the writer the parts of a batch."""
+    if len(parts) == 1 and len(set(parts[0][0])) == len(parts[0][0]):
+        return parts[0]
     clashing = _clashing(parts)
+    if parts and isinstance(parts[0][1], list):
+        return _merge_tuples(parts, clashing)
+    keys: list[Any] = []
     kept: list[bytes | memoryview] = []
     merged: dict[Any, dict[str, Any]] = {}
-    for keys, payload in parts:
+    for part_keys, payload in parts:
         assert isinstance(payload, bytes)
-        if clashing and not clashing.isdisjoint(keys):
-            for k, row in zip(keys, orjson.loads(payload), strict=True):
+        if clashing and not clashing.isdisjoint(part_keys):
+            for k, row in zip(part_keys, orjson.loads(payload), strict=True):
                 _merge_into(merged, k, row)
-        elif keys:
+        elif part_keys:
             kept.append(memoryview(payload)[1:-1])
+            keys.extend(part_keys)
     if merged:
         kept.append(orjson.dumps(list(merged.values()))[1:-1])
-    return "[" + b",".join(kept).decode() + "]"
+        keys.extend(merged)
+    return keys, b"[" + b",".join(kept) + b"]"
+
+
+def _merge_tuples(parts: list[TableRows], clashing: set[Any]) -> TableRows:
+    if not clashing:
+        keys: list[Any] = []
+        rows: list[tuple[Any, ...]] = []
+        for part_keys, payload in parts:
+            assert isinstance(payload, list)
+            keys.extend(part_keys)
+            rows.extend(payload)
+        return keys, rows
+    first: dict[Any, tuple[Any, ...]] = {}
+    for part_keys, payload in parts:
+        assert isinstance(payload, list)
+        for k, row in zip(part_keys, payload, strict=True):
+            have = first.get(k)
+            first[k] = (
+                row
+                if have is None
+                else tuple(a if a is not None else b for a, b in zip(have, row, strict=True))
+            )
+    return list(first), list(first.values())
+
+
+def json_rows(parts: list[TableRows]) -> str:
+    """The parts' rows (JSON arrays) as one JSON array with one row per key."""
+    payload = merge_parts(parts)[1]
+    assert isinstance(payload, bytes)
+    return payload.decode()
 
 
 def _merge_into(merged: dict[Any, dict[str, Any]], key: Any, row: dict[str, Any]) -> None:
@@ -161,24 +199,10 @@ def _merge_into(merged: dict[Any, dict[str, Any]], key: Any, row: dict[str, Any]
 
 
 def tuple_rows(parts: list[TableRows]) -> list[tuple[Any, ...]]:
-    """The parts' rows (tuples) with one row per key, the first non-null value of each
-    field winning."""
-    clashing = _clashing(parts)
-    first: dict[Any, tuple[Any, ...]] = {}
-    rows: list[tuple[Any, ...]] = []
-    for keys, payload in parts:
-        assert isinstance(payload, list)
-        if not clashing:
-            rows.extend(payload)
-            continue
-        for k, row in zip(keys, payload, strict=True):
-            have = first.get(k)
-            first[k] = (
-                row
-                if have is None
-                else tuple(a if a is not None else b for a, b in zip(have, row, strict=True))
-            )
-    return list(first.values()) if clashing else rows
+    """The parts' rows (tuples) with one row per key."""
+    payload = merge_parts(parts)[1]
+    assert isinstance(payload, list)
+    return payload
 
 
 class RowWriter:
