@@ -280,3 +280,29 @@ def test_kcidb_version_found_for_every_spelling_and_refused_when_unknown() -> No
         with pytest.raises(Invalid) as err:
             validate({"version": bad})
         assert err.value.path == "$.version" and "no KCIDB schema version" in err.value.reason
+
+
+def test_scan_takes_settled_files_and_deletes_settled_empty_ones(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from conveyor.ingest.spool import Spool
+
+    old = time.time() - 60
+    for name, text in [("b.json", "{}"), ("a.json", "{}"), ("empty.json", ""), ("x.txt", "")]:
+        (tmp_path / name).write_text(text)
+        os.utime(tmp_path / name, (old, old))
+    (tmp_path / "fresh.json").write_text("{}")
+    (tmp_path / "fresh-empty.json").write_text("")
+    (tmp_path / "c.json.tmp").write_text("{")
+    settled = Spool(tmp_path, settle=5.0)
+    assert settled.scan(skip={"b.json"}) == (["a.json"], 1)
+    assert not (tmp_path / "empty.json").exists()
+    assert (tmp_path / "fresh-empty.json").exists()  # its writer may be at work
+    # with no settle time the scan only lists: empty files are deleted once read
+    atomic = Spool(tmp_path, settle=0)
+    assert atomic.scan() == (["a.json", "b.json", "fresh-empty.json", "fresh.json"], 0)
+    assert atomic.scan(limit=1) == (["a.json"], 0)
+    assert atomic.delete_empty("fresh.json") == 0 and (tmp_path / "fresh.json").exists()
+    assert atomic.delete_empty("fresh-empty.json") == 1
+    assert atomic.delete_empty("gone.json") == 0

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
-import os
 import queue
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,16 +32,14 @@ from conveyor.ingest.prepare import (
     Plan,
     Prepared,
     Stages,
-    adopt_stages,
     gather,
-    init_process,
-    prepare_in_process,
 )
 from conveyor.ingest.settings import SinkConfig, SpoolConfig
 from conveyor.ingest.sinks import TableSpec, spec_of
 from conveyor.ingest.sinks.kcidb import kcidb_specs
 from conveyor.ingest.sinks.table import TableMapping
 from conveyor.ingest.spool import FileError, Spool, Stage
+from conveyor.ingest.workers import Failed, WorkerPool
 from conveyor.ingest.writer import RowWriter, SinkRejected, SinkUnavailable, TableRows
 
 log = logging.getLogger(__name__)
@@ -262,63 +257,68 @@ class Ingester:
         reporter = threading.Thread(target=self._report_loop, name="ingest-report", daemon=True)
         reporter.start()
         slots = max(2, 4 * self.cfg.workers)
-        inflight: dict[Future[Chunk], list[str]] = {}
         todo: list[str] = []
         next_scan = 0.0
         handed = False
         try:
             while not self.stop_event.is_set():
                 now = time.monotonic()
-                if not todo and not inflight and handed:
+                busy = pool.in_flight if pool is not None else 0
+                if not todo and not busy and handed:
                     handoff.put(_FLUSH)  # a lull: write what is prepared now
                     handed = False
                     if once:
                         self._drained()
-                if not todo and (now >= next_scan or (once and not inflight)):
+                if not todo and (now >= next_scan or (once and not busy)):
                     with self._pending_lock:
                         # files that hit a transient failure wait an interval (in
                         # --once mode, for the next run)
                         self._deferred = {
                             n: t for n, t in self._deferred.items() if once or t > now
                         }
-                        busy = self._pending | set(self._deferred)
-                    ready, deleted = self.spool.scan(skip=busy)
-                    todo = [r.name for r in ready]
+                        taken = self._pending | set(self._deferred)
+                    todo, deleted = self.spool.scan(skip=taken)
                     if deleted:
                         self._empty(deleted)
-                    next_scan = now + (0 if len(ready) >= 4096 else self.cfg.interval)
-                    if once and not todo and not inflight:
+                    next_scan = now + (0 if len(todo) >= 4096 else self.cfg.interval)
+                    if once and not todo and not busy:
                         break
-                while todo and len(inflight) < slots:
+                sent = 0
+                while todo and (pool.capacity if pool is not None else slots - sent) > 0:
                     # many small files go to a worker together; a short list is spread
                     # over every worker
                     size = max(1, min(_CHUNK, len(todo) // slots))
                     names, todo = todo[:size], todo[size:]
+                    sent += 1
                     with self._pending_lock:
                         self._pending.update(names)
                     if pool is not None:
-                        inflight[pool.submit(prepare_in_process, names)] = names
+                        pool.send(names)
                     else:
-                        fut: Future[Chunk] = Future()
-                        fut.set_result(gather([self._own_stages().run(n) for n in names]))
-                        inflight[fut] = names
-                if inflight:
-                    done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
-                    for fut in sorted(done, key=lambda f: inflight[f]):
-                        self._hand(self._result(fut, inflight.pop(fut)), handoff)
+                        chunk = gather([self._own_stages().run(n) for n in names])
+                        self._hand(chunk, handoff)
+                        handed = True
+                if pool is not None and pool.in_flight:
+                    for names, result in sorted(pool.results(timeout=0.5)):
+                        self._hand(self._chunk(names, result), handoff)
                         handed = True
                 elif not todo:
                     self.stop_event.wait(max(0.0, min(next_scan - time.monotonic(), 1.0)))
             # stopping (or done): what is prepared is written, the rest stays pending
-            for fut, names in list(inflight.items()):
-                self._hand(self._result(fut, names), handoff)
+            while pool is not None and pool.in_flight:
+                for names, result in pool.results(timeout=0.5):
+                    self._hand(self._chunk(names, result), handoff)
         finally:
+            # the worker processes exit while the last batch commits
+            closer = threading.Thread(
+                target=self._close_pool, args=(pool,), name="ingest-pool-close"
+            )
+            closer.start()
             handoff.put(None)
             writer.join()
             self._committed.put(None)  # after the writer: every committed file is moved
             archiver.join()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            closer.join()
             if self._stages is not None and self._stages.offloader is not None:
                 self._stages.offloader.close()
             self._reporting_done.set()
@@ -326,29 +326,15 @@ class Ingester:
             reporter.join(timeout=10)
         return self.stats
 
-    def _workers(self) -> ProcessPoolExecutor | None:
-        workers = self.cfg.workers
-        if workers == 0:
+    def _workers(self) -> WorkerPool | None:
+        if self.cfg.workers == 0:
             return None
-        # Forking is instant and safe while this process has one thread (`conveyor
-        # ingest`); beside other threads (`conveyor up`) only a fresh interpreter is.
-        if threading.active_count() == 1:
-            warm = Stages(self.plan)  # the children inherit it built and warm
-            warm.warm()
-            pool = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context("fork"),
-                initializer=adopt_stages,
-                initargs=(warm, os.getpid()),
-            )
-            pool.submit(int)  # forks every worker now, to start while the spool is scanned
-            return pool
-        return ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_process,
-            initargs=(self.plan, os.getpid()),
-        )
+        return WorkerPool(self.plan, self.cfg.workers, per_worker=4)
+
+    @staticmethod
+    def _close_pool(pool: WorkerPool | None) -> None:
+        if pool is not None:
+            pool.close()
 
     def _own_stages(self) -> Stages:
         if self._stages is None:
@@ -356,15 +342,28 @@ class Ingester:
         return self._stages
 
     def _hand(self, chunk: Chunk, handoff: _Handoff) -> None:
-        failed = tuple(p for p in chunk.others if not self._retry_later(p))
+        failed = tuple(p for p in chunk.others if not self._settled_here(p))
         if chunk.files or failed:
             # blocks while the writer is behind: the backlog stays on disk
             handoff.put(
                 dataclasses.replace(chunk, others=failed) if failed != chunk.others else chunk
             )
 
-    def _retry_later(self, p: Prepared) -> bool:
-        """A file whose outcome is RETRY is left pending for a later scan."""
+    def _settled_here(self, p: Prepared) -> bool:
+        """A file whose outcome is RETRY is left pending for a later scan, an empty one
+        deleted; True for these, False for a failed file (the writer moves it)."""
+        if p.outcome is Outcome.EMPTY:
+            try:
+                deleted = self.spool.delete_empty(p.name)
+            except OSError as exc:
+                log.error("%s is empty but cannot be deleted: %s", p.name, exc)
+                self._defer(p.name)
+                deleted = 0
+            finally:
+                self._settled(p.name)
+            if deleted:
+                self._empty(deleted)
+            return True
         if p.outcome is not Outcome.RETRY:
             return False
         self._defer(p.name)
@@ -427,13 +426,13 @@ class Ingester:
                 batch = self._flush(batch)
 
     @staticmethod
-    def _result(fut: Future[Chunk], names: list[str]) -> Chunk:
-        try:
-            return fut.result()
-        except Exception as exc:  # a worker process died, or a bug in a stage
-            log.exception("preparing %s failed", ", ".join(names))
-            err = FileError(Stage.READ, str(exc))
-            return Chunk(others=tuple(Prepared(name, Outcome.RETRY, error=err) for name in names))
+    def _chunk(names: list[str], result: Chunk | Failed) -> Chunk:
+        if isinstance(result, Chunk):
+            return result
+        # a worker process died, or a bug in a stage: the files are tried again later
+        log.error("preparing %s failed: %s", ", ".join(names), result.reason)
+        err = FileError(Stage.READ, result.reason.strip().splitlines()[-1])
+        return Chunk(others=tuple(Prepared(name, Outcome.RETRY, error=err) for name in names))
 
     def _due(self, batch: _Batch) -> bool:
         return bool(batch.chunks) and (
@@ -526,7 +525,7 @@ class Ingester:
         for name in chunk.names:
             alone = gather([self._own_stages().run(name)])
             for p in alone.others:
-                if not self._retry_later(p):
+                if not self._settled_here(p):
                     assert p.error is not None
                     self._fail(p.name, p.error)
             if alone.files:

@@ -5,8 +5,6 @@ of long text → rows. Pure but for reading the file and storing long text."""
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -35,6 +33,7 @@ class Outcome(StrEnum):
     ROWS = "rows"  # ready for the writer
     FAILED = "failed"  # goes to failed/
     RETRY = "retry"  # a transient failure (the blob store): stays pending
+    EMPTY = "empty"  # an empty file: deleted
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class Chunk:
     rows: Encoded = field(default_factory=dict)
     count: int = 0  # rows in all
     size: int = 0  # bytes of those files
-    others: tuple[Prepared, ...] = ()  # outcome FAILED or RETRY
+    others: tuple[Prepared, ...] = ()  # outcome FAILED, RETRY or EMPTY
 
     @property
     def names(self) -> list[str]:
@@ -147,6 +146,8 @@ class Stages:
             return Prepared(name, Outcome.RETRY, error=FileError(Stage.READ, "file vanished"))
         except OSError as exc:
             return failed(Stage.READ, exc.strerror or str(exc))
+        if not raw:
+            return Prepared(name, Outcome.EMPTY)
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -182,36 +183,3 @@ class Stages:
         count = sum(len(r) for r in rows.values())
         encoded = encode_rows(rows, self.plan.tables, self.plan.dialect)
         return Prepared(name, Outcome.ROWS, encoded, count, len(raw), offloaded=moved)
-
-
-# The stages of the plan this worker process was started with (set by its initializer;
-# each pool process has its own).
-_PROCESS_STAGES: list[Stages] = []
-
-
-def init_process(plan: Plan, parent: int) -> None:
-    _PROCESS_STAGES[:] = [Stages(plan)]
-    _follow_parent(parent)
-
-
-def adopt_stages(stages: Stages, parent: int) -> None:
-    _PROCESS_STAGES[:] = [stages]
-    _follow_parent(parent)
-
-
-def _follow_parent(parent: int) -> None:
-    """Exit when the ingester is gone (killed with SIGKILL, say): a forked worker holds
-    both ends of its pipes, so it would never see them close and would linger."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
-
-
-def prepare_in_process(names: list[str]) -> Chunk:
-    """Several files per call: one round trip to the pool for many small files."""
-    stages = _PROCESS_STAGES[0]
-    return gather([stages.run(name) for name in names])

@@ -42,12 +42,6 @@ class FileError:
         return data
 
 
-@dataclass(frozen=True)
-class Ready:
-    name: str
-    size: int
-
-
 class Spool:
     def __init__(self, root: Path, settle: float = 1.0) -> None:
         self.root = Path(root)
@@ -68,10 +62,18 @@ class Spool:
 
     def scan(
         self, skip: set[str] | frozenset[str] = frozenset(), limit: int = 4096
-    ) -> tuple[list[Ready], int]:
-        """Up to `limit` ready files (by name), and how many empty files were deleted."""
+    ) -> tuple[list[str], int]:
+        """Up to `limit` ready files (their names, sorted), and how many empty files
+        were deleted. With no settle time every file is complete by the writers'
+        contract (written as .tmp, then renamed), so none is looked at here: an empty
+        one is found when it is read (`delete_empty`), and the scan is a directory
+        listing."""
+        if self.settle <= 0:
+            names = [e.name for e in self._entries() if e.name not in skip]
+            names.sort()
+            return names[:limit], 0
         now = time.time()
-        found: list[Ready] = []
+        found: list[str] = []
         deleted = 0
         for entry in self._entries():
             name = entry.name
@@ -84,15 +86,22 @@ class Spool:
             if now - st.st_mtime < self.settle:
                 continue  # still being written
             if st.st_size == 0:
-                try:
-                    os.unlink(entry.path)
-                    deleted += 1
-                except FileNotFoundError:
-                    pass
+                deleted += self.delete_empty(name)
                 continue
-            found.append(Ready(name, st.st_size))
-        found.sort(key=lambda r: r.name)
+            found.append(name)
+        found.sort()
         return found[:limit], deleted
+
+    def delete_empty(self, name: str) -> int:
+        """Delete the file if it is still empty; 1 if it was deleted."""
+        path = os.path.join(self._root, name)
+        try:
+            if os.stat(path).st_size == 0:
+                os.unlink(path)
+                return 1
+        except FileNotFoundError:
+            pass
+        return 0
 
     def _entries(self) -> Iterator[os.DirEntry[str]]:
         with os.scandir(self.root) as it:

@@ -1,0 +1,133 @@
+"""The ingester's worker processes: chunks prepared in order per worker, a worker that
+dies replaced with only its own files given back, a stage that raises leaving the
+worker alive, and every worker gone after close."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor.ingest.prepare import Chunk, Outcome, Plan, Stages
+from conveyor.ingest.samples import split_document
+from conveyor.ingest.sinks.kcidb import kcidb_specs
+from conveyor.ingest.workers import Failed, WorkerPool
+from ingest_support import put, sample
+
+
+def _plan(spool: Path) -> Plan:
+    return Plan(spool_dir=str(spool), sink_name="kcidb", sink_type="kcidb", tables=kcidb_specs())
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    folder = tmp_path / "spool"
+    for i, part in enumerate(split_document(sample("cki-v5.json"), 8)):
+        put(folder, f"p{i}.json", part)
+    return folder
+
+
+@pytest.fixture
+def pools() -> Iterator[list[WorkerPool]]:
+    made: list[WorkerPool] = []
+    yield made
+    for pool in made:
+        pool.close()
+
+
+def _collect(pool: WorkerPool, seconds: float = 30) -> list[tuple[list[str], Any]]:
+    out: list[tuple[list[str], Any]] = []
+    deadline = time.monotonic() + seconds
+    while pool.in_flight and time.monotonic() < deadline:
+        out.extend(pool.results(timeout=0.5))
+    assert not pool.in_flight, "the workers did not answer"
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_chunks_come_back_prepared_and_close_stops_every_worker(
+    spool: Path, pools: list[WorkerPool]
+) -> None:
+    pool = WorkerPool(_plan(spool), workers=2, per_worker=2)
+    pools.append(pool)
+    assert pool.capacity == 4
+    pool.send(["p0.json", "p1.json"])
+    pool.send(["p2.json"])
+    pool.send(["missing.json"])
+    assert pool.in_flight == 3 and pool.capacity == 1
+    results = dict((tuple(names), r) for names, r in _collect(pool))
+    both = results[("p0.json", "p1.json")]
+    assert isinstance(both, Chunk) and [n for n, _ in both.files] == ["p0.json", "p1.json"]
+    assert both.count == sum(rows for _, rows in both.files) > 0
+    assert set(both.rows) <= {
+        f"kcidb_{t}" for t in ("checkouts", "builds", "tests", "issues", "incidents")
+    }
+    gone = results[("missing.json",)]
+    assert isinstance(gone, Chunk) and [p.outcome for p in gone.others] == [Outcome.RETRY]
+    pids = pool.pids
+    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    pool.close()
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_a_killed_worker_gives_back_its_files_and_is_replaced(
+    spool: Path, pools: list[WorkerPool]
+) -> None:
+    os.mkfifo(spool / "stuck.json")  # reading it blocks: the worker is mid-chunk
+    pool = WorkerPool(_plan(spool), workers=1, per_worker=2)
+    pools.append(pool)
+    pool.send(["stuck.json", "p3.json"])
+    pool.send(["p4.json"])
+    (victim,) = pool.pids
+    time.sleep(0.2)
+    os.kill(victim, signal.SIGKILL)
+    results = _collect(pool)
+    assert [names for names, _ in results] == [["stuck.json", "p3.json"], ["p4.json"]]
+    assert all(isinstance(r, Failed) for _, r in results)
+    assert f"worker process {victim} exited with code -9" in results[0][1].reason
+    # a new worker took its place, and prepares what it is sent
+    (other,) = pool.pids
+    assert other != victim and _alive(other)
+    pool.send(["p4.json"])
+    ((_, again),) = _collect(pool)
+    assert isinstance(again, Chunk) and [n for n, _ in again.files] == ["p4.json"]
+
+
+def test_a_stage_that_raises_fails_its_chunk_and_the_worker_lives_on(
+    spool: Path, pools: list[WorkerPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the workers are forked (the process has one thread), so they inherit the patch
+    assert threading.active_count() == 1
+    real = Stages.run
+
+    def run(self: Stages, name: str) -> Any:
+        if name == "boom.json":
+            raise RuntimeError("a bug in a stage")
+        return real(self, name)
+
+    monkeypatch.setattr(Stages, "run", run)
+    pool = WorkerPool(_plan(spool), workers=1)
+    pools.append(pool)
+    (pid,) = pool.pids
+    pool.send(["p5.json", "boom.json"])
+    pool.send(["p6.json"])
+    (first, firsts), (second, seconds) = _collect(pool)
+    assert first == ["p5.json", "boom.json"] and isinstance(firsts, Failed)
+    assert "RuntimeError: a bug in a stage" in firsts.reason
+    assert second == ["p6.json"] and isinstance(seconds, Chunk) and seconds.count > 0
+    assert pool.pids == [pid]  # the same worker
