@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -20,6 +21,7 @@ from conveyor.ingest.transforms import (
     load_trees,
 )
 from conveyor.ingest.writer import encode_rows, json_rows, merge_parts, merge_rows, tuple_rows
+from ingest_support import SAMPLES
 
 
 def test_url_rewrites_and_origins() -> None:
@@ -306,3 +308,55 @@ def test_scan_takes_settled_files_and_deletes_settled_empty_ones(tmp_path: Path)
     assert atomic.delete_empty("fresh.json") == 0 and (tmp_path / "fresh.json").exists()
     assert atomic.delete_empty("fresh-empty.json") == 1
     assert atomic.delete_empty("gone.json") == 0
+
+
+def _broken_variants(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Copies of a KCIDB document with one defect each, deep in its arrays."""
+    out = []
+    for key in ("checkouts", "builds", "tests", "incidents", "revisions"):
+        for field, bad in (("id", 5), ("origin", "Bad Origin"), ("no_such_field", 1)):
+            if doc.get(key):
+                copy = orjson.loads(orjson.dumps(doc))
+                copy[key][-1][field] = bad
+                out.append(copy)
+    if doc.get("tests"):
+        copy = orjson.loads(orjson.dumps(doc))
+        copy["tests"][0]["environment"] = {"compatible": ["ok", 7]}
+        out.append(copy)
+        copy = orjson.loads(orjson.dumps(doc))
+        copy["tests"][0]["log_url"] = "not a uri"
+        out.append(copy)
+    return out
+
+
+def test_compiled_kcidb_schemas_judge_as_fastjsonschema_does() -> None:
+    """The validators with array items named by concatenation accept and refuse exactly
+    what fastjsonschema's own do, with the same messages, on every sample part and on
+    broken copies of them, in every schema version the samples use."""
+    import fastjsonschema
+    import kcidb_io
+
+    from conveyor.ingest.validate import _compiled
+
+    docs = [
+        orjson.loads((SAMPLES / n).read_bytes())
+        for n in ("cki-v5.json", "cki-v1.json", "kernelci-v1.json")
+    ]
+    parts = split_samples(docs, 60)
+    checked = refused = 0
+    for part in parts:
+        version = kcidb_io.schema.LATEST.get_exactly_compatible(part)
+        assert version is not None
+        ours, theirs = _compiled(version), fastjsonschema.compile(version.json)
+        for doc in [part, *_broken_variants(part)]:
+            verdicts = []
+            for validate in (ours, theirs):
+                try:
+                    validate(orjson.loads(orjson.dumps(doc)))
+                    verdicts.append(None)
+                except fastjsonschema.JsonSchemaValueException as exc:
+                    verdicts.append((exc.message, exc.name, exc.rule))
+            assert verdicts[0] == verdicts[1], (version, doc)
+            checked += 1
+            refused += verdicts[0] is not None
+    assert checked > 500 and refused > 400

@@ -5,6 +5,7 @@ path and the reason."""
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Protocol
 
 from conveyor.pipelines import json_path
@@ -31,13 +32,28 @@ def _best(errors: Any) -> Invalid | None:
     return Invalid(json_path(err.absolute_path), err.message)
 
 
+# How fastjsonschema's generated code names an array item for its error messages:
+# `"<prefix>[{i}]".format(**locals())`, a dictionary of every local variable built for
+# each item of each array, which is about a third of the time it takes to validate a
+# KCIDB document. The same text, built directly.
+_ITEM_NAME = re.compile(r'"((?:\.\w+)*)\[\{(\w+)\}\]"\.format\(\*\*locals\(\)\)')
+
+
 @functools.cache
 def _compiled(version: Any) -> Any:
     """A KCIDB schema version compiled to Python (15 to 30 ms of CPU each): once per
-    process, like kcidb-io's own validators, and inherited by forked workers."""
+    process, like kcidb-io's own validators, and inherited by forked workers.
+
+    The code is fastjsonschema's (`compile_to_code`, then run as `compile` would), with
+    each array item's name built by concatenation instead (`_ITEM_NAME`): the checks
+    are the same, and a test holds the verdicts equal to fastjsonschema's own on every
+    sample and on broken ones."""
     import fastjsonschema
 
-    return fastjsonschema.compile(version.json)
+    code = _ITEM_NAME.sub(r'"\1[" + str(\2) + "]"', fastjsonschema.compile_to_code(version.json))
+    namespace: dict[str, Any] = {}
+    exec(compile(code, f"<kcidb schema {version}>", "exec"), namespace)  # noqa: S102
+    return namespace["validate"]
 
 
 class KcidbValidator:
