@@ -90,7 +90,14 @@ def ingest(
     )
     task = bar.add_task("ingest", total=None, rows=0, failed=0)
 
+    shown: list[bool] = []
+
     def progress(stats: IngestStats) -> None:
+        if show_bar and not shown:
+            # Started only now: the bar draws from a thread of its own, and the worker
+            # processes are forked (fast) only while this process has no other thread.
+            shown.append(True)
+            bar.start()
         bar.update(
             task,
             completed=stats.files + stats.failed_total,
@@ -113,9 +120,10 @@ def ingest(
     if not once:
         err.print(f"conveyor ingest: {spool.dir} -> sink {spool.sink} ({spool.workers} workers)")
     try:
-        with bar:
-            stats = ingester.run(once=once)
+        stats = ingester.run(once=once)
     finally:
+        if shown:
+            bar.stop()
         ingester.writer.close()
     totals = stats.as_dict()
     if as_json:

@@ -158,10 +158,9 @@ def _serve(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the ingester decides when to stop
     for other in inherited:
         other.close()
-    if stages is None:
+    if stages is None:  # started afresh: each schema version is compiled when first met
         assert plan is not None
         stages = Stages(plan)
-        stages.warm()
     while True:
         try:
             data = conn.recv_bytes()
