@@ -554,3 +554,52 @@ def test_sigterm_lets_the_running_task_finish(
     assert (waiting.status, waiting.attempts) == (TaskStatus.QUEUED, 0)
     assert not Path(f"{second}.started").exists()
     assert req.status.value == "running"
+
+
+def test_worker_processes_share_the_queues_and_stop_together(
+    tmp_path: Path, db_url: str, procs: Processes, open_db: OpenDb
+) -> None:
+    """`conveyor worker --processes 2`: two worker processes under the first, both
+    running tasks, each once; SIGTERM to the first stops both gracefully; with --burst
+    they leave when the queues are empty."""
+    out = tmp_path / "ran"
+    out.mkdir()
+    config = write_config(
+        tmp_path,
+        """
+        [conveyor]
+        poll_interval = 0.1
+
+        [pipelines.record]
+        executor = "python"
+        handler = "e2e_handlers:record_slowly"
+        split = "items"
+        """,
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(E2E_DIR), os.environ.get("PYTHONPATH")]))
+    env = cli_env(db_url, config, PYTHONPATH=pythonpath)
+    store = open_db(db_url)
+    first = procs.start("worker", "--processes", "2", "--concurrency", "2", env=env, cwd=tmp_path)
+    wait_for(
+        lambda: len(store.list_workers(alive_since=time.time() - 60)) == 2,
+        30,
+        "both worker processes to register",
+    )
+    rid = submit(env, tmp_path, "record", {"out_dir": str(out), "items": list(range(60))})
+    wait_for(lambda: finished(store, rid), 60, "the request to finish", interval=0.1)
+    assert request_status(store, rid) == "succeeded"
+    output = stop(procs, first)
+    assert output.count("stopped: ") == 2, output
+    assert not live_pids_in_group(first.pid)  # the children went with it
+
+    ran = {f.name: f.read_text().split() for f in out.glob("worker-*.ids")}
+    assert len(ran) == 2 and f"worker-{first.pid}.ids" not in ran, ran  # the two children
+    every_run = [tid for ids in ran.values() for tid in ids]
+    assert len(every_run) == len(set(every_run)) == 60
+    assert not store.list_workers(alive_since=time.time() - 60)  # both said they stopped
+
+    # --burst: they leave by themselves once nothing is left, and the command succeeds
+    rid = submit(env, tmp_path, "record", {"out_dir": str(out), "items": list(range(10))})
+    burst = run_cli("worker", "--processes", "2", "--burst", env=env, cwd=tmp_path, timeout=60)
+    assert burst.returncode == 0, burst.stderr
+    assert request_status(store, rid) == "succeeded"

@@ -7,20 +7,18 @@ followed logs, and lets answers in flight finish; the worker stops claiming and 
 running tasks finish (within its grace period). A second signal stops both at once (the
 worker hands its running tasks back to the queue).
 
-With several server processes (`serve_processes`), the first process binds the socket
-and forks the others; it passes the signals it gets on to them and waits for them. Each
-serves on its own event loop, with its own database connections and event hub.
+With several server processes (`conveyor.processes.run_processes`), the first process
+binds the socket and forks the others; it passes the signals it gets on to them and
+waits for them. Each serves on its own event loop, with its own database connections
+and event hub.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import threading
-import time
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -136,66 +134,3 @@ def run(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return worker_ok
-
-
-def _watch_parent(parent: int) -> None:
-    """Stop this server process (as SIGTERM would) when the process that forked it is
-    gone: killed, it could not pass a signal on, and nothing else would."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    log.warning("the parent server process is gone: stopping")
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def serve_processes(serve: Callable[[], bool], processes: int) -> bool:
-    """Run `serve` in `processes` forked processes until a stop signal; False if any of
-    them failed or ended on its own. `serve` makes its own app and serves on a socket
-    bound before the fork (the processes share it: the kernel spreads connections over
-    them). Call it before any thread or database connection exists."""
-    parent = os.getpid()
-    children: set[int] = set()
-    for _ in range(processes):
-        pid = os.fork()
-        if pid == 0:  # a server process: it only ever leaves through os._exit
-            code = 1
-            try:
-                # Ctrl-C reaches every process of the terminal's group: the parent alone
-                # acts on it, and passes it on as SIGTERM.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-                code = 0 if serve() else 1
-            except BaseException:
-                log.exception("server process %s failed", os.getpid())
-            finally:
-                os._exit(code)
-        children.add(pid)
-    stopping = 0
-
-    def forward(_signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping += 1
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    ok = True
-    try:
-        while children:
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:
-                break
-            children.discard(pid)
-            code = os.waitstatus_to_exitcode(status)
-            if code != 0 or not stopping:
-                ok = False
-                log.error("server process %s ended (exit %s): stopping the others", pid, code)
-                if not stopping:
-                    forward(signal.SIGTERM, None)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return ok

@@ -18,6 +18,7 @@ from conveyor.views import queue_view, worker_view
 
 if TYPE_CHECKING:
     from conveyor.notifier import Notifier
+    from conveyor.worker import WorkerOptions
 
 NotifyOption = Annotated[
     bool,
@@ -116,7 +117,13 @@ def _queues_opt(value: str | None) -> list[str]:
 def worker(
     ctx: typer.Context,
     queues_: Annotated[str | None, typer.Option("--queues", help="a,b,c (default: all).")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Tasks at once.")] = 4,
+    concurrency: Annotated[int, typer.Option(min=1, help="Tasks at once (in each process).")] = 4,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64, help="Worker processes, each with --concurrency slots (one per core)."
+        ),
+    ] = 1,
     burst: Annotated[bool, typer.Option(help="Exit when nothing is left to do.")] = False,
     lease: Annotated[float | None, typer.Option(min=1, help="Lease seconds.")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="Most tasks claimed at once.")] = None,
@@ -126,23 +133,46 @@ def worker(
     notify: NotifyOption = True,
 ) -> None:
     """Run a worker until SIGTERM (or, with --burst, until the queues are empty)."""
-    from conveyor.worker import Worker, WorkerOptions
+    from conveyor.worker import WorkerOptions
 
     app = app_of(ctx)
     app.store.upgrade()
-    w = Worker(
-        app,
-        WorkerOptions(
-            queues=_queues_opt(queues_),
-            concurrency=concurrency,
-            burst=burst,
-            lease=lease,
-            batch=batch,
-            grace=grace,
-        ),
+    opts = WorkerOptions(
+        queues=_queues_opt(queues_),
+        concurrency=concurrency,
+        burst=burst,
+        lease=lease,
+        batch=batch,
+        grace=grace,
     )
+    if processes == 1:
+        _run_worker(app, opts, notify)
+        return
+    from conveyor.processes import run_processes
+
+    config = app.config
+    app.close()  # each process makes its own connections
+    err.print(f"conveyor worker: {processes} processes, concurrency {concurrency} each")
+
+    def work(i: int) -> bool:
+        own = Conveyor(config)
+        try:
+            # one notifier is enough: deliveries are claimed in the database
+            _run_worker(own, opts, notify and i == 0)
+            return True
+        finally:
+            own.close()
+
+    if not run_processes(work, processes, ends_ok=burst):
+        raise CliError("a worker process failed (see the log above)")
+
+
+def _run_worker(app: Conveyor, opts: WorkerOptions, notify: bool) -> None:
+    from conveyor.worker import Worker
+
+    w = Worker(app, opts)
     w.install_signal_handlers()
-    err.print(f"worker {w.id} on {', '.join(w.queues)} (concurrency {concurrency})")
+    err.print(f"worker {w.id} on {', '.join(w.queues)} (concurrency {opts.concurrency})")
     notifier = _notifier(app, notify)
     try:
         stats = w.run()
@@ -175,7 +205,8 @@ def serve(
 ) -> None:
     """Serve the HTTP API (and the legacy Spotbot endpoint) until SIGTERM."""
     from conveyor.api import create_app
-    from conveyor.api.server import run, serve_processes, url_of
+    from conveyor.api.server import run, url_of
+    from conveyor.processes import run_processes
 
     app = app_of(ctx)
     app.store.upgrade()
@@ -189,7 +220,7 @@ def serve(
     app.close()  # each process makes its own connections
     err.print(f"conveyor serve: {where}, {workers} processes")
 
-    def serve_one() -> bool:
+    def serve_one(_: int) -> bool:
         own = Conveyor(config)
         try:
             return run(create_app(own), sock, signals=(signal.SIGTERM,))
@@ -202,7 +233,7 @@ def serve(
         from conveyor.metrics import enable_multiprocess
 
         enable_multiprocess(counts)
-        if not serve_processes(serve_one, workers):
+        if not run_processes(serve_one, workers):
             raise CliError("a server process failed (see the log above)")
 
 
