@@ -16,6 +16,8 @@ outcome, events and request counters.
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.app import Conveyor
-from conveyor.config import parse_config
+from conveyor.config import Config, parse_config
 from conveyor.queues import DEFAULT_QUEUE
 from conveyor.requests import Request
 from conveyor.worker import Worker, WorkerOptions
@@ -41,6 +43,9 @@ class ExecBenchOptions:
     rounds: int = 5
     command: tuple[str, ...] = ("true",)
     scratch: Path | None = None  # where the rounds' files go; None: the system's temp dir
+    # Worker processes sharing `concurrency` (`conveyor worker --processes`); 1: the
+    # worker runs in a thread of this process
+    processes: int = 1
 
 
 def bare_loop(opts: ExecBenchOptions) -> float:
@@ -80,15 +85,11 @@ def conveyor_run(opts: ExecBenchOptions, scratch: Path) -> float:
         "CONVEYOR_DATABASE_URL": f"sqlite:///{base / 'conveyor.db'}",
         "CONVEYOR_ARTIFACTS": str(base / "artifacts"),
     }
-    app = Conveyor(parse_config(data, base, env))
+    config = parse_config(data, base, env)
+    app = Conveyor(config)
     try:
         app.store.upgrade()
-        worker = Worker(
-            app,
-            WorkerOptions(queues=[DEFAULT_QUEUE], concurrency=opts.concurrency, poll_interval=0.05),
-        )
-        thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
-        thread.start()
+        stop = _start_workers(config, app, opts)
         try:
             warm = app.submit("true", {"items": list(range(opts.concurrency * 2))})
             _finished(app, warm.request.id, 0.01)
@@ -99,13 +100,59 @@ def conveyor_run(opts: ExecBenchOptions, scratch: Path) -> float:
             # Polled slowly: the polling is load on the worker's machine, not work of it.
             req = _finished(app, submitted.request.id, 0.05)
         finally:
-            worker.stop(hard=True)
-            thread.join(60)
+            stop()
         if req.status.value != "succeeded" or req.finished_at is None:
             raise RuntimeError(
                 f"only {req.counts.succeeded} of {opts.tasks} tasks succeeded ({req.status.value})"
             )
         return req.finished_at - start
+    finally:
+        app.close()
+
+
+def _start_workers(config: Config, app: Conveyor, opts: ExecBenchOptions) -> Callable[[], None]:
+    """The worker(s) of a round, started; returns how to stop them. One process: a
+    worker in a thread of this one. Several: forked worker processes sharing the
+    concurrency, as `conveyor worker --processes` runs them."""
+    if opts.processes == 1:
+        worker = Worker(
+            app,
+            WorkerOptions(queues=[DEFAULT_QUEUE], concurrency=opts.concurrency, poll_interval=0.05),
+        )
+        thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
+        thread.start()
+
+        def stop_thread() -> None:
+            worker.stop(hard=True)
+            thread.join(60)
+
+        return stop_thread
+    ctx = multiprocessing.get_context("fork")
+    each = max(1, opts.concurrency // opts.processes)
+    children = [
+        ctx.Process(target=_worker_process, args=(config, each), daemon=True)
+        for _ in range(opts.processes)
+    ]
+    for child in children:
+        child.start()
+
+    def stop_processes() -> None:
+        for child in children:
+            child.terminate()  # SIGTERM: the worker stops
+        for child in children:
+            child.join(60)
+
+    return stop_processes
+
+
+def _worker_process(config: Config, concurrency: int) -> None:
+    app = Conveyor(config)
+    worker = Worker(
+        app, WorkerOptions(queues=[DEFAULT_QUEUE], concurrency=concurrency, poll_interval=0.05)
+    )
+    signal.signal(signal.SIGTERM, lambda _s, _f: worker.stop(hard=True))
+    try:
+        worker.run()
     finally:
         app.close()
 
@@ -125,7 +172,13 @@ def run_exec_bench(
             return conveyor_run(o, scratch)
 
         # warm up: imports, the first database, the page cache
-        conveyor_round(ExecBenchOptions(tasks=opts.concurrency * 2, concurrency=opts.concurrency))
+        conveyor_round(
+            ExecBenchOptions(
+                tasks=opts.concurrency * 2,
+                concurrency=opts.concurrency,
+                processes=opts.processes,
+            )
+        )
         for i in range(opts.rounds):
             order = [("bare", bare_loop, bare), ("conveyor", conveyor_round, conveyor)]
             if i % 2:
@@ -142,6 +195,7 @@ def run_exec_bench(
         "scratch": str(opts.scratch or tempfile.gettempdir()),
         "tasks": opts.tasks,
         "concurrency": opts.concurrency,
+        "processes": opts.processes,
         "rounds": opts.rounds,
         "bare_seconds": [round(t, 3) for t in bare],
         "conveyor_seconds": [round(t, 3) for t in conveyor],

@@ -38,3 +38,19 @@ def test_bench_exec_refuses_a_scratch_that_does_not_exist(
         main(["bench-exec", "--scratch", str(tmp_path / "nowhere")])
     assert exc.value.code == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_bench_exec_with_worker_processes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["bench-exec", "--tasks", "20", "--rounds", "1", "--scratch", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--processes", "2", "--concurrency", "4", "--json"])
+    assert exc.value.code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["processes"] == 2 and result["concurrency"] == 4
+    assert result["conveyor_seconds"][0] > 0
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--processes", "3", "--concurrency", "4"])
+    assert exc.value.code != 0
+    assert "cannot be shared evenly" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from conveyor.cli.common import JsonOption, cli, err, out
+from conveyor.cli.common import CliError, JsonOption, cli, err, out
 
 ServerDatabase = Annotated[
     str | None,
@@ -130,6 +130,12 @@ def bench_dashboard(
 def bench_exec(
     tasks: Annotated[int, typer.Option(min=1, help="How many `true` tasks a round.")] = 1000,
     concurrency: Annotated[int, typer.Option(min=1, help="Worker concurrency.")] = 8,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64, help="Worker processes sharing the concurrency (worker --processes)."
+        ),
+    ] = 1,
     rounds: Annotated[int, typer.Option(min=1, max=50, help="Alternating rounds.")] = 5,
     command: Annotated[
         str, typer.Option(help="The command each task runs (split like a shell line).")
@@ -149,10 +155,15 @@ def bench_exec(
     the same parallelism, on a scratch SQLite database."""
     from conveyor.bench_exec import ExecBenchOptions, run_exec_bench
 
+    if concurrency % processes:
+        raise CliError(
+            f"--concurrency {concurrency} cannot be shared evenly by --processes {processes}"
+        )
     result = run_exec_bench(
         ExecBenchOptions(
             tasks=tasks,
             concurrency=concurrency,
+            processes=processes,
             rounds=rounds,
             command=tuple(shlex.split(command)) or ("true",),
             scratch=scratch,
