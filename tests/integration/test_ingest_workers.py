@@ -131,3 +131,96 @@ def test_a_stage_that_raises_fails_its_chunk_and_the_worker_lives_on(
     assert "RuntimeError: a bug in a stage" in firsts.reason
     assert second == ["p6.json"] and isinstance(seconds, Chunk) and seconds.count > 0
     assert pool.pids == [pid]  # the same worker
+
+
+def _children() -> list[int]:
+    """This process's live worker processes: started afresh (`spawn`), as the ingester
+    runs beside another thread here; not multiprocessing's resource tracker."""
+    me = str(os.getpid())
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if fields[1] == me and fields[0] != "Z" and b"resource_tracker" not in cmdline:
+                found.append(int(entry))
+    return found
+
+
+def test_the_ingester_replaces_a_dead_worker_and_ingests_what_it_was_sent(
+    make_app: Any, db_url: str, spool: Path, tmp_path: Path
+) -> None:
+    """The ingester as a service: its worker process is killed while idle; the files
+    then sent to it come back, another worker takes its place, and every file is
+    ingested."""
+    from ingest_support import counts, names, spool_config
+
+    later = tmp_path / "later"
+    spool.rename(later)
+    spool.mkdir()
+    ingester = make_app().ingester(spool_config(spool, workers=1, interval=0.05))
+    running = threading.Thread(target=ingester.run, daemon=True)
+    running.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (victim,) = _children()
+        os.kill(victim, signal.SIGKILL)
+        for path in sorted(later.iterdir()):
+            path.rename(spool / path.name)
+        deadline = time.monotonic() + 60
+        while len(names(spool / "archive")) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (replacement,) = _children()
+        assert replacement != victim
+    finally:
+        ingester.stop()
+        running.join(30)
+        ingester.writer.close()
+    assert names(spool / "archive") == [f"p{i}.json" for i in range(8)]
+    assert names(spool / "failed") == []
+    assert counts(db_url)["tests"] == 3387
+    assert not _children()  # the replacement stopped with the ingester
+
+
+def test_a_file_whose_preparing_keeps_failing_goes_alone_then_to_failed(
+    make_app: Any, spool: Path
+) -> None:
+    """What the ingester does with a chunk its worker could not prepare: every file of
+    it is tried again later, each alone; a file that fails so three times fails at the
+    `prepare` stage, with the last reason."""
+    from conveyor.ingest.spool import Stage
+    from ingest_support import spool_config
+
+    ingester = make_app().ingester(spool_config(spool))
+    try:
+        died = Failed("worker process 41 exited with code -9")
+        first = ingester._chunk(["a.json", "b.json"], died)
+        assert [(p.name, p.outcome) for p in first.others] == [
+            ("a.json", Outcome.RETRY),
+            ("b.json", Outcome.RETRY),
+        ]
+        # tried again alone (and the files before them together)
+        assert ingester._take(["a.json", "b.json", "c.json"], 3) == 1
+        assert ingester._take(["c.json", "d.json", "a.json"], 3) == 2
+        assert ingester._take(["c.json", "d.json"], 2) == 2
+        # b was fine after all: it no longer goes alone
+        ingester._chunk(["b.json"], Chunk(files=(("b.json", 1),), count=1))
+        assert ingester._take(["b.json", "c.json"], 2) == 2
+        ingester._chunk(["a.json"], died)
+        bug = Failed("Traceback (most recent call last):\n  ...\nRuntimeError: a bug\n")
+        (last,) = ingester._chunk(["a.json"], bug).others
+        assert last.outcome is Outcome.FAILED and last.error is not None
+        assert last.error.stage is Stage.PREPARE
+        assert (
+            last.error.reason == "preparing it failed 3 times; the last time: RuntimeError: a bug"
+        )
+        assert ingester._take(["a.json", "c.json"], 2) == 2  # forgotten once failed
+    finally:
+        ingester.writer.close()

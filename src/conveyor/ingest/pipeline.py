@@ -47,6 +47,7 @@ _FLUSH = object()  # to the writer: commit what you have now
 _REPORT_EVERY = 0.5  # seconds between reports of counters and events
 _MAX_EVENTS = 1000  # events waiting for the store; beyond, the oldest are dropped
 _CHUNK = 32  # most files sent to a worker process at once
+_STRIKES = 3  # a file whose preparing fails this many times (its worker dies) fails
 
 # counters(spool, {name: increment}, event kind, event data): keeps the counts and
 # announces them (the application stores both).
@@ -231,6 +232,8 @@ class Ingester:
         self._pending: set[str] = set()
         self._pending_lock = threading.Condition()
         self._deferred: dict[str, float] = {}  # name -> when it may be tried again
+        # name -> how many times the worker preparing it died (or a stage raised)
+        self._strikes: Counter[str] = Counter()
         # files whose rows are committed, (name, rows) per batch, on their way to archive/
         self._committed: queue.SimpleQueue[list[tuple[str, int]] | None] = queue.SimpleQueue()
         # stages run in this process: every file's when there are no worker processes,
@@ -287,7 +290,7 @@ class Ingester:
                 while todo and (pool.capacity if pool is not None else slots - sent) > 0:
                     # many small files go to a worker together; a short list is spread
                     # over every worker
-                    size = max(1, min(_CHUNK, len(todo) // slots))
+                    size = self._take(todo, max(1, min(_CHUNK, len(todo) // slots)))
                     names, todo = todo[:size], todo[size:]
                     sent += 1
                     with self._pending_lock:
@@ -425,14 +428,38 @@ class Ingester:
             if batch.chunks and handoff.empty():
                 batch = self._flush(batch)
 
-    @staticmethod
-    def _chunk(names: list[str], result: Chunk | Failed) -> Chunk:
+    def _take(self, todo: list[str], size: int) -> int:
+        """How many of the first files of `todo` go to a worker together: a file whose
+        preparing failed before goes alone, so that it fails alone."""
+        if not self._strikes:
+            return size
+        for i, name in enumerate(todo[:size]):
+            if name in self._strikes:
+                return max(1, i)
+        return size
+
+    def _chunk(self, names: list[str], result: Chunk | Failed) -> Chunk:
         if isinstance(result, Chunk):
+            if self._strikes:
+                for name in names:
+                    self._strikes.pop(name, None)
             return result
-        # a worker process died, or a bug in a stage: the files are tried again later
+        # The worker process died, or a stage raised (a bug): the files are tried again
+        # later, each alone; one that fails so `_STRIKES` times goes to failed/.
         log.error("preparing %s failed: %s", ", ".join(names), result.reason)
-        err = FileError(Stage.READ, result.reason.strip().splitlines()[-1])
-        return Chunk(others=tuple(Prepared(name, Outcome.RETRY, error=err) for name in names))
+        reason = result.reason.strip().splitlines()[-1]
+        out = []
+        for name in names:
+            self._strikes[name] += 1
+            tries = self._strikes[name]
+            if tries >= _STRIKES:
+                del self._strikes[name]
+                why = f"preparing it failed {tries} times; the last time: {reason}"
+                out.append(Prepared(name, Outcome.FAILED, error=FileError(Stage.PREPARE, why)))
+            else:
+                err = FileError(Stage.PREPARE, reason)
+                out.append(Prepared(name, Outcome.RETRY, error=err))
+        return Chunk(others=tuple(out))
 
     def _due(self, batch: _Batch) -> bool:
         return bool(batch.chunks) and (

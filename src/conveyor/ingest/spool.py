@@ -27,6 +27,7 @@ class Stage(StrEnum):
     OFFLOAD = "offload"
     MAP = "map"
     SINK = "sink"
+    PREPARE = "prepare"  # the process preparing the file died, or a stage raised
 
 
 @dataclass(frozen=True)
