@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
@@ -37,17 +38,18 @@ def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None
     proc.wait()
 
 
-def _read_available(fd: int) -> bytes | None:
-    """What can be read now without blocking; None at end of file."""
-    out = b""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            return out
-        if not chunk:
-            return out or None
-        out += chunk
+_DEVNULL: list[int] = []
+_DEVNULL_LOCK = threading.Lock()
+
+
+def _devnull() -> int:
+    """Every command's standard input: /dev/null, opened once for the process (Popen
+    would open and close it for each command)."""
+    if not _DEVNULL:
+        with _DEVNULL_LOCK:
+            if not _DEVNULL:
+                _DEVNULL.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    return _DEVNULL[0]
 
 
 def _pidfd(pid: int) -> int | None:
@@ -110,28 +112,34 @@ class CommandExecutor:
             CONVEYOR_WORK_DIR=work_dir,
         )
         program = self._program(argv[0], env.get("PATH"))
+        # The output pipe is made here, not by Popen: its read end stays a bare
+        # descriptor (Popen would wrap it in a file object, three system calls more).
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
             try:
-                proc = self._spawn(argv, program, pipeline.cwd or work_dir, env)
+                proc = self._spawn(argv, program, pipeline.cwd or work_dir, env, out_w)
             except FileNotFoundError:
                 if program is None:
                     raise
                 # moved or removed since it was found: look again
                 self._found.pop((argv[0], env.get("PATH")), None)
-                proc = self._spawn(argv, None, pipeline.cwd or work_dir, env)
+                proc = self._spawn(argv, None, pipeline.cwd or work_dir, env, out_w)
         except OSError as exc:
+            os.close(out_r)
             ctx.log(f"$ {' '.join(argv)}")
             ctx.log(f"cannot start {argv[0]}: {exc.strerror}")
             return ExecResult(
                 ok=False, error=f"cannot start {argv[0]}: {exc.strerror}", retryable=False
             )
+        finally:
+            os.close(out_w)  # the command holds it now
         if self.watchdog is not None:
             self.watchdog.started(proc.pid)
         # Logged once the command runs, so opening the log overlaps its start; still the
         # first line, as its output is read only after this.
         ctx.log(f"$ {' '.join(argv)}")
         try:
-            reason = self._pump(proc, ctx, deadline)
+            reason = self._pump(proc, out_r, ctx, deadline)
             if reason is not None:
                 kill_group(proc)
                 ctx.log(f"killed: {reason}")
@@ -152,15 +160,14 @@ class CommandExecutor:
             return ExecResult(ok=False, error=f"killed by signal {-code}")
         return ExecResult(ok=False, error=f"exit code {code}")
 
-    @staticmethod
     def _spawn(
-        argv: list[str], program: str | None, cwd: str, env: dict[str, str]
+        self, argv: list[str], program: str | None, cwd: str, env: dict[str, str], out: int
     ) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             argv,
             executable=program,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
+            stdin=_devnull(),
+            stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd,
             env=env,
@@ -168,18 +175,17 @@ class CommandExecutor:
         )
 
     def _pump(
-        self, proc: subprocess.Popen[bytes], ctx: TaskContext, deadline: float | None
+        self, proc: subprocess.Popen[bytes], fd: int, ctx: TaskContext, deadline: float | None
     ) -> str | None:
-        """Copy output to the log and read progress lines until the command exits;
-        returns why it must be killed, or None.
+        """Copy output (read from `fd`, which this closes) to the log and read progress
+        lines until the command exits; returns why it must be killed, or None.
 
         One poll(2) waits for output and for the exit together: the exit through a
         pidfd (a descriptor that becomes readable when the process ends), so a command's
         end is seen at once, without polling waitpid in a sleeping loop. poll(2) rather
-        than a selector: no epoll descriptor to make and close per command."""
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        os.set_blocking(fd, False)
+        than a selector: no epoll descriptor to make and close per command. The pipe
+        stays blocking: it is read once each time poll says it is readable, which
+        returns at once."""
         pidfd = _pidfd(proc.pid)
         poller = select.poll()
         poller.register(fd, select.POLLIN)
@@ -187,6 +193,19 @@ class CommandExecutor:
             poller.register(pidfd, select.POLLIN)
         buf = b""
         eof = False
+
+        def take() -> None:
+            nonlocal buf, eof
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                eof = True
+                poller.unregister(fd)
+                return
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                self._line(raw, ctx)
+
         try:
             while True:
                 if ctx.stopping:
@@ -208,25 +227,19 @@ class CommandExecutor:
                 else:
                     ready = poller.poll(wait)
                     exited = any(f == pidfd for f, _ in ready)
-                if not eof and (exited or any(f == fd for f, _ in ready)):
-                    # Once the command has exited, take what is already written and
-                    # stop: a child it left behind may hold the pipe open for ever.
-                    chunk = _read_available(fd)
-                    if chunk:
-                        buf += chunk
-                        *lines, buf = buf.split(b"\n")
-                        for raw in lines:
-                            self._line(raw, ctx)
-                    if chunk is None:
-                        eof = True
-                        poller.unregister(fd)
+                if not eof and any(f == fd for f, _ in ready):
+                    take()
                 if exited:
+                    # Take what is already written and stop: a child the command left
+                    # behind may hold the pipe open for ever.
+                    while not eof and any(f == fd for f, _ in poller.poll(0)):
+                        take()
                     break
             if buf:
                 self._line(buf, ctx)
             return None
         finally:
-            proc.stdout.close()
+            os.close(fd)
             if pidfd is not None:
                 os.close(pidfd)
 
