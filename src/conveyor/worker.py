@@ -153,13 +153,15 @@ class Worker:
         self._stopping.set()
         self._wake.set()
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(
+        self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
+    ) -> None:
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %s: stopping (again to release running tasks now)", signum)
             self.stop()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        for sig in signals:
+            signal.signal(sig, on_signal)
 
     # the loop -----------------------------------------------------------------
     def run(self) -> WorkerStats:

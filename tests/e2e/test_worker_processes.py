@@ -603,3 +603,40 @@ def test_worker_processes_share_the_queues_and_stop_together(
     burst = run_cli("worker", "--processes", "2", "--burst", env=env, cwd=tmp_path, timeout=60)
     assert burst.returncode == 0, burst.stderr
     assert request_status(store, rid) == "succeeded"
+
+
+def test_ctrl_c_lets_the_running_tasks_of_worker_processes_finish(
+    tmp_path: Path, sqlite_url: str, procs: Processes, open_db: OpenDb
+) -> None:
+    """Ctrl-C reaches every process of the terminal's group: the worker processes under
+    `--processes` let their running tasks finish, as one worker does, rather than take
+    it with the first process's SIGTERM as a second signal."""
+    config = write_config(
+        tmp_path,
+        f"""
+        [conveyor]
+        poll_interval = 0.2
+
+        [pipelines.two]
+        executor = "command"
+        command = {toml_list(["{conveyor.python}", "-c", TWO_SECONDS, "{path}"])}
+        split = "runs"
+        """,
+    )
+    env = cli_env(sqlite_url, config)
+    store = open_db(sqlite_url)
+    paths = [tmp_path / f"run-{i}" for i in range(2)]
+    rid = submit(env, tmp_path, "two", {"runs": [{"path": str(p)} for p in paths]})
+    first = procs.start("worker", "--processes", "2", "--concurrency", "1", env=env, cwd=tmp_path)
+    wait_for(lambda: all(Path(f"{p}.started").exists() for p in paths), 30, "both tasks to start")
+    os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
+    code = procs.wait(first, 20)
+    output = procs.output(first)
+    assert code == 0, output
+    assert output.count("1 succeeded") == 2 and "released" not in output.replace(
+        "0 released", ""
+    ), output
+    assert all(Path(f"{p}.done").exists() for p in paths)
+    req = store.get_request(rid)
+    assert req is not None and req.status.value == "succeeded"
+    assert all(t.attempts == 1 for t in req.tasks)

@@ -4,6 +4,7 @@ worker alive, and every worker gone after close."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -98,8 +99,11 @@ def test_a_killed_worker_gives_back_its_files_and_is_replaced(
     os.kill(victim, signal.SIGKILL)
     results = _collect(pool)
     assert [names for names, _ in results] == [["stuck.json", "p3.json"], ["p4.json"]]
-    assert all(isinstance(r, Failed) for _, r in results)
-    assert f"worker process {victim} exited with code -9" in results[0][1].reason
+    (_, on), (_, behind) = results
+    assert isinstance(on, Failed) and isinstance(behind, Failed)
+    assert f"worker process {victim} exited with code -9" in on.reason
+    # the chunk it was on is the suspect; the one queued behind it is not
+    assert on.culprit and on.ready and not behind.culprit and behind.ready
     # a new worker took its place, and prepares what it is sent
     (other,) = pool.pids
     assert other != victim and _alive(other)
@@ -111,8 +115,6 @@ def test_a_killed_worker_gives_back_its_files_and_is_replaced(
 def test_a_stage_that_raises_fails_its_chunk_and_the_worker_lives_on(
     spool: Path, pools: list[WorkerPool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # the workers are forked (the process has one thread), so they inherit the patch
-    assert threading.active_count() == 1
     real = Stages.run
 
     def run(self: Stages, name: str) -> Any:
@@ -121,7 +123,7 @@ def test_a_stage_that_raises_fails_its_chunk_and_the_worker_lives_on(
         return real(self, name)
 
     monkeypatch.setattr(Stages, "run", run)
-    pool = WorkerPool(_plan(spool), workers=1)
+    pool = WorkerPool(_plan(spool), workers=1, start="fork")  # forked: it has the patch
     pools.append(pool)
     (pid,) = pool.pids
     pool.send(["p5.json", "boom.json"])
@@ -134,8 +136,9 @@ def test_a_stage_that_raises_fails_its_chunk_and_the_worker_lives_on(
 
 
 def _children() -> list[int]:
-    """This process's live worker processes: started afresh (`spawn`), as the ingester
-    runs beside another thread here; not multiprocessing's resource tracker."""
+    """This process's live worker processes, started afresh (`spawn`) as the ingester
+    runs beside another thread here (not multiprocessing's resource tracker, nor a
+    process forked and not yet started)."""
     me = str(os.getpid())
     found = []
     for entry in os.listdir("/proc"):
@@ -147,7 +150,7 @@ def _children() -> list[int]:
                     cmdline = f.read()
             except OSError:
                 continue
-            if fields[1] == me and fields[0] != "Z" and b"resource_tracker" not in cmdline:
+            if fields[1] == me and fields[0] != "Z" and b"spawn_main" in cmdline:
                 found.append(int(entry))
     return found
 
@@ -192,28 +195,27 @@ def test_the_ingester_replaces_a_dead_worker_and_ingests_what_it_was_sent(
 def test_a_file_whose_preparing_keeps_failing_goes_alone_then_to_failed(
     make_app: Any, spool: Path
 ) -> None:
-    """What the ingester does with a chunk its worker could not prepare: every file of
-    it is tried again later, each alone; a file that fails so three times fails at the
-    `prepare` stage, with the last reason."""
+    """What the ingester does with chunks its worker could not prepare: the files of
+    the one it died on are tried again each alone, and one that fails so three times
+    fails at the `prepare` stage with the last reason; files that only waited behind it
+    get no strike; when workers cannot even start, the files wait an interval."""
     from conveyor.ingest.spool import Stage
     from ingest_support import spool_config
 
-    ingester = make_app().ingester(spool_config(spool))
+    ingester = make_app().ingester(spool_config(spool, interval=60))
     try:
-        died = Failed("worker process 41 exited with code -9")
-        first = ingester._chunk(["a.json", "b.json"], died)
-        assert [(p.name, p.outcome) for p in first.others] == [
-            ("a.json", Outcome.RETRY),
-            ("b.json", Outcome.RETRY),
-        ]
-        # tried again alone (and the files before them together)
+        died = "worker process 41 exited with code -9"
+        assert ingester._chunk(["a.json", "b.json"], Failed(died)).others == ()
+        assert ingester._chunk(["q.json"], Failed(died, culprit=False)).others == ()
+        # the suspects are tried again alone (and the files before them together)
         assert ingester._take(["a.json", "b.json", "c.json"], 3) == 1
         assert ingester._take(["c.json", "d.json", "a.json"], 3) == 2
-        assert ingester._take(["c.json", "d.json"], 2) == 2
+        assert ingester._take(["q.json", "d.json"], 2) == 2  # it only waited
+        assert not ingester._deferred  # all of them are taken again at once
         # b was fine after all: it no longer goes alone
         ingester._chunk(["b.json"], Chunk(files=(("b.json", 1),), count=1))
         assert ingester._take(["b.json", "c.json"], 2) == 2
-        ingester._chunk(["a.json"], died)
+        ingester._chunk(["a.json"], Failed(died))
         bug = Failed("Traceback (most recent call last):\n  ...\nRuntimeError: a bug\n")
         (last,) = ingester._chunk(["a.json"], bug).others
         assert last.outcome is Outcome.FAILED and last.error is not None
@@ -222,5 +224,54 @@ def test_a_file_whose_preparing_keeps_failing_goes_alone_then_to_failed(
             last.error.reason == "preparing it failed 3 times; the last time: RuntimeError: a bug"
         )
         assert ingester._take(["a.json", "c.json"], 2) == 2  # forgotten once failed
+        # workers that die before they are ready: nobody's fault, the files wait
+        assert ingester._chunk(["z.json"], Failed(died, culprit=False, ready=False)).others == ()
+        assert set(ingester._deferred) == {"z.json"}
+        assert ingester._take(["z.json", "c.json"], 2) == 2
     finally:
         ingester.writer.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_once_a_file_that_kills_its_worker_fails_and_the_rest_is_ingested(
+    make_app: Any,
+    db_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
+) -> None:
+    """`conveyor ingest --once` on a spool where one file kills the worker preparing
+    it, every time: that file alone ends in failed/ (stage `prepare`), and every file
+    sent with it or queued behind it is ingested, in the same run."""
+    import functools
+
+    import conveyor.ingest.pipeline as pipeline
+    from ingest_support import counts, names, spool_config
+
+    real = Stages.run
+
+    def run(self: Stages, name: str) -> Any:
+        if name == "m-poison.json":
+            os._exit(7)
+        return real(self, name)
+
+    monkeypatch.setattr(Stages, "run", run)
+    # forked, replacements too: they have the patch
+    monkeypatch.setattr(pipeline, "WorkerPool", functools.partial(WorkerPool, start="fork"))
+    spool = tmp_path / "spool"
+    parts = split_document(sample("cki-v5.json"), 60)
+    for i, part in enumerate(parts):
+        put(spool, f"{'a' if i < 30 else 'z'}-{i:02d}.json", part)
+    put(spool, "m-poison.json", parts[0])
+    ingester = make_app().ingester(spool_config(spool, workers=workers))
+    try:
+        stats = ingester.run(once=True)
+    finally:
+        ingester.writer.close()
+    assert names(spool / "failed") == ["m-poison.error.json", "m-poison.json"]
+    error = json.loads((spool / "failed" / "m-poison.error.json").read_text())
+    assert error["stage"] == "prepare" and "failed 3 times" in error["reason"]
+    assert "exited with code 7" in error["reason"]
+    assert len(names(spool / "archive")) == len(parts) and names(spool) == []
+    assert stats.failed == {"prepare": 1} and stats.files == len(parts)
+    assert counts(db_url)["tests"] == 3387

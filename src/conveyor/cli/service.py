@@ -154,11 +154,13 @@ def worker(
     app.close()  # each process makes its own connections
     err.print(f"conveyor worker: {processes} processes, concurrency {concurrency} each")
 
-    def work(i: int) -> bool:
+    def work(_: int) -> bool:
         own = Conveyor(config)
         try:
-            # one notifier is enough: deliveries are claimed in the database
-            _run_worker(own, opts, notify and i == 0)
+            # SIGTERM only: a Ctrl-C reaches every process of the terminal, and the first
+            # passes it on as SIGTERM (a second signal would release running tasks).
+            # Each sends notifications: deliveries are claimed in the database.
+            _run_worker(own, opts, notify, (signal.SIGTERM,))
             return True
         finally:
             own.close()
@@ -167,11 +169,16 @@ def worker(
         raise CliError("a worker process failed (see the log above)")
 
 
-def _run_worker(app: Conveyor, opts: WorkerOptions, notify: bool) -> None:
+def _run_worker(
+    app: Conveyor,
+    opts: WorkerOptions,
+    notify: bool,
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
     from conveyor.worker import Worker
 
     w = Worker(app, opts)
-    w.install_signal_handlers()
+    w.install_signal_handlers(signals)
     err.print(f"worker {w.id} on {', '.join(w.queues)} (concurrency {opts.concurrency})")
     notifier = _notifier(app, notify)
     try:

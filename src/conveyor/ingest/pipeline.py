@@ -439,27 +439,36 @@ class Ingester:
         return size
 
     def _chunk(self, names: list[str], result: Chunk | Failed) -> Chunk:
+        """What came back for `names`. A chunk its worker could not prepare is given
+        back to the scan: the one a worker died on (or a stage raised on) is the
+        suspect, and each of its files is tried again alone, failing at the stage
+        `prepare` the `_STRIKES`th time; chunks that waited behind it are tried again as
+        they are; and when workers die before they are ready, the files wait an
+        interval (in --once mode, the next run)."""
         if isinstance(result, Chunk):
             if self._strikes:
                 for name in names:
                     self._strikes.pop(name, None)
             return result
-        # The worker process died, or a stage raised (a bug): the files are tried again
-        # later, each alone; one that fails so `_STRIKES` times goes to failed/.
-        log.error("preparing %s failed: %s", ", ".join(names), result.reason)
         reason = result.reason.strip().splitlines()[-1]
-        out = []
+        if result.culprit:
+            log.error("preparing %s failed: %s", ", ".join(names), result.reason)
+        failed = []
         for name in names:
-            self._strikes[name] += 1
-            tries = self._strikes[name]
-            if tries >= _STRIKES:
-                del self._strikes[name]
-                why = f"preparing it failed {tries} times; the last time: {reason}"
-                out.append(Prepared(name, Outcome.FAILED, error=FileError(Stage.PREPARE, why)))
-            else:
-                err = FileError(Stage.PREPARE, reason)
-                out.append(Prepared(name, Outcome.RETRY, error=err))
-        return Chunk(others=tuple(out))
+            if result.culprit:
+                self._strikes[name] += 1
+                tries = self._strikes[name]
+                if tries >= _STRIKES:
+                    del self._strikes[name]
+                    why = f"preparing it failed {tries} times; the last time: {reason}"
+                    failed.append(
+                        Prepared(name, Outcome.FAILED, error=FileError(Stage.PREPARE, why))
+                    )
+                    continue
+            if not result.ready:
+                self._defer(name)
+            self._settled(name)  # pending again: the next scan takes it
+        return Chunk(others=tuple(failed))
 
     def _due(self, batch: _Batch) -> bool:
         return bool(batch.chunks) and (

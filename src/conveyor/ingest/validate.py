@@ -53,7 +53,9 @@ def _compiled(version: Any) -> Any:
     code = _ITEM_NAME.sub(r'"\1[" + str(\2) + "]"', fastjsonschema.compile_to_code(version.json))
     namespace: dict[str, Any] = {}
     exec(compile(code, f"<kcidb schema {version}>", "exec"), namespace)  # noqa: S102
-    return namespace["validate"]
+    # The entry point is named after the schema's scope: `validate` while the schema has
+    # no `$id` (no KCIDB version has one); fastjsonschema's own code otherwise.
+    return namespace.get("validate") or fastjsonschema.compile(version.json)
 
 
 class KcidbValidator:

@@ -11,8 +11,11 @@ what a long-running ingester needs from one: a worker that dies (killed, out of
 memory) is replaced, and only the files it held are tried again later.
 
 A worker is forked when the ingester's process has no other thread (it then inherits
-the stages built and warm), else started afresh (`spawn`). It stops when told, when
-its pipe closes, or when the ingester is gone.
+the stages built and warm), else started afresh (`spawn`). It says when it is ready,
+then prepares its chunks in the order sent. When it dies, the chunk it was on is the
+suspect (`Failed.culprit`); the chunks queued behind it come back untouched; and if it
+died before it was ready, no chunk is to blame. It stops when told, when its pipe
+closes, or when the ingester is gone.
 """
 
 from __future__ import annotations
@@ -33,15 +36,21 @@ from conveyor.ingest.prepare import Chunk, Plan, Stages, gather
 
 log = logging.getLogger(__name__)
 _STOP = b""
+_READY = "ready"  # a worker's first message
 _SEP = "\0"  # between file names in a request: no file name holds it
 _JOIN_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
 class Failed:
-    """A chunk its worker could not prepare: the worker died, or a stage raised."""
+    """A chunk its worker could not prepare: the worker died, or a stage raised.
+    `culprit`: the worker was preparing it (a stage raised, or it died on it); else it
+    waited behind that chunk, or its worker died before it was ready. `ready`: whether
+    the worker had started (False: workers cannot start, whatever the files)."""
 
     reason: str
+    culprit: bool = True
+    ready: bool = True
 
 
 @dataclass
@@ -49,14 +58,22 @@ class _Worker:
     process: BaseProcess
     conn: Connection
     sent: deque[list[str]] = field(default_factory=deque)  # in flight, oldest first
+    ready: bool = False
 
 
 class WorkerPool:
-    def __init__(self, plan: Plan, workers: int, per_worker: int = 4) -> None:
+    def __init__(
+        self, plan: Plan, workers: int, per_worker: int = 4, start: str | None = None
+    ) -> None:
+        """`start`: "fork" or "spawn"; by default fork while this process has only one
+        thread (forking beside other threads is unsafe: a lock one of them holds stays
+        held in the child), else spawn."""
         self.plan = plan
         self.per_worker = per_worker
-        self._fork = threading.active_count() == 1
+        self._fork = start == "fork" or (start is None and threading.active_count() == 1)
+        self._lost: list[tuple[list[str], Chunk | Failed]] = []  # of workers found dead
         self._warm: Stages | None = None
+        self._started_alone = start == "fork"
         if self._fork:
             self._warm = Stages(plan)  # the children inherit it built and warm
             self._warm.warm()
@@ -67,7 +84,7 @@ class WorkerPool:
     def _start(self) -> _Worker:
         ours, theirs = multiprocessing.Pipe()
         ctx: multiprocessing.context.BaseContext
-        if self._fork and threading.active_count() == 1:
+        if self._fork and (self._started_alone or threading.active_count() == 1):
             ctx = multiprocessing.get_context("fork")
             # a forked worker closes the pipes of the others: a pipe then closes when
             # the ingester's process is gone, and the worker sees it
@@ -95,8 +112,12 @@ class WorkerPool:
         return sum(len(w.sent) for w in self._workers)
 
     def send(self, names: list[str]) -> None:
-        """To the worker with the fewest chunks in flight."""
+        """To the worker with the fewest chunks in flight (one found dead meanwhile is
+        replaced first)."""
         worker = min(self._workers, key=lambda w: len(w.sent))
+        if not worker.sent and not worker.process.is_alive():
+            self._lost.extend(self._replace(worker))
+            worker = min(self._workers, key=lambda w: len(w.sent))
         worker.sent.append(names)
         try:
             worker.conn.send_bytes(_SEP.join(names).encode("utf-8", "surrogateescape"))
@@ -107,16 +128,19 @@ class WorkerPool:
         """What the workers sent back within `timeout` seconds (at least one result, if
         any came); the chunks of a worker that died come back as Failed, and a new
         worker takes its place."""
+        out, self._lost = self._lost, []
         busy = [w for w in self._workers if w.sent]
         if not busy:
-            return []
+            return out
         ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout))
-        out: list[tuple[list[str], Chunk | Failed]] = []
         for w in busy:
             try:
                 while w.sent and (w.conn in ready or w.conn.poll()):
                     ready.discard(w.conn)
                     result = w.conn.recv()
+                    if result == _READY:
+                        w.ready = True
+                        continue
                     out.append((w.sent.popleft(), result))
             except (EOFError, OSError):
                 pass
@@ -125,13 +149,26 @@ class WorkerPool:
         return out
 
     def _replace(self, dead: _Worker) -> list[tuple[list[str], Chunk | Failed]]:
+        """The chunks the dead worker held, and another worker in its place."""
+        try:  # what it said before it died
+            while dead.conn.poll():
+                if dead.conn.recv() == _READY:
+                    dead.ready = True
+        except (EOFError, OSError):
+            pass
         dead.process.join(_JOIN_TIMEOUT)
         reason = f"worker process {dead.process.pid} exited with code {dead.process.exitcode}"
         lost: list[tuple[list[str], Chunk | Failed]] = [
-            (names, Failed(reason)) for names in dead.sent
+            (names, Failed(reason, culprit=dead.ready and i == 0, ready=dead.ready))
+            for i, names in enumerate(dead.sent)
         ]
         dead.conn.close()
-        log.error("%s holding %d files; starting another", reason, sum(len(n) for n, _ in lost))
+        log.error(
+            "%s%s, holding %d files; starting another",
+            reason,
+            "" if dead.ready else " before it was ready",
+            sum(len(n) for n, _ in lost),
+        )
         self._workers[self._workers.index(dead)] = self._start()
         return lost
 
@@ -161,6 +198,10 @@ def _serve(
     if stages is None:  # started afresh: each schema version is compiled when first met
         assert plan is not None
         stages = Stages(plan)
+    try:
+        conn.send(_READY)
+    except OSError:  # the ingester is gone
+        os._exit(0)
     while True:
         try:
             data = conn.recv_bytes()
