@@ -515,10 +515,9 @@ TWO_SECONDS = (
 )
 
 
-def test_sigterm_lets_the_running_task_finish(
-    tmp_path: Path, sqlite_url: str, procs: Processes, open_db: OpenDb
-) -> None:
-    config = write_config(
+def two_seconds_config(tmp_path: Path) -> Path:
+    """A config whose pipeline `two` runs TWO_SECONDS once per item of `runs`."""
+    return write_config(
         tmp_path,
         f"""
         [conveyor]
@@ -530,6 +529,12 @@ def test_sigterm_lets_the_running_task_finish(
         split = "runs"
         """,
     )
+
+
+def test_sigterm_lets_the_running_task_finish(
+    tmp_path: Path, sqlite_url: str, procs: Processes, open_db: OpenDb
+) -> None:
+    config = two_seconds_config(tmp_path)
     env = cli_env(sqlite_url, config)
     store = open_db(sqlite_url)
     first, second = tmp_path / "first", tmp_path / "second"
@@ -611,18 +616,7 @@ def test_ctrl_c_lets_the_running_tasks_of_worker_processes_finish(
     """Ctrl-C reaches every process of the terminal's group: the worker processes under
     `--processes` let their running tasks finish, as one worker does, rather than take
     it with the first process's SIGTERM as a second signal."""
-    config = write_config(
-        tmp_path,
-        f"""
-        [conveyor]
-        poll_interval = 0.2
-
-        [pipelines.two]
-        executor = "command"
-        command = {toml_list(["{conveyor.python}", "-c", TWO_SECONDS, "{path}"])}
-        split = "runs"
-        """,
-    )
+    config = two_seconds_config(tmp_path)
     env = cli_env(sqlite_url, config)
     store = open_db(sqlite_url)
     paths = [tmp_path / f"run-{i}" for i in range(2)]

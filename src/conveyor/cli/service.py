@@ -7,6 +7,7 @@ import signal
 import socket
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -148,25 +149,37 @@ def worker(
     if processes == 1:
         _run_worker(app, opts, notify)
         return
+    err.print(f"conveyor worker: {processes} processes, concurrency {concurrency} each")
+
+    def work(own: Conveyor) -> bool:
+        # SIGTERM only: a Ctrl-C reaches every process of the terminal, and the first
+        # passes it on as SIGTERM (a second signal would release running tasks). Each
+        # sends notifications: deliveries are claimed in the database.
+        _run_worker(own, opts, notify, (signal.SIGTERM,))
+        return True
+
+    if not _in_processes(app, processes, work, ends_ok=burst):
+        raise CliError("a worker process failed (see the log above)")
+
+
+def _in_processes(
+    app: Conveyor, processes: int, body: Callable[[Conveyor], bool], ends_ok: bool = False
+) -> bool:
+    """`body` in `processes` forked processes, each with an application object (and
+    database connections) of its own; see `conveyor.processes.run_processes`."""
     from conveyor.processes import run_processes
 
     config = app.config
     app.close()  # each process makes its own connections
-    err.print(f"conveyor worker: {processes} processes, concurrency {concurrency} each")
 
-    def work(_: int) -> bool:
+    def one(_: int) -> bool:
         own = Conveyor(config)
         try:
-            # SIGTERM only: a Ctrl-C reaches every process of the terminal, and the first
-            # passes it on as SIGTERM (a second signal would release running tasks).
-            # Each sends notifications: deliveries are claimed in the database.
-            _run_worker(own, opts, notify, (signal.SIGTERM,))
-            return True
+            return body(own)
         finally:
             own.close()
 
-    if not run_processes(work, processes, ends_ok=burst):
-        raise CliError("a worker process failed (see the log above)")
+    return run_processes(one, processes, ends_ok)
 
 
 def _run_worker(
@@ -213,7 +226,6 @@ def serve(
     """Serve the HTTP API (and the legacy Spotbot endpoint) until SIGTERM."""
     from conveyor.api import create_app
     from conveyor.api.server import run, url_of
-    from conveyor.processes import run_processes
 
     app = app_of(ctx)
     app.store.upgrade()
@@ -223,16 +235,10 @@ def serve(
         err.print(f"conveyor serve: {where}")
         run(create_app(app), sock)
         return
-    config = app.config
-    app.close()  # each process makes its own connections
     err.print(f"conveyor serve: {where}, {workers} processes")
 
-    def serve_one(_: int) -> bool:
-        own = Conveyor(config)
-        try:
-            return run(create_app(own), sock, signals=(signal.SIGTERM,))
-        finally:
-            own.close()
+    def serve_one(own: Conveyor) -> bool:
+        return run(create_app(own), sock, signals=(signal.SIGTERM,))
 
     # The processes count their API requests in files here, which /metrics of any of
     # them sums; the directory goes when they do.
@@ -240,7 +246,7 @@ def serve(
         from conveyor.metrics import enable_multiprocess
 
         enable_multiprocess(counts)
-        if not run_processes(serve_one, workers):
+        if not _in_processes(app, workers, serve_one):
             raise CliError("a server process failed (see the log above)")
 
 
