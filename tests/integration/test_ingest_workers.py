@@ -275,3 +275,25 @@ def test_once_a_file_that_kills_its_worker_fails_and_the_rest_is_ingested(
     assert len(names(spool / "archive")) == len(parts) and names(spool) == []
     assert stats.failed == {"prepare": 1} and stats.files == len(parts)
     assert counts(db_url)["tests"] == 3387
+
+
+def test_a_worker_that_takes_too_long_is_killed_and_replaced(
+    spool: Path, pools: list[WorkerPool]
+) -> None:
+    """A stage that hangs (here: reading a FIFO nobody writes) holds its worker only
+    for the time allowed per file: the worker is killed, the chunk comes back as the
+    suspect with the reason, and another worker takes its place."""
+    os.mkfifo(spool / "hung.json")
+    pool = WorkerPool(_plan(spool), workers=1, timeout=0.5)
+    pools.append(pool)
+    (victim,) = pool.pids
+    started = time.monotonic()
+    pool.send(["hung.json"])
+    pool.send(["p1.json"])
+    (_, hung), (_, behind) = _collect(pool)
+    assert 0.5 <= time.monotonic() - started < 10
+    assert isinstance(hung, Failed) and hung.culprit
+    assert hung.reason == f"worker process {victim} killed: preparing a file took longer than 0.5s"
+    assert isinstance(behind, Failed) and not behind.culprit
+    (other,) = pool.pids
+    assert other != victim and _alive(other) and not _alive(victim)

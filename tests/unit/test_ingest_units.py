@@ -188,6 +188,7 @@ def test_spool_settings_are_checked(tmp_path: Path) -> None:
                     "dir": "s",
                     "transforms": {"url_rewrites": {"git://": "https://"}},
                     "batch_rows": 10,
+                    "prepare_timeout": 5,
                 }
             }
         },
@@ -197,6 +198,9 @@ def test_spool_settings_are_checked(tmp_path: Path) -> None:
     spool = cfg.spools["k"]
     assert spool.dir == (tmp_path / "s").resolve() and spool.batch_rows == 10
     assert spool.transforms.url_rewrites == (("git://", "https://"),)
+    assert spool.prepare_timeout == 5 and cfg.spools["k"].workers == 2
+    with pytest.raises(ConfigError, match="prepare_timeout"):
+        parse_config({"spools": {"k": {"dir": "s", "prepare_timeout": 0}}}, tmp_path, env)
 
 
 class _HungStore:

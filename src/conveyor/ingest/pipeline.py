@@ -332,7 +332,9 @@ class Ingester:
     def _workers(self) -> WorkerPool | None:
         if self.cfg.workers == 0:
             return None
-        return WorkerPool(self.plan, self.cfg.workers, per_worker=4)
+        return WorkerPool(
+            self.plan, self.cfg.workers, per_worker=4, timeout=self.cfg.prepare_timeout
+        )
 
     @staticmethod
     def _close_pool(pool: WorkerPool | None) -> None:

@@ -50,6 +50,7 @@ class SpoolModel(BaseModel):
     offload_fields: list[str] = ["log_excerpt"]
     offload_timeout: float = Field(default=10.0, gt=0)
     offload_cache: int = Field(default=100_000, ge=1)
+    prepare_timeout: float = Field(default=60.0, gt=0)
     blobs: str | None = None  # an artifact store URL or directory; default: [artifacts]
     batch_rows: int = Field(default=5000, ge=1)
     batch_bytes: int = Field(default=8 << 20, ge=1024)
@@ -105,6 +106,9 @@ class SpoolConfig:
     offload_fields: tuple[str, ...] = ("log_excerpt",)
     offload_timeout: float = 10.0
     offload_cache: int = 100_000
+    # seconds a worker process may take over one file (the whole chunk: this times its
+    # files) before it is killed and the files are taken again
+    prepare_timeout: float = 60.0
     blobs: str | None = None  # a store URL or directory; None: the artifact store
     batch_rows: int = 5000
     batch_bytes: int = 8 << 20
@@ -138,6 +142,7 @@ def spool_config(name: str, m: SpoolModel, base: Path) -> SpoolConfig:
         offload_fields=tuple(m.offload_fields),
         offload_timeout=m.offload_timeout,
         offload_cache=m.offload_cache,
+        prepare_timeout=m.prepare_timeout,
         blobs=(m.blobs if m.blobs is None or "://" in m.blobs else str((base / m.blobs).resolve())),
         batch_rows=m.batch_rows,
         batch_bytes=m.batch_bytes,

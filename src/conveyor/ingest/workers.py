@@ -59,17 +59,26 @@ class _Worker:
     conn: Connection
     sent: deque[list[str]] = field(default_factory=deque)  # in flight, oldest first
     ready: bool = False
+    began: float = 0.0  # when it began the oldest chunk in flight (monotonic)
+    overdue: str | None = None  # why it was killed, when it took too long
 
 
 class WorkerPool:
     def __init__(
-        self, plan: Plan, workers: int, per_worker: int = 4, start: str | None = None
+        self,
+        plan: Plan,
+        workers: int,
+        per_worker: int = 4,
+        start: str | None = None,
+        timeout: float = 60.0,
     ) -> None:
         """`start`: "fork" or "spawn"; by default fork while this process has only one
         thread (forking beside other threads is unsafe: a lock one of them holds stays
-        held in the child), else spawn."""
+        held in the child), else spawn. `timeout`: seconds a worker may take per file of
+        a chunk before it is killed (a stage hung on a file system, say)."""
         self.plan = plan
         self.per_worker = per_worker
+        self.timeout = timeout
         self._fork = start == "fork" or (start is None and threading.active_count() == 1)
         self._lost: list[tuple[list[str], Chunk | Failed]] = []  # of workers found dead
         self._warm: Stages | None = None
@@ -118,6 +127,8 @@ class WorkerPool:
         if not worker.sent and not worker.process.is_alive():
             self._lost.extend(self._replace(worker))
             worker = min(self._workers, key=lambda w: len(w.sent))
+        if not worker.sent:
+            worker.began = time.monotonic()
         worker.sent.append(names)
         try:
             worker.conn.send_bytes(_SEP.join(names).encode("utf-8", "surrogateescape"))
@@ -132,6 +143,9 @@ class WorkerPool:
         busy = [w for w in self._workers if w.sent]
         if not busy:
             return out
+        self._kill_overdue(busy)
+        due = min(w.began + self.timeout * len(w.sent[0]) for w in busy) - time.monotonic()
+        timeout = max(0.0, min(timeout, due + 0.01))
         ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout))
         for w in busy:
             try:
@@ -142,11 +156,21 @@ class WorkerPool:
                         w.ready = True
                         continue
                     out.append((w.sent.popleft(), result))
+                    w.began = time.monotonic()
             except (EOFError, OSError):
                 pass
             if w.process.sentinel in ready or not w.process.is_alive():
                 out.extend(self._replace(w))
         return out
+
+    def _kill_overdue(self, busy: list[_Worker]) -> None:
+        now = time.monotonic()
+        for w in busy:
+            files = len(w.sent[0])
+            if w.overdue is None and now - w.began > self.timeout * files:
+                what = f"{files} files" if files != 1 else "a file"
+                w.overdue = f"preparing {what} took longer than {self.timeout * files:g}s"
+                w.process.kill()  # its chunks come back through _replace
 
     def _replace(self, dead: _Worker) -> list[tuple[list[str], Chunk | Failed]]:
         """The chunks the dead worker held, and another worker in its place."""
@@ -158,6 +182,8 @@ class WorkerPool:
             pass
         dead.process.join(_JOIN_TIMEOUT)
         reason = f"worker process {dead.process.pid} exited with code {dead.process.exitcode}"
+        if dead.overdue is not None:
+            reason = f"worker process {dead.process.pid} killed: {dead.overdue}"
         lost: list[tuple[list[str], Chunk | Failed]] = [
             (names, Failed(reason, culprit=dead.ready and i == 0, ready=dead.ready))
             for i, names in enumerate(dead.sent)
