@@ -51,6 +51,19 @@ def _collect(pool: WorkerPool, seconds: float = 30) -> list[tuple[list[str], Any
     return out
 
 
+def _opened_by_reader(fifo: Path, seconds: float = 30) -> int:
+    """The FIFO's write end, once a reader has it open (a worker reading it): opening
+    it for writing without blocking fails until then."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -92,12 +105,17 @@ def test_a_killed_worker_gives_back_its_files_and_is_replaced(
     os.mkfifo(spool / "stuck.json")  # reading it blocks: the worker is mid-chunk
     pool = WorkerPool(_plan(spool), workers=1, per_worker=2)
     pools.append(pool)
+    pool.send(["p2.json"])
+    assert isinstance(_collect(pool)[0][1], Chunk)  # the worker is up
     pool.send(["stuck.json", "p3.json"])
     pool.send(["p4.json"])
     (victim,) = pool.pids
-    time.sleep(0.2)
-    os.kill(victim, signal.SIGKILL)
-    results = _collect(pool)
+    writer = _opened_by_reader(spool / "stuck.json")
+    try:
+        os.kill(victim, signal.SIGKILL)
+        results = _collect(pool)
+    finally:
+        os.close(writer)
     assert [names for names, _ in results] == [["stuck.json", "p3.json"], ["p4.json"]]
     (_, on), (_, behind) = results
     assert isinstance(on, Failed) and isinstance(behind, Failed)
@@ -287,6 +305,8 @@ def test_a_worker_that_takes_too_long_is_killed_and_replaced(
     pool = WorkerPool(_plan(spool), workers=1, timeout=0.5)
     pools.append(pool)
     (victim,) = pool.pids
+    pool.send(["p2.json"])
+    assert isinstance(_collect(pool)[0][1], Chunk)  # the worker is up
     started = time.monotonic()
     pool.send(["hung.json"])
     pool.send(["p1.json"])
