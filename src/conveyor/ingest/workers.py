@@ -144,8 +144,11 @@ class WorkerPool:
         if not busy:
             return out
         self._kill_overdue(busy)
-        due = min(w.began + self.timeout * len(w.sent[0]) for w in busy) - time.monotonic()
-        timeout = max(0.0, min(timeout, due + 0.01))
+        # wake for the next worker to become overdue (one already killed wakes the wait
+        # by exiting)
+        due = [w.began + self.timeout * len(w.sent[0]) for w in busy if w.overdue is None]
+        if due:
+            timeout = max(0.0, min(timeout, min(due) - time.monotonic() + 0.01))
         ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout))
         for w in busy:
             try:
