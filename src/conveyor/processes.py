@@ -31,6 +31,10 @@ def _watch_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _ignore(_signum: int, _frame: FrameType | None) -> None:
+    pass
+
+
 def run_processes(target: Callable[[int], bool], processes: int, ends_ok: bool = False) -> bool:
     """Run `target(i)` in `processes` forked processes (i = 0, 1, …) until they end;
     True if all of them succeeded. Without `ends_ok` a process is expected to run until
@@ -43,7 +47,9 @@ def run_processes(target: Callable[[int], bool], processes: int, ends_ok: bool =
         if pid == 0:  # a child: it only ever leaves through os._exit
             code = 1
             try:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                # A handler that does nothing, not SIG_IGN: an ignored signal stays
+                # ignored in the programs a process starts (a worker's commands).
+                signal.signal(signal.SIGINT, _ignore)
                 threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
                 code = 0 if target(i) else 1
             except BaseException:

@@ -634,3 +634,28 @@ def test_ctrl_c_lets_the_running_tasks_of_worker_processes_finish(
     req = store.get_request(rid)
     assert req is not None and req.status.value == "succeeded"
     assert all(t.attempts == 1 for t in req.tasks)
+
+
+def test_commands_of_worker_processes_keep_the_default_ctrl_c(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """The worker processes under `--processes` do not act on Ctrl-C themselves (the
+    first process passes it on), yet the commands they start get Ctrl-C's default
+    handling, as under one worker: an ignored signal would stay ignored in them."""
+    script = "import signal, sys; open(sys.argv[1], 'w').write(str(signal.getsignal(2)))"
+    config = write_config(
+        tmp_path,
+        f"""
+        [pipelines.show]
+        executor = "command"
+        command = {toml_list(["{conveyor.python}", "-c", script, "{path}"])}
+        split = "runs"
+        """,
+    )
+    env = cli_env(sqlite_url, config)
+    paths = [tmp_path / f"sigint-{i}" for i in range(4)]
+    submit(env, tmp_path, "show", {"runs": [{"path": str(p)} for p in paths]})
+    burst = run_cli("worker", "--processes", "2", "--burst", env=env, cwd=tmp_path, timeout=60)
+    assert burst.returncode == 0, burst.stderr
+    seen = {p.read_text() for p in paths}
+    assert seen == {"<built-in function default_int_handler>"}, seen

@@ -48,6 +48,7 @@ _REPORT_EVERY = 0.5  # seconds between reports of counters and events
 _MAX_EVENTS = 1000  # events waiting for the store; beyond, the oldest are dropped
 _CHUNK = 32  # most files sent to a worker process at once
 _STRIKES = 3  # a file whose preparing fails this many times (its worker dies) fails
+_STOP_GRACE = 10.0  # seconds the workers have, when stopping, to finish their chunks
 
 # counters(spool, {name: increment}, event kind, event data): keeps the counts and
 # announces them (the application stores both).
@@ -307,8 +308,15 @@ class Ingester:
                         handed = True
                 elif not todo:
                     self.stop_event.wait(max(0.0, min(next_scan - time.monotonic(), 1.0)))
-            # stopping (or done): what is prepared is written, the rest stays pending
+            # stopping (or done): what is prepared is written, the rest stays pending;
+            # when stopping, what the workers do not finish within a grace period is
+            # left to the next run
+            grace = time.monotonic() + _STOP_GRACE
             while pool is not None and pool.in_flight:
+                if self.stop_event.is_set() and time.monotonic() > grace:
+                    for name in pool.abandon():
+                        self._settled(name)
+                    break
                 for names, result in pool.results(timeout=0.5):
                     self._hand(self._chunk(names, result), handoff)
         finally:

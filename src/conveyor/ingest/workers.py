@@ -138,33 +138,42 @@ class WorkerPool:
     def results(self, timeout: float) -> list[tuple[list[str], Chunk | Failed]]:
         """What the workers sent back within `timeout` seconds (at least one result, if
         any came); the chunks of a worker that died come back as Failed, and a new
-        worker takes its place."""
+        worker takes its place. A worker that takes longer than its time for the chunk
+        it is on (counted from when it began it, or from when it was ready) is killed."""
         out, self._lost = self._lost, []
         busy = [w for w in self._workers if w.sent]
         if not busy:
             return out
+        for w in busy:  # what is there already, before anybody is found overdue
+            self._receive(w, out)
+        busy = [w for w in busy if w.sent]
         self._kill_overdue(busy)
         # wake for the next worker to become overdue (one already killed wakes the wait
         # by exiting)
         due = [w.began + self.timeout * len(w.sent[0]) for w in busy if w.overdue is None]
         if due:
             timeout = max(0.0, min(timeout, min(due) - time.monotonic() + 0.01))
-        ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout))
+        if busy and not out:
+            wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout)
         for w in busy:
-            try:
-                while w.sent and (w.conn in ready or w.conn.poll()):
-                    ready.discard(w.conn)
-                    result = w.conn.recv()
-                    if result == _READY:
-                        w.ready = True
-                        continue
-                    out.append((w.sent.popleft(), result))
-                    w.began = time.monotonic()
-            except (EOFError, OSError):
-                pass
-            if w.process.sentinel in ready or not w.process.is_alive():
+            self._receive(w, out)
+            if not w.process.is_alive():
                 out.extend(self._replace(w))
         return out
+
+    def _receive(self, w: _Worker, out: list[tuple[list[str], Chunk | Failed]]) -> None:
+        """The messages waiting from `w`: results (onto `out`) and its READY."""
+        try:
+            while w.conn.poll():
+                message = w.conn.recv()
+                if message == _READY:
+                    w.ready = True
+                    w.began = time.monotonic()  # its start-up is not the chunk's time
+                elif w.sent:
+                    out.append((w.sent.popleft(), message))
+                    w.began = time.monotonic()
+        except (EOFError, OSError):
+            pass
 
     def _kill_overdue(self, busy: list[_Worker]) -> None:
         now = time.monotonic()
@@ -176,18 +185,15 @@ class WorkerPool:
                 w.process.kill()  # its chunks come back through _replace
 
     def _replace(self, dead: _Worker) -> list[tuple[list[str], Chunk | Failed]]:
-        """The chunks the dead worker held, and another worker in its place."""
-        try:  # what it said before it died
-            while dead.conn.poll():
-                if dead.conn.recv() == _READY:
-                    dead.ready = True
-        except (EOFError, OSError):
-            pass
+        """What the dead worker sent before it died, its other chunks as Failed, and
+        another worker in its place."""
+        out: list[tuple[list[str], Chunk | Failed]] = []
+        self._receive(dead, out)
         dead.process.join(_JOIN_TIMEOUT)
         reason = f"worker process {dead.process.pid} exited with code {dead.process.exitcode}"
         if dead.overdue is not None:
             reason = f"worker process {dead.process.pid} killed: {dead.overdue}"
-        lost: list[tuple[list[str], Chunk | Failed]] = [
+        lost = [
             (names, Failed(reason, culprit=dead.ready and i == 0, ready=dead.ready))
             for i, names in enumerate(dead.sent)
         ]
@@ -199,7 +205,15 @@ class WorkerPool:
             sum(len(n) for n, _ in lost),
         )
         self._workers[self._workers.index(dead)] = self._start()
-        return lost
+        return out + lost
+
+    def abandon(self) -> list[str]:
+        """The names of the files in flight, no longer waited for (stopping: the
+        workers are stopped or killed by `close`, and the files stay pending)."""
+        names = [name for w in self._workers for chunk in w.sent for name in chunk]
+        for w in self._workers:
+            w.sent.clear()
+        return names
 
     def close(self) -> None:
         """Stop every worker (after the chunk it is on) and wait for it."""
