@@ -115,10 +115,7 @@ def _start_workers(config: Config, app: Conveyor, opts: ExecBenchOptions) -> Cal
     worker in a thread of this one. Several: forked worker processes sharing the
     concurrency, as `conveyor worker --processes` runs them."""
     if opts.processes == 1:
-        worker = Worker(
-            app,
-            WorkerOptions(queues=[DEFAULT_QUEUE], concurrency=opts.concurrency, poll_interval=0.05),
-        )
+        worker = _worker(app, opts.concurrency)
         thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
         thread.start()
 
@@ -145,11 +142,15 @@ def _start_workers(config: Config, app: Conveyor, opts: ExecBenchOptions) -> Cal
     return stop_processes
 
 
-def _worker_process(config: Config, concurrency: int) -> None:
-    app = Conveyor(config)
-    worker = Worker(
+def _worker(app: Conveyor, concurrency: int) -> Worker:
+    return Worker(
         app, WorkerOptions(queues=[DEFAULT_QUEUE], concurrency=concurrency, poll_interval=0.05)
     )
+
+
+def _worker_process(config: Config, concurrency: int) -> None:
+    app = Conveyor(config)
+    worker = _worker(app, concurrency)
     signal.signal(signal.SIGTERM, lambda _s, _f: worker.stop(hard=True))
     try:
         worker.run()

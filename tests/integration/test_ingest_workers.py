@@ -335,3 +335,8 @@ def test_results_read_late_are_not_taken_for_a_hung_worker(
     assert all(isinstance(r, Chunk) and r.count > 0 for _, r in results)
     time.sleep(0.2)
     assert pool.pids == [pid] and _alive(pid)  # not killed
+
+
+def test_an_unknown_start_method_is_refused(spool: Path) -> None:
+    with pytest.raises(ValueError, match="start: expected 'fork' or 'spawn', got 'forkserver'"):
+        WorkerPool(_plan(spool), workers=1, start="forkserver")

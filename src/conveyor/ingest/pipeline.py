@@ -303,9 +303,7 @@ class Ingester:
                         self._hand(chunk, handoff)
                         handed = True
                 if pool is not None and pool.in_flight:
-                    for names, result in sorted(pool.results(timeout=0.5)):
-                        self._hand(self._chunk(names, result), handoff)
-                        handed = True
+                    handed = self._take_results(pool, handoff) or handed
                 elif not todo:
                     self.stop_event.wait(max(0.0, min(next_scan - time.monotonic(), 1.0)))
             # stopping (or done): what is prepared is written, the rest stays pending;
@@ -317,8 +315,7 @@ class Ingester:
                     for name in pool.abandon():
                         self._settled(name)
                     break
-                for names, result in pool.results(timeout=0.5):
-                    self._hand(self._chunk(names, result), handoff)
+                self._take_results(pool, handoff)
         finally:
             # the worker processes exit while the last batch commits
             closer = threading.Thread(
@@ -336,6 +333,13 @@ class Ingester:
             self._wake_reporter.set()
             reporter.join(timeout=10)
         return self.stats
+
+    def _take_results(self, pool: WorkerPool, handoff: _Handoff) -> bool:
+        """What the workers send back within half a second, handed on; whether any."""
+        results = pool.results(timeout=0.5)
+        for names, result in sorted(results):
+            self._hand(self._chunk(names, result), handoff)
+        return bool(results)
 
     def _workers(self) -> WorkerPool | None:
         if self.cfg.workers == 0:

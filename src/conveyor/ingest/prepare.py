@@ -63,7 +63,6 @@ class Prepared:
     count: int = 0
     size: int = 0
     error: FileError | None = None
-    offloaded: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,10 +169,9 @@ class Stages:
         except RecursionError:
             return failed(Stage.VALIDATE, "nested too deeply")
         doc = apply_after(doc, self.plan.transforms)
-        moved = 0
         if self.offloader is not None:
             try:
-                moved = self.offloader(doc, shallow=self.plan.sink_type == "kcidb")
+                self.offloader(doc, shallow=self.plan.sink_type == "kcidb")
             except OffloadUnavailable as exc:
                 return Prepared(name, Outcome.RETRY, error=FileError(Stage.OFFLOAD, str(exc)))
         try:
@@ -182,4 +180,4 @@ class Stages:
             return failed(Stage.MAP, exc.reason, exc.path)
         count = sum(len(r) for r in rows.values())
         encoded = encode_rows(rows, self.plan.tables, self.plan.dialect)
-        return Prepared(name, Outcome.ROWS, encoded, count, len(raw), offloaded=moved)
+        return Prepared(name, Outcome.ROWS, encoded, count, len(raw))

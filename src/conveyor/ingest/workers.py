@@ -76,24 +76,28 @@ class WorkerPool:
         thread (forking beside other threads is unsafe: a lock one of them holds stays
         held in the child), else spawn. `timeout`: seconds a worker may take per file of
         a chunk before it is killed (a stage hung on a file system, say)."""
+        if start not in (None, "fork", "spawn"):
+            raise ValueError(f"start: expected 'fork' or 'spawn', got {start!r}")
         self.plan = plan
         self.per_worker = per_worker
         self.timeout = timeout
-        self._fork = start == "fork" or (start is None and threading.active_count() == 1)
+        self._method = start
         self._lost: list[tuple[list[str], Chunk | Failed]] = []  # of workers found dead
         self._warm: Stages | None = None
-        self._started_alone = start == "fork"
-        if self._fork:
+        if self._forking():
             self._warm = Stages(plan)  # the children inherit it built and warm
             self._warm.warm()
         self._workers: list[_Worker] = []
         for _ in range(workers):
             self._workers.append(self._start())
 
+    def _forking(self) -> bool:
+        return self._method == "fork" or (self._method is None and threading.active_count() == 1)
+
     def _start(self) -> _Worker:
         ours, theirs = multiprocessing.Pipe()
         ctx: multiprocessing.context.BaseContext
-        if self._fork and (self._started_alone or threading.active_count() == 1):
+        if self._warm is not None and self._forking():
             ctx = multiprocessing.get_context("fork")
             # a forked worker closes the pipes of the others: a pipe then closes when
             # the ingester's process is gone, and the worker sees it

@@ -137,9 +137,9 @@ def merge_parts(parts: list[TableRows]) -> TableRows:
     order. Only the parts holding a key seen twice are decoded and merged; the others
     are passed on as they are. A worker process merges the files it prepared together
     this way, and the writer the parts of a batch."""
-    if len(parts) == 1 and len(set(parts[0][0])) == len(parts[0][0]):
-        return parts[0]
     clashing = _clashing(parts)
+    if len(parts) == 1 and not clashing:
+        return parts[0]
     if parts and isinstance(parts[0][1], list):
         return _merge_tuples(parts, clashing)
     keys: list[Any] = []
