@@ -307,6 +307,26 @@ SPAWNS_GRANDCHILD = """
 """
 
 
+def test_a_command_that_ignores_sigterm_is_killed_after_the_grace(tmp_path, monkeypatch):
+    monkeypatch.setattr("conveyor.executors.command.KILL_GRACE", 0.5)
+    code = """
+        import os, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("PID", os.getpid(), flush=True)
+        time.sleep(30)
+    """
+    start = time.monotonic()
+    run, result = run_command(tmp_path, code, deadline=time.time() + 0.3, timeout=0.3)
+    pids = numbers_after(run.log, "PID")
+    try:
+        assert result == ExecResult(ok=False, error="timed out after 0.3s")
+        assert 0.7 < time.monotonic() - start < 4  # SIGTERM at 0.3 s, SIGKILL 0.5 s later
+        assert "killed: timed out after 0.3s" in run.log
+        assert pids and wait_gone(pids)
+    finally:
+        kill_leftovers(pids)
+
+
 def test_timeout_kills_the_whole_process_group(tmp_path):
     start = time.monotonic()
     run, result = run_command(tmp_path, SPAWNS_GRANDCHILD, deadline=time.time() + 0.5, timeout=0.5)

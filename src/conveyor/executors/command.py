@@ -21,23 +21,6 @@ from conveyor.pipelines import Pipeline, TemplateError, command_values, render_a
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 
 
-def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:
-    """SIGTERM the command's whole process group, then SIGKILL what is left."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 _DEVNULL: list[int] = []
 _DEVNULL_LOCK = threading.Lock()
 
@@ -90,6 +73,34 @@ class CommandExecutor:
         return found
 
     def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
+        """Run one attempt to its end in this thread."""
+        attempt = self.start(pipeline, ctx, deadline)
+        if isinstance(attempt, ExecResult):
+            return attempt
+        poller = select.poll()
+        attempt.watch(poller)
+        try:
+            while True:
+                attempt.check(time.time())
+                if attempt.result is not None:
+                    return attempt.result
+                wait = attempt.wait_ms(time.time())
+                if attempt.pidfd is None and attempt.eof:
+                    # no pidfd and nothing left to read: wait for the exit itself
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        attempt.proc.wait(wait / 1000)
+                    continue
+                for fd, _ in poller.poll(wait):
+                    attempt.ready(fd)
+        except BaseException:
+            attempt.abandon()  # its command does not outlive the failure
+            raise
+
+    def start(
+        self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None
+    ) -> Attempt | ExecResult:
+        """Start an attempt's command; the running `Attempt`, or the result of one that
+        could not start."""
         task = ctx.task
         work_dir = ctx.make_work_dir()
         context = {
@@ -135,30 +146,15 @@ class CommandExecutor:
             os.close(out_w)  # the command holds it now
         if self.watchdog is not None:
             self.watchdog.started(proc.pid)
-        # Logged once the command runs, so opening the log overlaps its start; still the
-        # first line, as its output is read only after this.
-        ctx.log(f"$ {' '.join(argv)}")
+        attempt = Attempt(proc, out_r, _pidfd(proc.pid), ctx, deadline, self.watchdog)
         try:
-            reason = self._pump(proc, out_r, ctx, deadline)
-            if reason is not None:
-                kill_group(proc)
-                ctx.log(f"killed: {reason}")
-                return ExecResult(ok=False, error=reason)
-            code = proc.wait()
-            # Anything the command left running in its group goes with it.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        finally:
-            if self.watchdog is not None:
-                self.watchdog.ended(proc.pid)
-        ctx.log(f"exit code {code}")
-        if code == 0:
-            return ExecResult(ok=True, result={"exit_code": 0})
-        if code < 0:
-            return ExecResult(ok=False, error=f"killed by signal {-code}")
-        return ExecResult(ok=False, error=f"exit code {code}")
+            # Logged once the command runs, so opening the log overlaps its start; still
+            # the first line, as its output is read only after this.
+            ctx.log(f"$ {' '.join(argv)}")
+        except BaseException:
+            attempt.abandon()  # cannot log (the disk is full?): it must not run unseen
+            raise
+        return attempt
 
     def _spawn(
         self, argv: list[str], program: str | None, cwd: str, env: dict[str, str], out: int
@@ -174,78 +170,177 @@ class CommandExecutor:
             start_new_session=True,
         )
 
-    def _pump(
-        self, proc: subprocess.Popen[bytes], fd: int, ctx: TaskContext, deadline: float | None
-    ) -> str | None:
-        """Copy output (read from `fd`, which this closes) to the log and read progress
-        lines until the command exits; returns why it must be killed, or None.
 
-        One poll(2) waits for output and for the exit together: the exit through a
-        pidfd (a descriptor that becomes readable when the process ends), so a command's
-        end is seen at once, without polling waitpid in a sleeping loop. poll(2) rather
-        than a selector: no epoll descriptor to make and close per command. The pipe
-        stays blocking: it is read once each time poll says it is readable, which
-        returns at once."""
-        pidfd = _pidfd(proc.pid)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        if pidfd is not None:
-            poller.register(pidfd, select.POLLIN)
-        buf = b""
-        eof = False
+class Attempt:
+    """One running command, moved along a step at a time by whoever waits on its
+    descriptors: `CommandExecutor.run` for one attempt in its thread, or a
+    `CommandLoop` for many in one thread.
 
-        def take() -> None:
-            nonlocal buf, eof
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                eof = True
-                poller.unregister(fd)
-                return
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for raw in lines:
-                self._line(raw, ctx)
+    It waits for output and for the exit together: the exit through a pidfd (a
+    descriptor that becomes readable when the process ends), so a command's end is seen
+    at once, without polling waitpid in a sleeping loop. The output pipe stays blocking:
+    it is read once each time poll(2) says it is readable, which returns at once.
+    Without a pidfd (not Linux, or before 5.3), the exit is looked for between polls."""
 
-        try:
-            while True:
-                if ctx.stopping:
-                    return ctx.stop_reason or "stopped"
-                wait = 200
-                if deadline is not None:
-                    left = deadline - time.time()
-                    if left <= 0:
-                        ctx.stop("timed out")
-                        return f"timed out after {ctx.task.timeout:g}s"
-                    wait = min(wait, int(left * 1000) + 1)
-                if pidfd is None:  # no pidfd: look at the process between polls
-                    exited = proc.poll() is not None
-                    ready = [] if exited else poller.poll(wait if not eof else 0)
-                    if eof and not exited:
-                        with contextlib.suppress(subprocess.TimeoutExpired):
-                            proc.wait(wait / 1000)
-                        continue
-                else:
-                    ready = poller.poll(wait)
-                    exited = any(f == pidfd for f, _ in ready)
-                if not eof and any(f == fd for f, _ in ready):
-                    take()
-                if exited:
-                    # Take what is already written and stop: a child the command left
-                    # behind may hold the pipe open for ever.
-                    while not eof and any(f == fd for f, _ in poller.poll(0)):
-                        take()
-                    break
-            if buf:
-                self._line(buf, ctx)
-            return None
-        finally:
-            os.close(fd)
-            if pidfd is not None:
-                os.close(pidfd)
+    STOP_CHECK_MS = 200  # how often, at most, a stop request or deadline is looked at
 
-    def _line(self, raw: bytes, ctx: TaskContext) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        fd: int,
+        pidfd: int | None,
+        ctx: TaskContext,
+        deadline: float | None,
+        watchdog: Watchdog | None,
+    ) -> None:
+        self.proc = proc
+        self.fd = fd
+        self.pidfd = pidfd
+        self.ctx = ctx
+        self.deadline = deadline
+        self._watchdog = watchdog
+        self._poller: select.poll | None = None
+        self._buf = b""
+        self.eof = False
+        self._killing: str | None = None  # why it is being killed
+        self._closed = False  # its descriptors are closed
+        self._sigkill_at: float | None = None  # when it gets SIGKILL (time.monotonic)
+        self.result: ExecResult | None = None
+
+    def watch(self, poller: select.poll) -> None:
+        """Register its descriptors with `poller`; they leave it as they close."""
+        self._poller = poller
+        poller.register(self.fd, select.POLLIN)
+        if self.pidfd is not None:
+            poller.register(self.pidfd, select.POLLIN)
+
+    def fds(self) -> list[int]:
+        return [self.fd] if self.pidfd is None else [self.fd, self.pidfd]
+
+    def wait_ms(self, now: float) -> int:
+        """How long its driver may wait before `check` must run again."""
+        wait = self.STOP_CHECK_MS
+        if self._sigkill_at is not None:
+            wait = min(wait, int((self._sigkill_at - time.monotonic()) * 1000) + 1)
+        elif self._killing is None and self.deadline is not None:
+            wait = min(wait, int((self.deadline - now) * 1000) + 1)
+        return max(wait, 0)
+
+    def ready(self, fd: int) -> None:
+        """`fd`, one of its descriptors, is readable."""
+        if fd == self.fd:
+            if not self.eof:
+                self._take()
+        elif fd == self.pidfd:
+            self._exited()
+
+    def check(self, now: float) -> None:
+        """Act on what time alone tells: a stop request, the deadline, a kill's grace
+        running out; and, without a pidfd, an exit."""
+        if self.result is not None:
+            return
+        if self.pidfd is None and self.proc.poll() is not None:
+            self._exited()
+            return
+        if self._killing is None:
+            # The deadline first: the worker may have seen it pass and asked for a stop.
+            if self.deadline is not None and now >= self.deadline:
+                self.ctx.stop("timed out")
+                self._kill(f"timed out after {self.ctx.task.timeout:g}s")
+            elif self.ctx.stopping:
+                self._kill(self.ctx.stop_reason or "stopped")
+        elif self._sigkill_at is not None and time.monotonic() >= self._sigkill_at:
+            self._signal(signal.SIGKILL)
+            self._sigkill_at = None  # sent: now only its exit is waited for
+
+    def _kill(self, reason: str) -> None:
+        """SIGTERM the whole process group now, SIGKILL what is left after a grace."""
+        self._killing = reason
+        self._sigkill_at = time.monotonic() + KILL_GRACE
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def _take(self) -> None:
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            self.eof = True
+            if self._poller is not None:
+                self._poller.unregister(self.fd)
+            return
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        for raw in lines:
+            self._line(raw)
+
+    def _line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         progress = parse_progress_line(line)
         if progress is not None:
-            ctx.report(progress)
-        ctx.log(line)
+            self.ctx.report(progress)
+        self.ctx.log(line)
+
+    def _exited(self) -> None:
+        """The command has exited: anything it left running in its group goes with it;
+        take the output already written (a pipe holds 64 KiB: what comes after is a
+        leftover's, which may write for ever), and settle the result."""
+        try:
+            self._signal(signal.SIGKILL)
+            for _ in range(64):
+                if self.eof or not _readable(self.fd):
+                    break
+                self._take()
+            if self._buf:
+                self._line(self._buf)
+                self._buf = b""
+            if self._watchdog is not None:
+                # before the reaping, which frees the process id for reuse
+                self._watchdog.ended(self.proc.pid)
+                self._watchdog = None
+            code = self.proc.wait()
+        finally:
+            self._close()
+        if self._killing is not None:
+            self.ctx.log(f"killed: {self._killing}")
+            self.result = ExecResult(ok=False, error=self._killing)
+            return
+        self.ctx.log(f"exit code {code}")
+        if code == 0:
+            self.result = ExecResult(ok=True, result={"exit_code": 0})
+        elif code < 0:
+            self.result = ExecResult(ok=False, error=f"killed by signal {-code}")
+        else:
+            self.result = ExecResult(ok=False, error=f"exit code {code}")
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in self.fds():
+            if self._poller is not None and (fd != self.fd or not self.eof):
+                self._poller.unregister(fd)
+            os.close(fd)
+        if self._watchdog is not None:
+            self._watchdog.ended(self.proc.pid)
+            self._watchdog = None
+
+    def abandon(self) -> None:
+        """Kill it at once and let go of it (its driver is going away)."""
+        if self.result is not None:
+            return
+        self._signal(signal.SIGKILL)
+        self._killing = self._killing or self.ctx.stop_reason or "stopped"
+        if self._closed:  # it failed while being settled
+            with contextlib.suppress(ChildProcessError):
+                self.proc.wait()
+            self.result = ExecResult(ok=False, error=self._killing)
+            return
+        self._exited()
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
