@@ -2,9 +2,12 @@
 and reports outcomes in batches. It fetches, decides (pure functions in `tasks`), and
 persists; nothing else.
 
-Threads: the main loop (claims, cancellations, time-outs, lease expiry), `concurrency`
-runners that execute attempts, a finisher that records outcomes in batches (so claiming
-and recording overlap), a heartbeat and a listener for database notifications.
+Threads: the main loop (claims, cancellations, time-outs, lease expiry), command loops
+that run plain command attempts, many at once each (`executors.loop`, one loop per four
+slots), `concurrency` runners that execute the other attempts (Python handlers, SSH,
+commands with outputs to keep), a finisher that records outcomes in batches (so
+claiming and recording overlap), a heartbeat and a listener for database notifications.
+Runners and loops share the worker's slots.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from conveyor.app import Conveyor
-from conveyor.executors import ExecResult, Executors, TaskContext
+from conveyor.executors import ExecResult, Executors, TaskContext, reported
+from conveyor.executors.loop import CommandLoop, Job, Slots, usable
 from conveyor.outputs import Publisher
 from conveyor.pipelines import Pipeline
 from conveyor.queues import order_queues
@@ -91,8 +95,26 @@ class _Running:
     pipeline: Pipeline
     deadline: float | None = None  # set when a runner starts it
     started: bool = False  # a runner has begun the attempt (else it waits, claimed ahead)
+    began: float = 0.0  # when (time.monotonic)
     finished: bool = False  # the attempt's thread has returned
     settled: bool = False  # its outcome is decided elsewhere (lost, timed out, released)
+
+
+@dataclass(frozen=True)
+class _Progressed:
+    """Progress a loop's attempt reported, to be written."""
+
+    task_id: int
+    progress: Progress
+
+
+@dataclass(frozen=True)
+class _Returned:
+    """A loop's attempt that reported progress has returned: its result follows."""
+
+    run: _Running
+    result: ExecResult
+    runner: int
 
 
 @dataclass
@@ -142,7 +164,18 @@ class Worker:
         # Attempts handed to the runners, and returned by each runner (each counts only
         # its own): their difference is how many are held, without a look at every one.
         self._started_n = 0
-        self._returned = [0] * self.opts.concurrency
+        # Command loops: one for every four slots, so that a slow file system call or the
+        # wait while a new process starts holds up only the commands of one loop.
+        self._loops: list[CommandLoop[_Running]] = []  # made when first wanted
+        self._n_loops = -(-self.opts.concurrency // 4)
+        self._next_loop = 0
+        self._returned = [0] * (self.opts.concurrency + self._n_loops)  # runners', loops'
+        # Attempts running at once, in the runners and the command loops together.
+        self._slots = Slots(self.opts.concurrency)
+        self._loop_usable = usable()
+        self._in_loop: dict[str, bool] = {}  # by pipeline: are its attempts for the loop
+        self._reports: queue.SimpleQueue[_Progressed | _Returned | None] = queue.SimpleQueue()
+        self._reporting: threading.Thread | None = None
         self._claim_below = claim_threshold(self.opts.concurrency, 0)
 
     # control ------------------------------------------------------------------
@@ -223,6 +256,11 @@ class Worker:
             for _ in runners:
                 self._todo.put(None)
             self._wait_runners(10.0)
+            for loop in self._loops:
+                loop.close()
+            if self._reporting is not None:
+                self._reports.put(None)  # after what the loops handed it
+                self._reporting.join(timeout=30)
             self._done.put(None)
             finisher.join(timeout=30)
             try:
@@ -291,15 +329,59 @@ class Worker:
             return app.artifacts.attempt_paths(t.request_id, t.id, t.attempts)
 
         def report(progress: Progress, task_id: int = task.id) -> None:
-            try:
-                self.store.report_progress(self.id, task_id, progress, app.clock())
-            except Unavailable:
-                pass  # progress is advisory; the outcome is what must not be lost
+            self._write_progress(task_id, progress)
 
-        run = _Running(task, TaskContext(task, paths, report), pipeline)
+        def report_later(progress: Progress, task_id: int = task.id) -> None:
+            self._reports.put(_Progressed(task_id, progress))
+
+        in_loop = self._for_loop(pipeline)
+        ctx = TaskContext(task, paths, report_later if in_loop else report)
+        run = _Running(task, ctx, pipeline)
         self._running[task.id] = run
         self._started_n += 1
-        self._todo.put(run)
+        if in_loop:
+            if not self._loops:
+                self._loops = [self._make_loop(pipeline, k) for k in range(self._n_loops)]
+                self._reporting = self._spawn(self._reporter, "conveyor-progress")
+            self._next_loop = (self._next_loop + 1) % self._n_loops
+            self._loops[self._next_loop].submit(run)
+        else:
+            self._todo.put(run)
+
+    def _write_progress(self, task_id: int, progress: Progress) -> None:
+        try:
+            self.store.report_progress(self.id, task_id, progress, self.app.clock())
+        except Unavailable:
+            pass  # progress is advisory; the outcome is what must not be lost
+
+    def _reporter(self) -> None:
+        """Write the progress that the command loops' attempts report (a loop must not
+        wait on the database), and hand on the results of those that reported, after
+        their progress."""
+        while True:
+            item = self._reports.get()
+            if item is None:
+                return
+            try:
+                if isinstance(item, _Progressed):
+                    self._write_progress(item.task_id, item.progress)
+                else:
+                    self._end(item.run, item.result, item.runner)
+            except Exception:  # the thread must outlive any one failure
+                log.exception("reporting progress failed")
+
+    def _for_loop(self, pipeline: Pipeline) -> bool:
+        """Whether command loops run this pipeline's attempts: plain commands, with
+        nothing to do around them that could block a loop (uploads, loading results)."""
+        known = self._in_loop.get(pipeline.name)
+        if known is None:
+            known = self._in_loop[pipeline.name] = (
+                self._loop_usable
+                and pipeline.executor == "command"
+                and pipeline.load_sqlite is None
+                and not self.publisher.wanted(pipeline)
+            )
+        return known
 
     def _held(self) -> int:
         """Attempts handed to the runners and not yet returned."""
@@ -317,37 +399,74 @@ class Worker:
             run = self._todo.get()
             if run is None:
                 return
-            with self._handoff:
-                if not run.settled:
-                    run.started = True
-                    timeout = run.task.timeout
-                    run.deadline = self.app.clock() + timeout if timeout else None
-            if not run.started:  # handed back (or cancelled) while it waited
-                run.finished = True
-                self._done.put((run, ExecResult(ok=False, error="not started")))
-                self._returned_one(i)
-                continue
-            began = time.monotonic()
+            self._slots.take()
             try:
-                if run.pipeline.outputs:
-                    self.publisher.before_attempt(run.pipeline, run.ctx)
-                result = self._executors.run(run.pipeline, run.ctx, run.deadline)
-                if result.ok and run.pipeline.load_sqlite is not None:
-                    result = self._load_output(run, result)
-            except Exception as exc:  # an executor bug must not lose the task
-                log.exception("executor failed on task %s", run.task.id)
-                result = ExecResult(ok=False, error=f"executor error: {exc}")
+                if self._begin(run, i):
+                    self._end(run, self._attempt(run), i)
             finally:
+                self._slots.give()
+
+    def _attempt(self, run: _Running) -> ExecResult:
+        try:
+            if run.pipeline.outputs:
+                self.publisher.before_attempt(run.pipeline, run.ctx)
+            result = self._executors.run(run.pipeline, run.ctx, run.deadline)
+            if result.ok and run.pipeline.load_sqlite is not None:
+                result = self._load_output(run, result)
+        except Exception as exc:  # an executor bug must not lose the task
+            log.exception("executor failed on task %s", run.task.id)
+            result = ExecResult(ok=False, error=f"executor error: {exc}")
+        finally:
+            run.ctx.flush_progress()
+            run.ctx.close()
+        return self._keep_outputs(run, result)
+
+    def _begin(self, run: _Running, i: int) -> bool:
+        """Start `run` (its deadline runs from now), unless it was handed back or
+        cancelled while it waited: then it is returned, not started, and False."""
+        with self._handoff:
+            if not run.settled:
+                run.started = True
+                timeout = run.task.timeout
+                run.deadline = self.app.clock() + timeout if timeout else None
+        if not run.started:
+            run.finished = True
+            self._done.put((run, ExecResult(ok=False, error="not started")))
+            self._returned_one(i)
+            return False
+        run.began = time.monotonic()
+        return True
+
+    def _end(self, run: _Running, result: ExecResult, i: int) -> None:
+        """An attempt has returned: its result goes to the finisher, its slot is free."""
+        took = time.monotonic() - run.began
+        mean = self._mean_duration
+        # Updated without a lock: a lost update only nudges an estimate.
+        self._mean_duration = took if mean is None else mean + (took - mean) / 16
+        run.finished = True
+        self._done.put((run, result))
+        self._returned_one(i)
+
+    def _make_loop(self, pipeline: Pipeline, k: int) -> CommandLoop[_Running]:
+        i = self.opts.concurrency + k  # its count in `_returned`
+
+        def begin(run: _Running) -> Job | None:
+            return Job(run.pipeline, run.ctx, run.deadline) if self._begin(run, i) else None
+
+        def end(run: _Running, result: ExecResult) -> None:
+            try:
                 run.ctx.flush_progress()
                 run.ctx.close()
-            result = self._keep_outputs(run, result)
-            took = time.monotonic() - began
-            mean = self._mean_duration
-            # Runners update it without a lock: a lost update only nudges an estimate.
-            self._mean_duration = took if mean is None else mean + (took - mean) / 16
-            run.finished = True
-            self._done.put((run, result))
-            self._returned_one(i)
+            finally:
+                result = reported(run.pipeline, result)
+                if run.ctx.reported:  # through the thread writing its progress: in order
+                    self._reports.put(_Returned(run, result, i))
+                else:
+                    self._end(run, result, i)
+
+        return CommandLoop(
+            self._executors.command(pipeline), self._slots, begin, end, f"conveyor-commands-{k}"
+        )
 
     def _load_output(self, run: _Running, result: ExecResult) -> ExecResult:
         """The pipeline's `load_sqlite`: the task succeeds only once its result file is

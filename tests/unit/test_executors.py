@@ -14,6 +14,7 @@ import pytest
 
 from conveyor.executors import ExecResult, TaskContext, executor_for
 from conveyor.executors.command import CommandExecutor
+from conveyor.executors.loop import CommandLoop, Job, Slots
 from conveyor.executors.python import NonRetryable, PythonExecutor
 from conveyor.pipelines import Pipeline
 from conveyor.tasks import Progress
@@ -23,12 +24,37 @@ from .factories import make_task
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(autouse=True, params=["pidfd", "waitpid"])
+def run_in_a_loop(
+    self: CommandExecutor, pipeline: Pipeline, ctx: TaskContext, deadline: float | None
+) -> ExecResult:
+    """An attempt run as a worker runs plain commands: by a command loop."""
+    ended: list[ExecResult] = []
+    done = threading.Event()
+
+    def end(_item: str, result: ExecResult) -> None:
+        ended.append(result)
+        done.set()
+
+    loop: CommandLoop[str] = CommandLoop(
+        self, Slots(1), lambda _item: Job(pipeline, ctx, deadline), end
+    )
+    try:
+        loop.submit("the attempt")
+        assert done.wait(60)
+    finally:
+        loop.close()
+    return ended[0]
+
+
+@pytest.fixture(autouse=True, params=["pidfd", "waitpid", "loop"])
 def exit_watch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs twice: commands' exits seen through a pidfd (Linux), and through
-    waitpid between polls (where the system has no pidfd)."""
+    """Every command test runs three times: the attempt alone in its thread, its exit
+    seen through a pidfd (Linux) or through waitpid between polls (where the system has
+    no pidfd); and in a command loop, as a worker runs plain commands."""
     if request.param == "waitpid":
         monkeypatch.setattr("conveyor.executors.command._pidfd", lambda pid: None)
+    if request.param == "loop":
+        monkeypatch.setattr(CommandExecutor, "run", run_in_a_loop)
     return str(request.param)
 
 

@@ -9,10 +9,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from conveyor.pipelines import Pipeline
 from conveyor.tasks import Progress, Task
+
+if TYPE_CHECKING:
+    from conveyor.executors.command import CommandExecutor
 
 # A command reports progress with a line of its own on stdout:
 #   conveyor:progress CURRENT[/TOTAL] [MESSAGE]
@@ -73,6 +76,7 @@ class TaskContext:
         self._interval = min_report_interval
         self._last_report = 0.0
         self._pending: Progress | None = None
+        self.reported = False  # it has reported progress
         # Made only when somebody waits: most attempts never need one.
         self._stop_event: threading.Event | None = None
         self._stopped = False
@@ -121,6 +125,7 @@ class TaskContext:
         self.report(Progress(current, total, message))
 
     def report(self, progress: Progress) -> None:
+        self.reported = True
         now = time.monotonic()
         # Stored at most every `_interval` seconds; the last value is flushed at the end.
         if now - self._last_report >= self._interval:
@@ -224,17 +229,32 @@ class Executors:
     def close(self) -> None:
         self.watchdog.close()
 
-    def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
+    def _get(self, pipeline: Pipeline) -> Executor:
         executor = self._made.get(pipeline.executor)
         if executor is None:
             with self._lock:
                 executor = self._made.get(pipeline.executor) or self._make(pipeline)
                 self._made[pipeline.executor] = executor
-        result = executor.run(pipeline, ctx, deadline)
-        if result.ok and pipeline.paths.path_map and result.result is not None:
-            # Paths in a result are reported in the submitter's terms (P:/..., not /mnt/p/...).
-            from conveyor.paths import reverse, rewrite_prefixes
+        return executor
 
-            mapped = rewrite_prefixes(result.result, reverse(pipeline.paths.path_map))
-            return ExecResult(ok=True, result=mapped, error=result.error)
-        return result
+    def command(self, pipeline: Pipeline) -> CommandExecutor:
+        """The command executor, for a pipeline whose attempts a `CommandLoop` runs."""
+        from conveyor.executors.command import CommandExecutor
+
+        executor = self._get(pipeline)
+        assert isinstance(executor, CommandExecutor)
+        return executor
+
+    def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
+        return reported(pipeline, self._get(pipeline).run(pipeline, ctx, deadline))
+
+
+def reported(pipeline: Pipeline, result: ExecResult) -> ExecResult:
+    """A result as it is reported: paths in the submitter's terms (P:/..., not
+    /mnt/p/...)."""
+    if result.ok and pipeline.paths.path_map and result.result is not None:
+        from conveyor.paths import reverse, rewrite_prefixes
+
+        mapped = rewrite_prefixes(result.result, reverse(pipeline.paths.path_map))
+        return ExecResult(ok=True, result=mapped, error=result.error)
+    return result

@@ -1,0 +1,301 @@
+"""The command loop: one thread that runs all of a worker's plain command attempts at
+once, waiting on all their descriptors (output pipes, pidfds) in one poll(2).
+
+Why not a thread per running command: each thread's every system call gives up and
+takes back the interpreter lock, and with several threads wanting it each hand-over is a
+futex wake and a context switch. For short commands that bookkeeping costs more than
+the commands; one thread that sleeps only when nothing is ready does the same work with
+a fraction of the hand-overs. Longer work in an attempt (uploading outputs, loading a
+result file) still runs in the worker's runner threads.
+
+The loop is given its work as items of the worker's own (`T`), with two callbacks:
+`begin(item)` says what to run (or None: the item is no longer to run, and `begin` has
+dealt with it), `end(item, result)` takes the result. How many attempts run at once is
+shared with the runner threads through `Slots`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from conveyor.executors import ExecResult, TaskContext
+from conveyor.executors.command import Attempt, CommandExecutor
+from conveyor.pipelines import Pipeline
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def usable() -> bool:
+    """The loop sees exits through pidfds: Linux 5.3 and later."""
+    try:
+        fd = os.pidfd_open(os.getpid())
+    except (AttributeError, OSError):
+        return False
+    os.close(fd)
+    return True
+
+
+class Slots:
+    """How many attempts may run at once (a worker's concurrency), shared by threads
+    that wait for a slot and by command loops, which must never wait: a loop that finds
+    none free leaves a callback, called when one comes back."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        self._waiting: list[Callable[[], None]] = []
+        # Threads blocked in `take`, and slots given back to them: a loop, which takes
+        # slots as fast as they come back, must not keep them from those threads.
+        self._blocked = 0
+        self._handed = 0
+
+    def take(self) -> None:
+        with self._lock:
+            if self._free and not self._blocked:
+                self._free -= 1
+                return
+            self._blocked += 1
+            try:
+                while not self._handed:
+                    if self._free:  # given back before this thread blocked
+                        self._free -= 1
+                        return
+                    self._freed.wait()
+                self._handed -= 1
+            finally:
+                self._blocked -= 1
+
+    def try_take(self, or_call: Callable[[], None]) -> bool:
+        """Take a slot if one is free; if not, `or_call` is called once one is given
+        back. (A plain lock, not a semaphore: a loop takes a slot per command.)"""
+        with self._lock:
+            if self._free:
+                self._free -= 1
+                return True
+            if or_call not in self._waiting:
+                self._waiting.append(or_call)
+            return False
+
+    def give(self) -> None:
+        with self._lock:
+            if self._blocked > self._handed:
+                self._handed += 1  # to a blocked thread, not to whoever asks first
+                self._freed.notify()
+                return
+            self._free += 1
+            waiting, self._waiting = self._waiting, []
+        for call in waiting:
+            call()
+
+
+@dataclass(frozen=True)
+class Job:
+    pipeline: Pipeline
+    ctx: TaskContext
+    deadline: float | None
+
+
+class CommandLoop(Generic[T]):
+    def __init__(
+        self,
+        executor: CommandExecutor,
+        slots: Slots,
+        begin: Callable[[T], Job | None],
+        end: Callable[[T, ExecResult], None],
+        name: str = "conveyor-commands",
+    ) -> None:
+        self._executor = executor
+        self._slots = slots
+        self._begin = begin
+        self._end = end
+        self._pending: deque[T] = deque()
+        self._running: dict[Attempt, T] = {}
+        self._by_fd: dict[int, Attempt] = {}
+        # When the running attempts next need a look for what time alone tells (stop
+        # requests, deadlines; `Attempt.check`), by time.time().
+        self._due = 0.0
+        self._poller = select.poll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._poller.register(self._wake_r, select.POLLIN)
+        # Set while the loop may be (or is about to be) asleep: only then do submits
+        # and freed slots write to the wake pipe, and only once until it is read.
+        self._listening = False
+        self._poked = False
+        self._closing = False
+        self._abandon = False
+        self._shut = False  # the wake pipe is closed
+        self._wake_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # other threads ------------------------------------------------------------------
+    def submit(self, item: T) -> None:
+        """Run `item` once a slot is free."""
+        self._pending.append(item)
+        self._poke()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop once every attempt has ended (the worker has asked them to stop);
+        attempts still running after `timeout` are killed."""
+        if self._shut:
+            return
+        self._closing = True
+        self._wake()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("commands did not stop in %.0f s; killing them", timeout)
+            self._abandon = True
+            self._wake()
+            self._thread.join(10)
+        if not self._thread.is_alive():
+            with self._wake_lock:
+                self._shut = True
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+
+    def _poke(self) -> None:
+        """Wake the loop if it may be asleep and nobody has yet."""
+        if self._listening and not self._poked:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._poked = True
+        with self._wake_lock:  # never a write to a closed (perhaps reused) descriptor
+            if self._shut:
+                return
+            with contextlib.suppress(BlockingIOError):  # full: it is awake anyway
+                os.write(self._wake_w, b"x")
+
+    # the loop's thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                if self._turn():
+                    break
+            except Exception:  # a bug here must not stop the commands being seen to
+                log.exception("the command loop failed; going on")
+                time.sleep(0.1)
+        for attempt in list(self._running):
+            self._step(attempt, None, time.time(), abandon=True)
+        while self._pending:
+            self._fail(self._pending.popleft(), "the command loop stopped")
+
+    def _turn(self) -> bool:
+        """One turn of the loop: start what may start, wait for something to happen,
+        act on it. True: time to stop."""
+        self._listening = True  # from here on, news pokes the loop
+        self._start_pending()
+        if self._abandon or (self._closing and not self._running and not self._pending):
+            return True
+        ready = self._poller.poll(self._timeout_ms())
+        self._listening = False
+        for fd, _ in ready:
+            if fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+                # Cleared only once drained: a poke meanwhile leaves its byte, or its item
+                # is seen when the next turn starts what is pending.
+                self._poked = False
+                continue
+            attempt = self._by_fd.get(fd)
+            if attempt is not None:
+                self._step(attempt, fd)
+        now = time.time()
+        if now >= self._due:
+            for attempt in list(self._running):
+                self._step(attempt, None, now)
+            self._due = now + self._wait_ms(now) / 1000
+        return False
+
+    def _wait_ms(self, now: float) -> int:
+        """How long until the running attempts need a look, however quiet they are."""
+        return min(
+            (a.wait_ms(now) if a.pidfd is not None else 10 for a in self._running),
+            default=Attempt.STOP_CHECK_MS,
+        )
+
+    def _timeout_ms(self) -> int:
+        if not self._running:
+            return -1  # a submit, a freed slot or close() wakes it
+        return max(0, int((self._due - time.time()) * 1000) + 1)
+
+    def _start_pending(self) -> None:
+        while self._pending and self._slots.try_take(self._poke):
+            item = self._pending.popleft()
+            try:
+                job = self._begin(item)
+                if job is None:
+                    self._slots.give()
+                    continue
+                started = self._executor.start(job.pipeline, job.ctx, job.deadline)
+            except Exception as exc:
+                log.exception("starting a command failed")
+                self._slots.give()
+                self._hand_back(item, ExecResult(ok=False, error=f"executor error: {exc}"))
+                continue
+            if isinstance(started, ExecResult):
+                self._slots.give()
+                self._hand_back(item, started)
+                continue
+            started.watch(self._poller)
+            self._running[started] = item
+            for fd in started.fds():
+                self._by_fd[fd] = started
+            now = time.time()
+            self._due = min(self._due, now + started.wait_ms(now) / 1000)
+
+    def _step(
+        self, attempt: Attempt, fd: int | None, now: float = 0.0, abandon: bool = False
+    ) -> None:
+        """Move one attempt on (its `fd` is readable, or time has passed); hand over its
+        result once it has one."""
+        try:
+            if abandon:
+                attempt.abandon()
+            elif fd is not None:
+                attempt.ready(fd)
+            else:
+                attempt.check(now)
+        except Exception as exc:
+            log.exception("a command attempt failed in the loop")
+            try:
+                attempt.abandon()
+            except Exception:
+                log.exception("could not kill the command")
+            if attempt.result is None:
+                attempt.result = ExecResult(ok=False, error=f"executor error: {exc}")
+        if attempt.result is None:
+            return
+        item = self._running.pop(attempt)
+        for descriptor in attempt.fds():
+            self._by_fd.pop(descriptor, None)
+        self._slots.give()
+        self._hand_back(item, attempt.result)
+
+    def _hand_back(self, item: T, result: ExecResult) -> None:
+        try:
+            self._end(item, result)
+        except Exception:  # the caller's bug: the loop and the other attempts go on
+            log.exception("handing back a command attempt's result failed")
+
+    def _fail(self, item: T, why: str) -> None:
+        try:
+            job = self._begin(item)
+        except Exception:
+            log.exception("could not hand back a command attempt")
+            return
+        if job is not None:
+            self._hand_back(item, ExecResult(ok=False, error=why))

@@ -1,0 +1,224 @@
+"""A worker runs plain command attempts in its command loops: they share the worker's
+slots with its other attempts, and time-outs, cancels and stopping reach them as they
+reach any attempt. On SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor.app import Conveyor
+from conveyor.tasks import TaskStatus
+from conveyor.worker import Worker, WorkerOptions, WorkerStats
+
+pytestmark = pytest.mark.timeout(90)
+
+PIPELINES = """
+[pipelines.short]
+executor = "command"
+command = ["{conveyor.python}", "-c", "import sys; print('item', sys.argv[1])", "{n}"]
+split = "items"
+
+[pipelines.hang]
+executor = "command"
+command = [
+    "{conveyor.python}", "-c",
+    "import os, time; print('PID', os.getpid(), flush=True); time.sleep(60)",
+]
+split = "items"
+timeout = 0.5
+retries = 1
+backoff = 0
+
+[pipelines.nap]
+executor = "command"
+command = [
+    "{conveyor.python}", "-c",
+    "import time; s = time.time(); time.sleep(0.4); print('SPAN', s, time.time())",
+]
+split = "items"
+
+[pipelines.steps]
+executor = "command"
+command = [
+    "{conveyor.python}", "-c",
+    '''
+import time
+for i in 1, 2, 3:
+    print('conveyor:progress %d/3 step %d' % (i, i), flush=True)
+    time.sleep(0.6)
+''',
+]
+split = "items"
+
+[pipelines.pynap]
+executor = "python"
+handler = "worker_handlers:timed"
+split = "items"
+"""
+
+
+def start(worker: Worker) -> tuple[threading.Thread, list[WorkerStats]]:
+    out: list[WorkerStats] = []
+    thread = threading.Thread(target=lambda: out.append(worker.run()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def wait_for(check: Any, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def pids_logged(app: Conveyor, request_id: int) -> list[int]:
+    pids = []
+    for task in app.get(request_id).tasks:
+        for attempt in app.artifacts.attempts_logged(request_id, task.id):
+            log = app.artifacts.log_path(request_id, task.id, attempt).read_text()
+            pids += [int(line.split()[1]) for line in log.splitlines() if line.startswith("PID ")]
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_many_short_commands_each_succeed_with_its_own_log(make_app: Any) -> None:
+    app = make_app(PIPELINES)
+    rid = app.submit("short", {"items": [{"n": n} for n in range(120)]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=8, burst=True, poll_interval=0.05))
+    thread, stats = start(worker)
+    thread.join(60)
+    assert not thread.is_alive()
+    assert len(worker._loops) == 2  # one loop for every four slots
+    req = app.get(rid)
+    assert req.status.value == "succeeded"
+    assert stats[0].succeeded == 120
+    for task in req.tasks:
+        log = app.artifacts.log_path(rid, task.id, 1).read_text().splitlines()
+        assert log[1:] == [f"item {task.params['n']}", "exit code 0"]
+        assert task.result == {"exit_code": 0}
+
+
+def test_commands_and_other_attempts_share_the_workers_slots(make_app: Any) -> None:
+    app = make_app(PIPELINES)
+    # taken in the order submitted: the two kinds by turns
+    submitted = [
+        (
+            app.submit("nap", {"items": [n]}).request.id,
+            app.submit("pynap", {"items": [n]}).request.id,
+        )
+        for n in range(4)
+    ]
+    worker = Worker(app, WorkerOptions(concurrency=3, burst=True, poll_interval=0.05))
+    thread, _ = start(worker)
+    thread.join(60)
+    assert not thread.is_alive()
+    spans = []
+    for nap, pynap in submitted:
+        (task,) = app.get(pynap).tasks
+        assert task.status == TaskStatus.SUCCEEDED
+        spans.append((task.result["start"], task.result["end"], "python"))
+        (task,) = app.get(nap).tasks
+        assert task.status == TaskStatus.SUCCEEDED
+        log = app.artifacts.log_path(nap, task.id, 1).read_text()
+        (line,) = [x for x in log.splitlines() if x.startswith("SPAN ")]
+        spans.append((float(line.split()[1]), float(line.split()[2]), "command"))
+    at_once = [[k for s, e, k in spans if s <= t < e] for t, _, _ in spans]
+    assert max(len(kinds) for kinds in at_once) == 3
+    assert any(set(kinds) == {"python", "command"} for kinds in at_once)  # side by side
+
+
+def test_a_command_that_times_out_is_killed_and_retried_by_policy(make_app: Any) -> None:
+    app = make_app(PIPELINES)
+    rid = app.submit("hang", {"items": [1]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=4, burst=True, poll_interval=0.05))
+    started = time.monotonic()
+    thread, _ = start(worker)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 15
+    (task,) = app.get(rid).tasks
+    assert task.status == TaskStatus.FAILED
+    assert task.attempts == 2
+    assert task.error == "timed out after 0.5s"
+    pids = pids_logged(app, rid)
+    assert len(pids) == 2
+    assert not any(alive(p) for p in pids)
+
+
+def test_cancelling_a_request_kills_its_running_commands(make_app: Any) -> None:
+    app = make_app(PIPELINES.replace("timeout = 0.5", "timeout = 60"))
+    rid = app.submit("hang", {"items": [1, 2]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=4, lease=1.5, poll_interval=0.05))
+    thread, _ = start(worker)
+    try:
+        wait_for(lambda: len(pids_logged(app, rid)) == 2)
+        pids = pids_logged(app, rid)
+        app.cancel(rid)
+        wait_for(lambda: not any(alive(p) for p in pids), timeout=10)
+        wait_for(lambda: not worker._running, timeout=10)
+    finally:
+        worker.stop(hard=True)
+        thread.join(15)
+    assert app.get(rid).status.value == "cancelled"
+
+
+def test_a_stopping_worker_kills_its_commands_and_hands_their_tasks_back(
+    make_app: Any,
+) -> None:
+    app = make_app(PIPELINES.replace("timeout = 0.5", "timeout = 60"))
+    rid = app.submit("hang", {"items": [1, 2, 3]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=4, poll_interval=0.05, grace=0.5))
+    thread, stats = start(worker)
+    wait_for(lambda: len(pids_logged(app, rid)) == 3)
+    pids = pids_logged(app, rid)
+    worker.stop()
+    thread.join(20)
+    assert not thread.is_alive()
+    assert not any(alive(p) for p in pids)
+    assert stats[0].released == 3
+    assert [(t.status, t.attempts) for t in app.get(rid).tasks] == [(TaskStatus.QUEUED, 0)] * 3
+
+
+def test_progress_from_a_looped_command_is_stored_before_its_outcome(make_app: Any) -> None:
+    app = make_app(PIPELINES)
+    rid = app.submit("steps", {"items": [1]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=4, burst=True, poll_interval=0.05))
+    thread, _ = start(worker)
+    seen = []
+    while thread.is_alive():
+        (task,) = app.get(rid).tasks
+        if task.status == TaskStatus.RUNNING and task.progress.current:
+            seen.append(task.progress.current)
+        time.sleep(0.05)
+    thread.join()
+    (task,) = app.get(rid).tasks
+    assert task.status == TaskStatus.SUCCEEDED
+    assert 1 in seen or 2 in seen  # seen while it ran
+    assert (task.progress.current, task.progress.total) == (3, 3)  # the last one, kept
+    assert task.progress.message == "step 3"
+
+
+def test_without_pidfds_commands_run_in_threads_as_before(
+    make_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("conveyor.worker.usable", lambda: False)
+    app = make_app(PIPELINES)
+    rid = app.submit("short", {"items": [{"n": n} for n in range(12)]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=4, burst=True, poll_interval=0.05))
+    thread, stats = start(worker)
+    thread.join(60)
+    assert worker._loops == []
+    assert stats[0].succeeded == 12
+    assert app.get(rid).status.value == "succeeded"

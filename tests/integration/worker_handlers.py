@@ -1,0 +1,14 @@
+"""Python handlers of the worker tests (the in-process worker imports them by name)."""
+
+from __future__ import annotations
+
+import time
+
+from conveyor.executors import TaskContext
+
+
+def timed(ctx: TaskContext) -> dict[str, float]:
+    """Waits `params.seconds`; returns when it started and ended."""
+    start = time.time()
+    ctx.wait_stop(float(ctx.params.get("seconds", 0.4)))
+    return {"start": start, "end": time.time()}

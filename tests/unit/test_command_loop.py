@@ -1,0 +1,310 @@
+"""The command loop: many commands at once in one thread, sharing a worker's slots with
+other threads. Real commands (tiny Python programs), real process groups."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor.executors import ExecResult, TaskContext
+from conveyor.executors.command import CommandExecutor
+from conveyor.executors.loop import CommandLoop, Job, Slots
+from conveyor.pipelines import Pipeline
+
+from .factories import make_task
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def script(code: str) -> Pipeline:
+    return Pipeline(
+        name="p", executor="command", command=(sys.executable, "-c", textwrap.dedent(code))
+    )
+
+
+class Item:
+    """One attempt handed to the loop, with where its log goes."""
+
+    def __init__(
+        self, tmp_path: Path, n: int, pipeline: Pipeline, timeout: float | None = None
+    ) -> None:
+        self.n = n
+        self.pipeline = pipeline
+        self.log_file = tmp_path / "logs" / f"{n}.log"
+        work = tmp_path / "work" / str(n)
+        self.ctx = TaskContext(
+            make_task(id=n, timeout=timeout), lambda: (self.log_file, work), lambda _p: None
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_file.read_text() if self.log_file.exists() else ""
+
+
+class Harness:
+    """A loop, with what it began and ended."""
+
+    def __init__(self, slots: Slots, begin: Any = None, end: Any = None) -> None:
+        self.slots = slots
+        self.begun: list[Item] = []
+        self.ended: dict[int, ExecResult] = {}
+        self._cond = threading.Condition()
+
+        def default_begin(item: Item) -> Job | None:
+            self.begun.append(item)
+            return Job(item.pipeline, item.ctx, None)
+
+        def default_end(item: Item, result: ExecResult) -> None:
+            item.ctx.close()
+            with self._cond:
+                self.ended[item.n] = result
+                self._cond.notify_all()
+            if end is not None:
+                end(item, result)
+
+        self.loop: CommandLoop[Item] = CommandLoop(
+            CommandExecutor(), slots, begin or default_begin, default_end
+        )
+
+    def wait_ended(self, n: int, timeout: float = 20.0) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.ended) >= n, timeout), self.ended
+
+
+@pytest.fixture
+def harnesses() -> Any:
+    made: list[Harness] = []
+
+    def make(slots: Slots, begin: Any = None, end: Any = None) -> Harness:
+        h = Harness(slots, begin, end)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.loop.close(timeout=10)
+        assert free_slots(h.slots) == h.slots.made, "a slot was lost or given back twice"
+
+
+def made_slots(n: int) -> Slots:
+    slots = Slots(n)
+    slots.made = n  # type: ignore[attr-defined]
+    return slots
+
+
+def free_slots(slots: Slots) -> int:
+    n = 0
+    while slots.try_take(lambda: None):
+        n += 1
+    for _ in range(n):
+        slots.give()
+    return n
+
+
+TIMED = """
+    import time
+    print("START", time.time(), flush=True)
+    time.sleep(0.4)
+    print("END", time.time(), flush=True)
+"""
+
+
+def span(log: str) -> tuple[float, float]:
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in log.splitlines()
+        if line.startswith(("START ", "END "))
+    }
+    return values["START"], values["END"]
+
+
+def test_as_many_commands_run_at_once_as_there_are_slots(tmp_path, harnesses) -> None:
+    h = harnesses(made_slots(3))
+    items = [Item(tmp_path, n, script(TIMED)) for n in range(7)]
+    start = time.monotonic()
+    for item in items:
+        h.loop.submit(item)
+    h.wait_ended(7)
+    elapsed = time.monotonic() - start
+    assert all(r.ok for r in h.ended.values()), h.ended
+    spans = [span(item.log) for item in items]
+    most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert most == 3
+    assert elapsed < 7 * 0.4  # they did run side by side
+
+
+def test_each_result_and_log_belongs_to_its_own_command(tmp_path, harnesses) -> None:
+    h = harnesses(made_slots(4))
+    code = "import sys; n = int(sys.argv[1]); print('item', n); sys.exit(n % 3)"
+    items = []
+    for n in range(24):
+        pipeline = Pipeline(
+            name="p", executor="command", command=(sys.executable, "-c", code, str(n))
+        )
+        items.append(Item(tmp_path, n, pipeline))
+        h.loop.submit(items[-1])
+    h.wait_ended(24)
+    for item in items:
+        result = h.ended[item.n]
+        if item.n % 3 == 0:
+            assert result == ExecResult(ok=True, result={"exit_code": 0})
+        else:
+            assert result.error == f"exit code {item.n % 3}"
+        lines = item.log.splitlines()
+        assert lines[0].startswith("$ ")
+        assert lines[1:] == [f"item {item.n}", f"exit code {item.n % 3}"]
+
+
+def test_a_stop_request_kills_only_its_own_command(tmp_path, harnesses) -> None:
+    h = harnesses(made_slots(3))
+    items = [Item(tmp_path, n, script("import time; time.sleep(30)")) for n in range(3)]
+    for item in items:
+        h.loop.submit(item)
+    deadline = time.monotonic() + 10
+    while len(h.begun) < 3 or not all(i.log for i in items):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    items[1].ctx.stop("cancelled")
+    h.wait_ended(1, timeout=5)
+    assert list(h.ended) == [1]
+    assert h.ended[1] == ExecResult(ok=False, error="cancelled")
+    assert "killed: cancelled" in items[1].log
+    time.sleep(0.3)
+    assert list(h.ended) == [1]  # the others run on
+    for item in (items[0], items[2]):
+        item.ctx.stop("done with")
+    h.wait_ended(3, timeout=5)
+
+
+def test_a_timed_out_command_is_killed(tmp_path, harnesses) -> None:
+    def begin(item: Item) -> Job:
+        return Job(item.pipeline, item.ctx, time.time() + 0.3)
+
+    item = Item(tmp_path, 1, script("import time; time.sleep(30)"), timeout=0.3)
+    h = harnesses(made_slots(1), begin)
+    start = time.monotonic()
+    h.loop.submit(item)
+    h.wait_ended(1, timeout=5)
+    assert time.monotonic() - start < 3
+    assert h.ended[1].error == "timed out after 0.3s"
+    assert item.ctx.stopping
+
+
+def test_a_slot_given_back_by_another_thread_starts_a_waiting_command(tmp_path, harnesses) -> None:
+    slots = made_slots(1)
+    slots.take()  # a runner thread has the only slot
+    h = harnesses(slots)
+    h.loop.submit(Item(tmp_path, 1, script("pass")))
+    time.sleep(0.3)
+    assert h.begun == [] and h.ended == {}
+    slots.give()
+    h.wait_ended(1, timeout=5)
+    assert h.ended[1].ok
+    slots.take()  # and the loop has given it back
+    slots.give()
+
+
+def test_a_thread_waiting_for_a_slot_gets_the_one_the_loop_gives_back(tmp_path, harnesses) -> None:
+    slots = made_slots(1)
+    h = harnesses(slots)
+    h.loop.submit(Item(tmp_path, 1, script("import time; time.sleep(0.3)")))
+    while not h.begun:
+        time.sleep(0.01)
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (slots.take(), got.set()), daemon=True)
+    waiter.start()
+    assert not got.wait(0.1)
+    h.wait_ended(1)
+    assert got.wait(5)
+    slots.give()
+
+
+def test_an_item_no_longer_to_run_is_skipped_and_its_slot_freed(tmp_path, harnesses) -> None:
+    h: Harness
+
+    def begin(item: Item) -> Job | None:
+        if item.n == 1:
+            return None  # handed back while it waited
+        h.begun.append(item)
+        return Job(item.pipeline, item.ctx, None)
+
+    h = harnesses(made_slots(1), begin)
+    skipped = Item(tmp_path, 1, script("open('ran', 'w')"))
+    h.loop.submit(skipped)
+    h.loop.submit(Item(tmp_path, 2, script("pass")))
+    h.wait_ended(1)
+    assert list(h.ended) == [2]
+    assert not skipped.log_file.exists()
+
+
+def test_what_fails_to_start_is_a_result_and_the_rest_still_run(tmp_path, harnesses) -> None:
+    def begin(item: Item) -> Job:
+        if item.n == 1:
+            raise RuntimeError("no such thing")
+        return Job(item.pipeline, item.ctx, None)
+
+    h = harnesses(made_slots(2), begin)
+    h.loop.submit(Item(tmp_path, 1, script("pass")))
+    missing = Pipeline(name="p", executor="command", command=(str(tmp_path / "nothing-here"),))
+    h.loop.submit(Item(tmp_path, 2, missing))
+    h.loop.submit(Item(tmp_path, 3, script("pass")))
+    h.wait_ended(3)
+    assert h.ended[1] == ExecResult(ok=False, error="executor error: no such thing")
+    assert not h.ended[2].ok and not h.ended[2].retryable
+    assert "cannot start" in (h.ended[2].error or "")
+    assert h.ended[3].ok
+
+
+def test_closing_kills_commands_that_were_not_stopped(tmp_path, harnesses) -> None:
+    h = harnesses(made_slots(1))
+    code = "import os, time; print('PID', os.getpid(), flush=True); time.sleep(30)"
+    item = Item(tmp_path, 1, script(code))
+    h.loop.submit(item)
+    while "PID" not in item.log:
+        time.sleep(0.02)
+    pid = int(item.log.split("PID ")[1].split()[0])
+    start = time.monotonic()
+    h.loop.close(timeout=0.5)
+    assert time.monotonic() - start < 5
+    assert not h.ended[1].ok
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_failing_result_callback_stops_neither_the_loop_nor_the_others(
+    tmp_path, harnesses
+) -> None:
+    def end(item: Item, _result: ExecResult) -> None:
+        if item.n == 1:
+            raise RuntimeError("a bug in the caller")
+
+    h = harnesses(made_slots(2), end=end)
+    for n in range(1, 5):
+        h.loop.submit(Item(tmp_path, n, script("pass")))
+    h.wait_ended(4)
+    assert all(r.ok for r in h.ended.values())
+    h.loop.submit(Item(tmp_path, 5, script("pass")))
+    h.wait_ended(5)
+
+
+def test_a_thread_waiting_for_a_slot_is_not_overtaken_by_the_loop(tmp_path, harnesses) -> None:
+    slots = made_slots(1)
+    h = harnesses(slots)
+    for n in range(6):  # the loop always has more to start
+        h.loop.submit(Item(tmp_path, n, script("import time; time.sleep(0.1)")))
+    while not h.begun:
+        time.sleep(0.01)
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (slots.take(), got.set()), daemon=True)
+    waiter.start()
+    assert got.wait(5)
+    assert len(h.begun) <= 2  # the first slot given back went to the thread
+    slots.give()
+    h.wait_ended(6)
