@@ -3,15 +3,15 @@ back those it has not started as soon as it stops or their request is cancelled.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import pytest
+from worker_support import start, wait_for
 
 from conveyor.app import Conveyor
 from conveyor.tasks import TaskStatus
-from conveyor.worker import Worker, WorkerOptions, WorkerStats
+from conveyor.worker import Worker, WorkerOptions
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,20 +25,6 @@ split = "items"
 
 def nap(app: Conveyor, n: int, seconds: float) -> int:
     return app.submit("nap", {"items": [{"seconds": seconds}] * n}).request.id
-
-
-def start(worker: Worker) -> tuple[threading.Thread, list[WorkerStats]]:
-    out: list[WorkerStats] = []
-    thread = threading.Thread(target=lambda: out.append(worker.run()), daemon=True)
-    thread.start()
-    return thread, out
-
-
-def wait_for(check: Any, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.02)
 
 
 def statuses(app: Conveyor, request_id: int) -> list[tuple[TaskStatus, int]]:

@@ -4,16 +4,16 @@ reach any attempt. On SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from worker_support import start, wait_for
 
 from conveyor.app import Conveyor
 from conveyor.tasks import TaskStatus
-from conveyor.worker import Worker, WorkerOptions, WorkerStats
+from conveyor.worker import Worker, WorkerOptions
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -60,20 +60,6 @@ executor = "python"
 handler = "worker_handlers:timed"
 split = "items"
 """
-
-
-def start(worker: Worker) -> tuple[threading.Thread, list[WorkerStats]]:
-    out: list[WorkerStats] = []
-    thread = threading.Thread(target=lambda: out.append(worker.run()), daemon=True)
-    thread.start()
-    return thread, out
-
-
-def wait_for(check: Any, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.02)
 
 
 def pids_logged(app: Conveyor, request_id: int) -> list[int]:
