@@ -114,7 +114,6 @@ class _Returned:
 
     run: _Running
     result: ExecResult
-    runner: int
 
 
 @dataclass
@@ -257,6 +256,8 @@ class Worker:
                 self._todo.put(None)
             self._wait_runners(10.0)
             for loop in self._loops:
+                loop.stop()  # all at once: they wind down together
+            for loop in self._loops:
                 loop.close()
             if self._reporting is not None:
                 self._reports.put(None)  # after what the loops handed it
@@ -341,8 +342,9 @@ class Worker:
         self._started_n += 1
         if in_loop:
             if not self._loops:
+                if self._reporting is None:
+                    self._reporting = self._spawn(self._reporter, "conveyor-progress")
                 self._loops = [self._make_loop(pipeline, k) for k in range(self._n_loops)]
-                self._reporting = self._spawn(self._reporter, "conveyor-progress")
             self._next_loop = (self._next_loop + 1) % self._n_loops
             self._loops[self._next_loop].submit(run)
         else:
@@ -366,7 +368,7 @@ class Worker:
                 if isinstance(item, _Progressed):
                     self._write_progress(item.task_id, item.progress)
                 else:
-                    self._end(item.run, item.result, item.runner)
+                    self._done.put((item.run, item.result))
             except Exception:  # the thread must outlive any one failure
                 log.exception("reporting progress failed")
 
@@ -437,14 +439,16 @@ class Worker:
         run.began = time.monotonic()
         return True
 
-    def _end(self, run: _Running, result: ExecResult, i: int) -> None:
-        """An attempt has returned: its result goes to the finisher, its slot is free."""
+    def _end(self, run: _Running, result: ExecResult, i: int, post: bool = True) -> None:
+        """An attempt has returned: its result goes to the finisher (unless `post` is
+        False: the caller sends it), its slot is free."""
         took = time.monotonic() - run.began
         mean = self._mean_duration
         # Updated without a lock: a lost update only nudges an estimate.
         self._mean_duration = took if mean is None else mean + (took - mean) / 16
         run.finished = True
-        self._done.put((run, result))
+        if post:
+            self._done.put((run, result))
         self._returned_one(i)
 
     def _make_loop(self, pipeline: Pipeline, k: int) -> CommandLoop[_Running]:
@@ -459,10 +463,11 @@ class Worker:
                 run.ctx.close()
             finally:
                 result = reported(run.pipeline, result)
-                if run.ctx.reported:  # through the thread writing its progress: in order
-                    self._reports.put(_Returned(run, result, i))
-                else:
-                    self._end(run, result, i)
+                # The result of one that reported progress goes through the thread
+                # writing its progress, after it; it has returned all the same.
+                self._end(run, result, i, post=not run.ctx.reported)
+                if run.ctx.reported:
+                    self._reports.put(_Returned(run, result))
 
         return CommandLoop(
             self._executors.command(pipeline), self._slots, begin, end, f"conveyor-commands-{k}"

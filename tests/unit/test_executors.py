@@ -593,3 +593,24 @@ def test_builtin_sleep_handler_reports_done(tmp_path):
 def test_executor_for_picks_by_kind():
     assert isinstance(executor_for(script("pass")), CommandExecutor)
     assert isinstance(executor_for(python_pipeline("m:f")), PythonExecutor)
+
+
+def live_children() -> list[int]:
+    """This process's children that are not zombies."""
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return [p for p in pids if not gone(p)]
+
+
+def test_a_command_whose_log_cannot_be_written_is_not_left_running(tmp_path):
+    (tmp_path / "logs").write_text("a file where the log's folder should be")
+    before = live_children()
+    run = Run(tmp_path)
+    try:
+        result = CommandExecutor().run(script("import time; time.sleep(30)"), run.ctx, None)
+    except NotADirectoryError:  # alone in its thread: the worker's runner reports it
+        pass
+    else:  # in a loop, which reports it itself
+        assert not result.ok and "Not a directory" in (result.error or "")
+    assert live_children() == before

@@ -5,6 +5,7 @@ a stopping worker kills everything it started."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import shutil
@@ -17,6 +18,8 @@ import time
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
 from conveyor.executors.watchdog import Watchdog
 from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
+
+log = logging.getLogger(__name__)
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 
@@ -320,24 +323,30 @@ class Attempt:
         self._closed = True
         for fd in self.fds():
             if self._poller is not None and (fd != self.fd or not self.eof):
-                self._poller.unregister(fd)
+                with contextlib.suppress(KeyError):  # never registered: watch() failed
+                    self._poller.unregister(fd)
             os.close(fd)
         if self._watchdog is not None:
             self._watchdog.ended(self.proc.pid)
             self._watchdog = None
 
     def abandon(self) -> None:
-        """Kill it at once and let go of it (its driver is going away)."""
+        """Kill it at once and let go of it (its driver is going away, or failed).
+        Never raises: what it cannot log is lost, the process is still reaped."""
         if self.result is not None:
             return
         self._signal(signal.SIGKILL)
         self._killing = self._killing or self.ctx.stop_reason or "stopped"
-        if self._closed:  # it failed while being settled
+        if not self._closed:
+            try:
+                self._exited()
+            except Exception:
+                log.exception("could not log the end of a killed command")
+        if self.result is None:
+            self._close()
             with contextlib.suppress(ChildProcessError):
                 self.proc.wait()
             self.result = ExecResult(ok=False, error=self._killing)
-            return
-        self._exited()
 
 
 def _readable(fd: int) -> bool:

@@ -146,13 +146,16 @@ class CommandLoop(Generic[T]):
         self._pending.append(item)
         self._poke()
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop once every attempt has ended (the worker has asked them to stop);
-        attempts still running after `timeout` are killed."""
-        if self._shut:
-            return
+    def stop(self) -> None:
+        """Stop once every attempt has ended (the worker has asked them to stop)."""
         self._closing = True
         self._wake()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """`stop`, and wait for it; attempts still running after `timeout` are killed."""
+        if self._shut:
+            return
+        self.stop()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("commands did not stop in %.0f s; killing them", timeout)
@@ -196,8 +199,10 @@ class CommandLoop(Generic[T]):
         """One turn of the loop: start what may start, wait for something to happen,
         act on it. True: time to stop."""
         self._listening = True  # from here on, news pokes the loop
+        if self._abandon:
+            return True
         self._start_pending()
-        if self._abandon or (self._closing and not self._running and not self._pending):
+        if self._closing and not self._running and not self._pending:
             return True
         ready = self._poller.poll(self._timeout_ms())
         self._listening = False
@@ -250,10 +255,20 @@ class CommandLoop(Generic[T]):
                 self._slots.give()
                 self._hand_back(item, started)
                 continue
-            started.watch(self._poller)
-            self._running[started] = item
-            for fd in started.fds():
-                self._by_fd[fd] = started
+            try:
+                started.watch(self._poller)
+                self._running[started] = item
+                for fd in started.fds():
+                    self._by_fd[fd] = started
+            except Exception as exc:
+                log.exception("watching a command failed")
+                self._running.pop(started, None)
+                for fd in started.fds():
+                    self._by_fd.pop(fd, None)
+                started.abandon()
+                self._slots.give()
+                self._hand_back(item, ExecResult(ok=False, error=f"executor error: {exc}"))
+                continue
             now = time.time()
             self._due = min(self._due, now + started.wait_ms(now) / 1000)
 
