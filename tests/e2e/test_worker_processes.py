@@ -96,6 +96,25 @@ def stop(procs: Processes, worker: subprocess.Popen[bytes], timeout: float = 15)
 SLEEP3 = "import sys, time; time.sleep(3)"
 
 
+def record_env(tmp_path: Path, db_url: str, handler: str, poll_interval: float) -> dict[str, str]:
+    """The CLI's environment for a config with one pipeline, `record`, running the e2e
+    handler `handler` on each item."""
+    config = write_config(
+        tmp_path,
+        f"""
+        [conveyor]
+        poll_interval = {poll_interval}
+
+        [pipelines.record]
+        executor = "python"
+        handler = "e2e_handlers:{handler}"
+        split = "items"
+        """,
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(E2E_DIR), os.environ.get("PYTHONPATH")]))
+    return cli_env(db_url, config, PYTHONPATH=pythonpath)
+
+
 def test_sigkill_drill(tmp_path: Path, db_url: str, procs: Processes, open_db: OpenDb) -> None:
     """A worker killed mid-task: its lease expires, another worker runs the task again,
     and the task succeeds once."""
@@ -158,20 +177,7 @@ def test_two_workers_drain_2000_tasks_each_once(
 ) -> None:
     out = tmp_path / "ran"
     out.mkdir()
-    config = write_config(
-        tmp_path,
-        """
-        [conveyor]
-        poll_interval = 0.2
-
-        [pipelines.record]
-        executor = "python"
-        handler = "e2e_handlers:record"
-        split = "items"
-        """,
-    )
-    pythonpath = os.pathsep.join(filter(None, [str(E2E_DIR), os.environ.get("PYTHONPATH")]))
-    env = cli_env(pg_url, config, PYTHONPATH=pythonpath)
+    env = record_env(tmp_path, pg_url, "record", poll_interval=0.2)
     store = open_db(pg_url)
 
     workers = [procs.start("worker", "--concurrency", "8", env=env, cwd=tmp_path) for _ in range(2)]
@@ -569,20 +575,7 @@ def test_worker_processes_share_the_queues_and_stop_together(
     they leave when the queues are empty."""
     out = tmp_path / "ran"
     out.mkdir()
-    config = write_config(
-        tmp_path,
-        """
-        [conveyor]
-        poll_interval = 0.1
-
-        [pipelines.record]
-        executor = "python"
-        handler = "e2e_handlers:record_slowly"
-        split = "items"
-        """,
-    )
-    pythonpath = os.pathsep.join(filter(None, [str(E2E_DIR), os.environ.get("PYTHONPATH")]))
-    env = cli_env(db_url, config, PYTHONPATH=pythonpath)
+    env = record_env(tmp_path, db_url, "record_slowly", poll_interval=0.1)
     store = open_db(db_url)
     first = procs.start("worker", "--processes", "2", "--concurrency", "2", env=env, cwd=tmp_path)
     wait_for(
