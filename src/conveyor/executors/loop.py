@@ -240,35 +240,26 @@ class CommandLoop(Generic[T]):
     def _start_pending(self) -> None:
         while self._pending and self._slots.try_take(self._poke):
             item = self._pending.popleft()
+            started: Attempt | ExecResult | None = None
             try:
                 job = self._begin(item)
                 if job is None:
                     self._slots.give()
                     continue
                 started = self._executor.start(job.pipeline, job.ctx, job.deadline)
+                if isinstance(started, ExecResult):
+                    self._finish(item, started)
+                    continue
+                started.watch(self._poller)
             except Exception as exc:
                 log.exception("starting a command failed")
-                self._slots.give()
-                self._hand_back(item, ExecResult(ok=False, error=f"executor error: {exc}"))
+                if isinstance(started, Attempt):
+                    started.abandon()
+                self._finish(item, ExecResult(ok=False, error=f"executor error: {exc}"))
                 continue
-            if isinstance(started, ExecResult):
-                self._slots.give()
-                self._hand_back(item, started)
-                continue
-            try:
-                started.watch(self._poller)
-                self._running[started] = item
-                for fd in started.fds():
-                    self._by_fd[fd] = started
-            except Exception as exc:
-                log.exception("watching a command failed")
-                self._running.pop(started, None)
-                for fd in started.fds():
-                    self._by_fd.pop(fd, None)
-                started.abandon()
-                self._slots.give()
-                self._hand_back(item, ExecResult(ok=False, error=f"executor error: {exc}"))
-                continue
+            self._running[started] = item
+            for fd in started.fds():
+                self._by_fd[fd] = started
             now = time.time()
             self._due = min(self._due, now + started.wait_ms(now) / 1000)
 
@@ -286,10 +277,7 @@ class CommandLoop(Generic[T]):
                 attempt.check(now)
         except Exception as exc:
             log.exception("a command attempt failed in the loop")
-            try:
-                attempt.abandon()
-            except Exception:
-                log.exception("could not kill the command")
+            attempt.abandon()
             if attempt.result is None:
                 attempt.result = ExecResult(ok=False, error=f"executor error: {exc}")
         if attempt.result is None:
@@ -297,8 +285,13 @@ class CommandLoop(Generic[T]):
         item = self._running.pop(attempt)
         for descriptor in attempt.fds():
             self._by_fd.pop(descriptor, None)
+        self._finish(item, attempt.result)
+
+    def _finish(self, item: T, result: ExecResult) -> None:
+        """`item`, which had a slot, is done with: the slot is free, the result handed
+        back."""
         self._slots.give()
-        self._hand_back(item, attempt.result)
+        self._hand_back(item, result)
 
     def _hand_back(self, item: T, result: ExecResult) -> None:
         try:
