@@ -85,11 +85,10 @@ def conveyor_run(opts: ExecBenchOptions, scratch: Path) -> float:
         "CONVEYOR_DATABASE_URL": f"sqlite:///{base / 'conveyor.db'}",
         "CONVEYOR_ARTIFACTS": str(base / "artifacts"),
     }
-    config = parse_config(data, base, env)
-    app = Conveyor(config)
+    app = Conveyor(parse_config(data, base, env))
     try:
         app.store.upgrade()
-        stop = _start_workers(config, app, opts)
+        stop = _start_workers(app, opts)
         try:
             warm = app.submit("true", {"items": list(range(opts.concurrency * 2))})
             _finished(app, warm.request.id, 0.01)
@@ -110,7 +109,7 @@ def conveyor_run(opts: ExecBenchOptions, scratch: Path) -> float:
         app.close()
 
 
-def _start_workers(config: Config, app: Conveyor, opts: ExecBenchOptions) -> Callable[[], None]:
+def _start_workers(app: Conveyor, opts: ExecBenchOptions) -> Callable[[], None]:
     """The worker(s) of a round, started; returns how to stop them. One process: a
     worker in a thread of this one. Several: forked worker processes sharing the
     concurrency, as `conveyor worker --processes` runs them."""
@@ -127,7 +126,7 @@ def _start_workers(config: Config, app: Conveyor, opts: ExecBenchOptions) -> Cal
     ctx = multiprocessing.get_context("fork")
     each = max(1, opts.concurrency // opts.processes)
     children = [
-        ctx.Process(target=_worker_process, args=(config, each), daemon=True)
+        ctx.Process(target=_worker_process, args=(app.config, each), daemon=True)
         for _ in range(opts.processes)
     ]
     for child in children:

@@ -35,14 +35,14 @@ def _ignore(_signum: int, _frame: FrameType | None) -> None:
     pass
 
 
-def run_processes(target: Callable[[int], bool], processes: int, ends_ok: bool = False) -> bool:
-    """Run `target(i)` in `processes` forked processes (i = 0, 1, …) until they end;
+def run_processes(target: Callable[[], bool], processes: int, ends_ok: bool = False) -> bool:
+    """Run `target()` in `processes` forked processes until they end;
     True if all of them succeeded. Without `ends_ok` a process is expected to run until
     a stop signal: one that ends on its own, or fails, stops the others. With it (a
     worker's --burst), each may end when it is done."""
     parent = os.getpid()
     children: set[int] = set()
-    for i in range(processes):
+    for _ in range(processes):
         pid = os.fork()
         if pid == 0:  # a child: it only ever leaves through os._exit
             code = 1
@@ -51,7 +51,7 @@ def run_processes(target: Callable[[int], bool], processes: int, ends_ok: bool =
                 # ignored in the programs a process starts (a worker's commands).
                 signal.signal(signal.SIGINT, _ignore)
                 threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-                code = 0 if target(i) else 1
+                code = 0 if target() else 1
             except BaseException:
                 log.exception("process %s failed", os.getpid())
             finally:

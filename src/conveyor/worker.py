@@ -172,7 +172,6 @@ class Worker:
         # Attempts running at once, in the runners and the command loops together.
         self._slots = Slots(self.opts.concurrency)
         self._loop_usable = usable()
-        self._in_loop: dict[str, bool] = {}  # by pipeline: are its attempts for the loop
         self._reports: queue.SimpleQueue[_Progressed | _Returned | None] = queue.SimpleQueue()
         self._reporting: threading.Thread | None = None
         self._claim_below = claim_threshold(self.opts.concurrency, 0)
@@ -375,15 +374,12 @@ class Worker:
     def _for_loop(self, pipeline: Pipeline) -> bool:
         """Whether command loops run this pipeline's attempts: plain commands, with
         nothing to do around them that could block a loop (uploads, loading results)."""
-        known = self._in_loop.get(pipeline.name)
-        if known is None:
-            known = self._in_loop[pipeline.name] = (
-                self._loop_usable
-                and pipeline.executor == "command"
-                and pipeline.load_sqlite is None
-                and not self.publisher.wanted(pipeline)
-            )
-        return known
+        return (
+            self._loop_usable
+            and pipeline.executor == "command"
+            and pipeline.load_sqlite is None
+            and not self.publisher.wanted(pipeline)
+        )
 
     def _held(self) -> int:
         """Attempts handed to the runners and not yet returned."""

@@ -172,7 +172,7 @@ def _in_processes(
     config = app.config
     app.close()  # each process makes its own connections
 
-    def one(_: int) -> bool:
+    def one() -> bool:
         own = Conveyor(config)
         try:
             return body(own)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from conveyor.executors import ExecResult, TaskContext
-from conveyor.executors.command import Attempt, CommandExecutor
+from conveyor.executors.command import Attempt, CommandExecutor, _pidfd
 from conveyor.pipelines import Pipeline
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,8 @@ T = TypeVar("T")
 
 def usable() -> bool:
     """The loop sees exits through pidfds: Linux 5.3 and later."""
-    try:
-        fd = os.pidfd_open(os.getpid())
-    except (AttributeError, OSError):
+    fd = _pidfd(os.getpid())
+    if fd is None:
         return False
     os.close(fd)
     return True

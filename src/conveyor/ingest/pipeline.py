@@ -47,6 +47,7 @@ _FLUSH = object()  # to the writer: commit what you have now
 _REPORT_EVERY = 0.5  # seconds between reports of counters and events
 _MAX_EVENTS = 1000  # events waiting for the store; beyond, the oldest are dropped
 _CHUNK = 32  # most files sent to a worker process at once
+_PER_WORKER = 4  # chunks in flight to each worker process
 _STRIKES = 3  # a file whose preparing fails this many times (its worker dies) fails
 _STOP_GRACE = 10.0  # seconds the workers have, when stopping, to finish their chunks
 
@@ -260,7 +261,7 @@ class Ingester:
         archiver.start()
         reporter = threading.Thread(target=self._report_loop, name="ingest-report", daemon=True)
         reporter.start()
-        slots = max(2, 4 * self.cfg.workers)
+        slots = max(2, _PER_WORKER * self.cfg.workers)
         todo: list[str] = []
         next_scan = 0.0
         handed = False
@@ -345,7 +346,7 @@ class Ingester:
         if self.cfg.workers == 0:
             return None
         return WorkerPool(
-            self.plan, self.cfg.workers, per_worker=4, timeout=self.cfg.prepare_timeout
+            self.plan, self.cfg.workers, per_worker=_PER_WORKER, timeout=self.cfg.prepare_timeout
         )
 
     @staticmethod

@@ -148,8 +148,10 @@ class WorkerPool:
         busy = [w for w in self._workers if w.sent]
         if not busy:
             return out
-        for w in busy:  # what is there already, before anybody is found overdue
-            self._receive(w, out)
+        now = time.monotonic()
+        for w in busy:  # what an overdue worker sent already, before it is found so
+            if w.overdue is None and now - w.began > self.timeout * len(w.sent[0]):
+                self._receive(w, out)
         busy = [w for w in busy if w.sent]
         self._kill_overdue(busy)
         # wake for the next worker to become overdue (one already killed wakes the wait
@@ -157,11 +159,15 @@ class WorkerPool:
         due = [w.began + self.timeout * len(w.sent[0]) for w in busy if w.overdue is None]
         if due:
             timeout = max(0.0, min(timeout, min(due) - time.monotonic() + 0.01))
-        if busy and not out:
-            wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout)
+        # One wait for all: a pipe is ready when results came, a sentinel when its
+        # process has exited.
+        ready = set(
+            wait([w.conn for w in busy] + [w.process.sentinel for w in busy], 0 if out else timeout)
+        )
         for w in busy:
-            self._receive(w, out)
-            if not w.process.is_alive():
+            if w.conn in ready:
+                self._receive(w, out)
+            if w.process.sentinel in ready:
                 out.extend(self._replace(w))
         return out
 
