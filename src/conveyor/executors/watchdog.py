@@ -25,6 +25,11 @@ import threading
 import time
 
 GRACE = 5.0
+# After each read, the watchdog sleeps this long before reading again: the worker's
+# messages pile up in the pipe meanwhile and come in one read, where reading each as it
+# comes would wake the watchdog twice per command. Nothing waits on it: a write to the
+# pipe returns at once while the pipe has room (64 KiB, thousands of messages).
+BATCH = 0.02
 
 
 def _alive(pgid: int) -> bool:
@@ -59,6 +64,7 @@ def main() -> None:
                 live.add(pgid)
             elif line[:1] == b"-":
                 live.discard(pgid)
+        time.sleep(BATCH)
     for pgid in live:
         try:
             os.killpg(pgid, signal.SIGTERM)
