@@ -4,7 +4,10 @@ failing on a lock upgrade, and a claim is one `UPDATE … RETURNING`."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -147,6 +150,79 @@ def sqlite_engine(url: str, lock_timeout: float, foreign_keys: bool) -> sa.Engin
     return engine
 
 
+class WriterQueue:
+    """Where the writers of all processes sharing a database file (`serve --workers`,
+    `worker --processes`, a CLI beside them) wait for their turn: an exclusive flock(2)
+    on a file beside the database (`<database>-lock`), taken before BEGIN IMMEDIATE.
+
+    Left to SQLite, a writer that finds the write lock taken sleeps in its busy handler's
+    growing steps (1, 2, 5, 10 ms and on), while the holder is done in a fraction of a
+    millisecond. Here it tries the lock again after 0.1 ms, then at most every 1 ms.
+
+    After `timeout` it goes on to BEGIN IMMEDIATE and SQLite's own wait, so a verb still
+    fails as unavailable rather than wait for ever; and until the lock is next taken,
+    writers try it only once (a stopped process holding it must not cost every write a
+    `timeout`). Where the lock file cannot be made or locked (a read-only folder, a file
+    system without flock), writers go straight to SQLite's wait, as without it. Written
+    by hand: the wait is on every write's path, and a lock-file library's polling steps
+    are tens of milliseconds."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._fd: int | None = None
+        self._pid = 0  # the process that opened `_fd`: a forked child opens its own
+        self._stuck = False  # the last wait ran out of time
+
+    def _open(self) -> int | None:
+        if self._pid != os.getpid():
+            # flock belongs to the open file: one inherited over fork would be shared
+            self._fd, self._pid = None, os.getpid()
+            with contextlib.suppress(OSError):
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return self._fd
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """Hold the lock (or, as said above, have waited long enough) while inside.
+        One thread at a time: the store's own lock comes first."""
+        fd = self._open()
+        held = fd is not None and self._take(fd)
+        try:
+            yield
+        finally:
+            if held and fd is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _take(self, fd: int) -> bool:
+        pause = 0.0001
+        deadline: float | None = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._stuck = False
+                return True
+            except BlockingIOError:
+                if self._stuck:
+                    return False
+            except OSError:
+                return False  # no flock here
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.timeout
+            elif now >= deadline:
+                self._stuck = True
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd, self._pid = None, 0
+
+
 class SQLiteStore(SQLStore):
     dialect = "sqlite"
 
@@ -165,21 +241,41 @@ class SQLiteStore(SQLStore):
         engine = sqlite_engine(url, lock_timeout, foreign_keys=True)
         super().__init__(url, engine)
         self._writer = threading.RLock()
+        self._queue = (
+            WriterQueue(f"{database}-lock", lock_timeout)
+            if database and database != ":memory:"
+            else None
+        )
+        self._depth = 0  # nested writes of the thread holding `_writer`
+
+    def close(self) -> None:
+        super().close()
+        if self._queue is not None:
+            self._queue.close()
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         # Writers of this process queue here and each starts the moment the one before it
         # commits. Left to SQLite's write lock, a writer that finds it taken sleeps in the
         # busy handler's growing steps (up to 100 ms) while others keep taking it: a
-        # worker's outcomes could wait behind hundreds of its own claims.
+        # worker's outcomes could wait behind hundreds of its own claims. Then writers of
+        # other processes are queued with (`WriterQueue`).
         with self._writer:
+            self._depth += 1
             try:
-                with super()._write() as conn:
+                turn = (
+                    self._queue.turn()
+                    if self._queue is not None and self._depth == 1
+                    else contextlib.nullcontext()
+                )
+                with turn, super()._write() as conn:
                     yield conn
             except sqlite3.OperationalError as exc:
                 # raised by statements run on the driver's cursor (the hot verbs) and by
                 # BEGIN: the database is locked, read-only, out of space or gone
                 raise Unavailable(describe_error(exc)) from exc
+            finally:
+                self._depth -= 1
 
     def upgrade(self) -> None:
         try:
