@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,22 +73,24 @@ _HOLDER = """
 import sqlite3, sys, time
 from conveyor.store.sqlite import WriterQueue
 path, hold, lock_only = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
-with WriterQueue(path + "-lock", 60).turn():
-    if not lock_only:
-        db = sqlite3.connect(path, isolation_level=None)
-        db.execute("BEGIN IMMEDIATE")
-    print("held", flush=True)
-    time.sleep(hold)
-    if not lock_only:
-        db.execute("COMMIT")
-    print(time.time(), flush=True)
+queue = WriterQueue(path, 60)
+queue.take()
+if not lock_only:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+time.sleep(hold)
+if not lock_only:
+    db.execute("COMMIT")
+queue.release()
+print(time.time(), flush=True)
 """
 
 
 def _hold(path: Path, seconds: float, lock_only: bool = False) -> subprocess.Popen[str]:
     """Another process writing to `path` as a Conveyor process does (its turn, then the
     write lock) and holding both for `seconds`; or, with `lock_only`, holding only the
-    turn (a stuck process)."""
+    turn (a process stopped at the wrong moment)."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(path), str(seconds), "1" if lock_only else "0"],
         stdout=subprocess.PIPE,
@@ -104,73 +107,121 @@ def _released(proc: subprocess.Popen[str]) -> float:
     return float(out.strip())
 
 
-def _store_with_task(path: Path, lock_timeout: float = 60.0) -> SQLiteStore:
+def _store_with_tasks(path: Path, lock_timeout: float = 60.0, n: int = 2) -> SQLiteStore:
     store = SQLiteStore(f"sqlite:///{path}", lock_timeout=lock_timeout)
     store.upgrade()
-    store.submit(new_request(items=[1, 2]), time.time())
+    store.submit(new_request(items=list(range(1, n + 1))), time.time())
     return store
+
+
+def _late(store: SQLiteStore, path: Path) -> float:
+    """How long after another process's write commits a write of `store` that waited
+    for it is done."""
+    holder = _hold(path, 0.25)
+    [task] = store.claim("w", ["default"], 1, 60, time.time())
+    done = time.time()
+    released = _released(holder)
+    assert done >= released  # it did wait for the other process
+    assert store.finish("w", [Outcome(task.id, TaskAction.SUCCEED)], time.time())
+    return done - released
 
 
 def test_a_writer_waiting_for_another_process_starts_as_soon_as_it_commits(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "c.db"
-    store = _store_with_task(path)
-    holder = _hold(path, 0.25)
-    [task] = store.claim("w", ["default"], 1, 60, time.time())
-    done = time.time()
-    released = _released(holder)
-    assert done >= released  # it did wait for the other process
+    store = _store_with_tasks(path)
     # SQLite's own busy handler, sleeping 1, 2, 5 ... 25, 50 ms between tries, would
-    # have tried again 78 ms after a 250 ms hold ended
-    assert done - released < 0.04
-    assert task.params["items"] == 1
+    # try again 78 ms after a 250 ms hold ends
+    assert _late(store, path) < 0.06
     store.close()
 
 
-def test_a_stopped_process_holding_only_the_turn_delays_one_write_by_the_lock_timeout(
+def test_a_process_stopped_holding_its_turn_fails_one_write_and_delays_none_after(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "c.db"
-    store = _store_with_task(path, lock_timeout=0.3)
-    holder = _hold(path, 10, lock_only=True)
+    store = _store_with_tasks(path, lock_timeout=0.3, n=3)
+    holder = _hold(path, 30, lock_only=True)
     try:
         started = time.monotonic()
-        [task] = store.claim("w", ["default"], 1, 60, time.time())
+        with pytest.raises(Unavailable, match="locked"):
+            store.claim("w", ["default"], 1, 60, time.time())
         assert 0.3 <= time.monotonic() - started < 3
-        # the next writes do not wait for it again
+        # the next writes wait a moment only, and then for SQLite's lock, which is free
         started = time.monotonic()
+        [task] = store.claim("w", ["default"], 1, 60, time.time())
         assert store.finish("w", [Outcome(task.id, TaskAction.SUCCEED)], time.time())
-        [second] = store.claim("w", ["default"], 1, 60, time.time())
-        assert time.monotonic() - started < 0.25
-        assert second.params["items"] == 2
+        assert time.monotonic() - started < 1
     finally:
         holder.kill()
         holder.wait()
+    # with the stopped process gone, writes take their turns again
+    assert store.claim("w", ["default"], 1, 60, time.time())
+    assert _late(store, path) < 0.06
     store.close()
+
+
+def test_a_write_waiting_behind_another_writer_fails_within_the_lock_timeout(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.db"
+    first = _store_with_tasks(path, lock_timeout=0.5)
+    second = SQLiteStore(f"sqlite:///{path}", lock_timeout=0.5)  # its own turns
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # held by a client that takes no turns
+    failed: list[BaseException] = []
+
+    def first_write() -> None:
+        try:
+            first.claim("w", ["default"], 1, 60, time.time())
+        except Unavailable as exc:
+            failed.append(exc)
+
+    try:
+        ahead = threading.Thread(target=first_write)
+        ahead.start()  # takes its turn, then waits for SQLite's lock
+        time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="locked"):
+            second.claim("w", ["default"], 1, 60, time.time())
+        # its wait for the turn and SQLite's wait share the one time-out
+        assert time.monotonic() - started < 0.9
+        ahead.join(5)
+        assert len(failed) == 1
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert second.claim("w", ["default"], 1, 60, time.time())
+    first.close()
+    second.close()
 
 
 def test_writes_go_on_where_the_lock_file_cannot_be_made(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
     (tmp_path / "c.db-lock").mkdir()  # in the way: cannot be opened as a file
-    store = _store_with_task(path)
+    store = _store_with_tasks(path)
     [task] = store.claim("w", ["default"], 1, 60, time.time())
     assert store.finish("w", [Outcome(task.id, TaskAction.SUCCEED)], time.time()) == [task.id]
     store.close()
 
 
-def test_a_forked_process_takes_its_turn_apart_from_its_parent(tmp_path: Path) -> None:
-    queue = WriterQueue(str(tmp_path / "c.db-lock"), 60)
+def test_a_process_forked_while_holding_the_turn_takes_its_own_after_the_parent(
+    tmp_path: Path,
+) -> None:
+    queue = WriterQueue(str(tmp_path / "c.db"), 10)
     entered = tmp_path / "entered"
-    with queue.turn():  # the lock file is open in this process when it forks
-        pid = os.fork()
-        if pid == 0:  # the child: its turn must wait for the parent's to end
-            try:
-                with queue.turn():
-                    entered.write_text(repr(time.time()))
-            finally:
-                os._exit(0)
-        time.sleep(0.2)
-        left = time.time()
+    queue.take()  # this process holds the turn (its lock file open) when it forks
+    pid = os.fork()
+    if pid == 0:  # the child: its turn comes once the parent has given up its own
+        try:
+            queue.take()
+            entered.write_text(repr(time.time()))
+            queue.release()
+        finally:
+            os._exit(0)
+    time.sleep(0.2)
+    left = time.time()
+    queue.release()
     os.waitpid(pid, 0)
     assert float(entered.read_text()) >= left

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,15 +116,145 @@ class _SqliteListener:
         self._db.close()
 
 
+class WriterQueue:
+    """Where the writers of every process sharing a database file (`serve --workers`,
+    `worker --processes`, an ingester, a CLI beside them) wait for their turn: an
+    exclusive flock(2) on a file beside the database, `<database>-lock`, taken before
+    BEGIN IMMEDIATE and given up once the transaction is over; within a process, a
+    thread lock first.
+
+    Left to SQLite, a writer that finds the write lock taken sleeps in its busy handler's
+    growing steps (1, 2, 5, 10 ms and on), while the holder is done in a fraction of a
+    millisecond. Here it tries again after 0.1 ms, then at most every 1 ms.
+
+    `take` waits up to `timeout` in all, then fails as SQLite's own wait does ("database
+    is locked"). After such a time-out, until the turn is next taken, a writer waits
+    only `STUCK_WAIT` and then goes on to SQLite's own wait: a process stopped while
+    holding the turn must not cost every write a `timeout`. Where the lock file cannot
+    be opened or locked (a read-only folder, a file system without flock), writers go
+    straight to SQLite's wait, as without it. Written by hand: the wait is on every
+    write's path, and a lock-file library's polling steps are tens of milliseconds."""
+
+    STUCK_WAIT = 0.1
+
+    def __init__(self, database: str, timeout: float) -> None:
+        self.database = database
+        self.path = f"{database}-lock"
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._held = False  # by a thread of this process
+        self._fd: int | None = None  # open while the turn is held
+        self._stuck = False  # the last wait ran out of time
+        _QUEUES.add(self)
+
+    def _forked(self) -> None:
+        """In a child just forked: a thread of the parent may have held the turn. The
+        child's copy of the lock file is closed (the parent's lock stays the parent's
+        until it gives the turn up), and the thread lock is a new one."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._lock = threading.Lock()
+        self._held = False  # a connection of the parent's given back here gives up nothing
+
+    def take(self) -> float:
+        """Wait for the turn; the seconds waited. Raises sqlite3.OperationalError when
+        the wait runs out of time."""
+        started = time.monotonic()
+        budget = self.STUCK_WAIT if self._stuck else self.timeout
+        if not self._lock.acquire(timeout=budget):
+            raise sqlite3.OperationalError("database is locked (by a writer of this process)")
+        try:
+            self._fd = self._flock(started + budget)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._held = True
+        return time.monotonic() - started
+
+    def _flock(self, deadline: float) -> int | None:
+        """The lock file, open and locked; None: going on without it."""
+        fd = self._open()
+        if fd is None:
+            return None
+        pause = 0.0001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._stuck = False
+                return fd
+            except BlockingIOError:
+                pass
+            except OSError:
+                os.close(fd)
+                return None  # no flock here
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                if self._stuck:
+                    return None
+                self._stuck = True
+                raise sqlite3.OperationalError(
+                    f"database is locked (another process has held its turn to write for "
+                    f"{self.timeout:g} s)"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
+
+    def _open(self) -> int | None:
+        # Opened for each turn (an existing file: a lookup), so no descriptor outlives it
+        # into a fork or past the engine. Read-only: flock needs no more, and a database
+        # shared between users may have a lock file another user made.
+        try:
+            mode = os.stat(self.database).st_mode & 0o666
+        except OSError:
+            mode = 0o644
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, mode)
+        except OSError:
+            with contextlib.suppress(OSError):
+                return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            return None
+
+    def release(self) -> None:
+        """Give the turn up: the transaction is over."""
+        if not self._held:
+            return
+        self._held = False
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor of the lock file unlocks it
+        self._lock.release()
+
+
+_QUEUES: weakref.WeakSet[WriterQueue] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for queue in list(_QUEUES):
+        queue._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def sqlite_engine(url: str, lock_timeout: float, foreign_keys: bool) -> sa.Engine:
     """An engine for a SQLite file, as Conveyor's store and the ingest writers use it:
     WAL, and writers that take the write lock when their transaction begins (BEGIN
-    IMMEDIATE; `conveyor_readonly` connections begin deferred), waiting up to
-    `lock_timeout` seconds for another process's lock. BEGIN runs on the driver's
-    connection, so a lock time-out there raises sqlite3.OperationalError."""
+    IMMEDIATE; `conveyor_readonly` connections begin deferred), after their turn in the
+    file's `WriterQueue`, waiting up to `lock_timeout` seconds in all for other
+    writers. BEGIN runs on the driver's connection, so a lock time-out there raises
+    sqlite3.OperationalError."""
     engine = sa.create_engine(
         url, connect_args={"timeout": lock_timeout, "check_same_thread": False}
     )
+    database = engine.url.database
+    queue = (
+        WriterQueue(database, lock_timeout)
+        if database and database != ":memory:" and not database.startswith("file:")
+        else None
+    )
+    busy_ms = int(lock_timeout * 1000)
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -132,7 +263,7 @@ def sqlite_engine(url: str, lock_timeout: float, foreign_keys: bool) -> sa.Engin
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
+        cur.execute(f"PRAGMA busy_timeout={busy_ms}")
         if foreign_keys:
             cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -144,83 +275,29 @@ def sqlite_engine(url: str, lock_timeout: float, foreign_keys: bool) -> sa.Engin
         assert isinstance(raw, sqlite3.Connection)
         if conn.get_execution_options().get("conveyor_readonly"):
             raw.execute("BEGIN")
-        else:
+            return
+        info = conn.connection.info
+        if queue is None or info.get("conveyor_turn"):
             raw.execute("BEGIN IMMEDIATE")
+            return
+        waited = queue.take()
+        info["conveyor_turn"] = True  # given up when the connection goes back to the pool
+        if waited < 0.01:
+            raw.execute("BEGIN IMMEDIATE")
+            return
+        # SQLite's own wait gets what is left of the time-out
+        raw.execute(f"PRAGMA busy_timeout={max(1, busy_ms - int(waited * 1000))}")
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={busy_ms}")
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        if queue is not None and record.info.pop("conveyor_turn", False):
+            queue.release()
 
     return engine
-
-
-class WriterQueue:
-    """Where the writers of all processes sharing a database file (`serve --workers`,
-    `worker --processes`, a CLI beside them) wait for their turn: an exclusive flock(2)
-    on a file beside the database (`<database>-lock`), taken before BEGIN IMMEDIATE.
-
-    Left to SQLite, a writer that finds the write lock taken sleeps in its busy handler's
-    growing steps (1, 2, 5, 10 ms and on), while the holder is done in a fraction of a
-    millisecond. Here it tries the lock again after 0.1 ms, then at most every 1 ms.
-
-    After `timeout` it goes on to BEGIN IMMEDIATE and SQLite's own wait, so a verb still
-    fails as unavailable rather than wait for ever; and until the lock is next taken,
-    writers try it only once (a stopped process holding it must not cost every write a
-    `timeout`). Where the lock file cannot be made or locked (a read-only folder, a file
-    system without flock), writers go straight to SQLite's wait, as without it. Written
-    by hand: the wait is on every write's path, and a lock-file library's polling steps
-    are tens of milliseconds."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        self.path = path
-        self.timeout = timeout
-        self._fd: int | None = None
-        self._pid = 0  # the process that opened `_fd`: a forked child opens its own
-        self._stuck = False  # the last wait ran out of time
-
-    def _open(self) -> int | None:
-        if self._pid != os.getpid():
-            # flock belongs to the open file: one inherited over fork would be shared
-            self._fd, self._pid = None, os.getpid()
-            with contextlib.suppress(OSError):
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        return self._fd
-
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        """Hold the lock (or, as said above, have waited long enough) while inside.
-        One thread at a time: the store's own lock comes first."""
-        fd = self._open()
-        held = fd is not None and self._take(fd)
-        try:
-            yield
-        finally:
-            if held and fd is not None:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def _take(self, fd: int) -> bool:
-        pause = 0.0001
-        deadline: float | None = None
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._stuck = False
-                return True
-            except BlockingIOError:
-                if self._stuck:
-                    return False
-            except OSError:
-                return False  # no flock here
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + self.timeout
-            elif now >= deadline:
-                self._stuck = True
-                return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.001)
-
-    def close(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd, self._pid = None, 0
 
 
 class SQLiteStore(SQLStore):
@@ -241,41 +318,22 @@ class SQLiteStore(SQLStore):
         engine = sqlite_engine(url, lock_timeout, foreign_keys=True)
         super().__init__(url, engine)
         self._writer = threading.RLock()
-        self._queue = (
-            WriterQueue(f"{database}-lock", lock_timeout)
-            if database and database != ":memory:"
-            else None
-        )
-        self._depth = 0  # nested writes of the thread holding `_writer`
-
-    def close(self) -> None:
-        super().close()
-        if self._queue is not None:
-            self._queue.close()
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         # Writers of this process queue here and each starts the moment the one before it
         # commits. Left to SQLite's write lock, a writer that finds it taken sleeps in the
         # busy handler's growing steps (up to 100 ms) while others keep taking it: a
-        # worker's outcomes could wait behind hundreds of its own claims. Then writers of
-        # other processes are queued with (`WriterQueue`).
+        # worker's outcomes could wait behind hundreds of its own claims. The writers of
+        # other processes are queued with in the engine (`WriterQueue`).
         with self._writer:
-            self._depth += 1
             try:
-                turn = (
-                    self._queue.turn()
-                    if self._queue is not None and self._depth == 1
-                    else contextlib.nullcontext()
-                )
-                with turn, super()._write() as conn:
+                with super()._write() as conn:
                     yield conn
             except sqlite3.OperationalError as exc:
                 # raised by statements run on the driver's cursor (the hot verbs) and by
                 # BEGIN: the database is locked, read-only, out of space or gone
                 raise Unavailable(describe_error(exc)) from exc
-            finally:
-                self._depth -= 1
 
     def upgrade(self) -> None:
         try:
