@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -461,6 +462,8 @@ class Conveyor:
             return load_sqlite(engine, file, mapping, key, self.clock(), request_id, task_id)
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             raise Unavailable(str(exc.orig).strip().splitlines()[0]) from exc
+        except sqlite3.OperationalError as exc:  # raised as the transaction begins
+            raise Unavailable(str(exc).strip().splitlines()[0]) from exc
         finally:
             engine.dispose()
 
