@@ -460,10 +460,11 @@ class Conveyor:
         key = task_key(task_id) if task_id is not None else file_key(file)
         try:
             return load_sqlite(engine, file, mapping, key, self.clock(), request_id, task_id)
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            raise Unavailable(str(exc.orig).strip().splitlines()[0]) from exc
-        except sqlite3.OperationalError as exc:  # raised as the transaction begins
-            raise Unavailable(str(exc).strip().splitlines()[0]) from exc
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sqlite3.OperationalError) as exc:
+            # sqlite3's own come from BEGIN, run on the driver's connection, or from reading
+            # the result file: locked, unreadable; worth trying again
+            text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            raise Unavailable(text[0] if text else type(exc).__name__) from exc
         finally:
             engine.dispose()
 

@@ -11,13 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from store_helpers import new_request
 
 from conveyor.store import Unavailable
-from conveyor.store.sqlite import SQLiteStore, writer_queue
+from conveyor.store.sqlite import SQLiteStore
+from conveyor.store.turns import writer_queue
 from conveyor.tasks import Outcome, TaskAction
 
 
@@ -71,10 +73,10 @@ def test_upgrade_fails_as_unavailable_while_another_process_holds_the_lock(
 
 _HOLDER = """
 import sqlite3, sys, time
-from conveyor.store.sqlite import writer_queue
+from conveyor.store.turns import writer_queue
 path, hold, lock_only = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
 queue = writer_queue(path)
-queue.take(60)
+turn, _ = queue.take(60)
 if not lock_only:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("BEGIN IMMEDIATE")
@@ -82,28 +84,39 @@ print("held", flush=True)
 time.sleep(hold)
 if not lock_only:
     db.execute("COMMIT")
-done = time.time()
-queue.release()
+done = time.monotonic()
+queue.release(turn)
 print(done, flush=True)
 """
 
 
-def _hold(path: Path, seconds: float, lock_only: bool = False) -> subprocess.Popen[str]:
-    """Another process writing to `path` as a Conveyor process does (its turn, then the
-    write lock) and holding both for `seconds`; or, with `lock_only`, holding only the
-    turn (a process stopped at the wrong moment)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(path), str(seconds), "1" if lock_only else "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "held"
-    return proc
+@pytest.fixture
+def hold(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start another process writing to a database as a Conveyor process does (its
+    turn, then the write lock) and holding both for some seconds; or, `lock_only`,
+    holding only the turn (a process stopped at the wrong moment). Each is gone after
+    the test."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(path: Path, seconds: float, lock_only: bool = False) -> subprocess.Popen[str]:
+        args = [str(path), str(seconds), "1" if lock_only else "0"]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, *args], stdout=subprocess.PIPE, text=True
+        )
+        started.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def _committed(proc: subprocess.Popen[str]) -> float:
-    """When the holder's write was over (before it gave its turn up)."""
+    """When the holder's write was over (time.monotonic, before it gave its turn up)."""
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0
     return float(out.strip())
@@ -116,39 +129,42 @@ def _store_with_tasks(path: Path, lock_timeout: float = 60.0, n: int = 2) -> SQL
     return store
 
 
-def _most_late(store: SQLiteStore, path: Path) -> float:
-    """How long, at most over three tries, a write of `store` waiting for another
-    process's write is done after that write is."""
+def _late(store: SQLiteStore, path: Path, hold: Callable[..., subprocess.Popen[str]]) -> float:
+    """How long after another process's write is over a write of `store` that waited
+    for it is done (the median of three). The holds are such that SQLite's own busy
+    handler, sleeping 1, 2, 5 ... 50, 100 ms between tries, would try again about 90 ms
+    after each ends."""
     late = []
-    for hold in (0.25, 0.3, 0.35):
-        holder = _hold(path, hold)
+    for seconds in (0.24, 0.34, 0.44):
+        holder = hold(path, seconds)
         [task] = store.claim("w", ["default"], 1, 60, time.time())
-        done = time.time()
+        done = time.monotonic()
         committed = _committed(holder)
         assert done >= committed  # it did wait for the other process
         assert store.finish("w", [Outcome(task.id, TaskAction.SUCCEED)], time.time())
         late.append(done - committed)
-    return max(late)
+    return sorted(late)[1]
 
 
 def test_a_writer_waiting_for_another_process_starts_as_soon_as_it_commits(
-    tmp_path: Path,
+    tmp_path: Path, hold: Callable[..., subprocess.Popen[str]]
 ) -> None:
     path = tmp_path / "c.db"
     store = _store_with_tasks(path, n=3)
-    # SQLite's own busy handler, sleeping 1, 2, 5 ... 25, 50, 100 ms between tries,
-    # would try again up to 100 ms after the other write ends
-    assert _most_late(store, path) < 0.06
-    store.close()
+    try:
+        assert _late(store, path, hold) < 0.06
+    finally:
+        store.close()
 
 
-def test_a_process_stopped_holding_its_turn_fails_one_write_and_delays_none_after(
-    tmp_path: Path,
+def test_a_process_stopped_holding_its_turn_fails_the_writes_waiting_and_delays_none_after(
+    tmp_path: Path, hold: Callable[..., subprocess.Popen[str]]
 ) -> None:
     path = tmp_path / "c.db"
     store = _store_with_tasks(path, lock_timeout=0.3, n=5)
-    holder = _hold(path, 30, lock_only=True)
+    patient = SQLiteStore(f"sqlite:///{path}")  # the same turns, a longer time-out
     try:
+        holder = hold(path, 30, lock_only=True)
         started = time.monotonic()
         with pytest.raises(Unavailable, match="locked"):
             store.claim("w", ["default"], 1, 60, time.time())
@@ -158,15 +174,14 @@ def test_a_process_stopped_holding_its_turn_fails_one_write_and_delays_none_afte
         [task] = store.claim("w", ["default"], 1, 60, time.time())
         assert store.finish("w", [Outcome(task.id, TaskAction.SUCCEED)], time.time())
         assert time.monotonic() - started < 1
-    finally:
         holder.kill()
         holder.wait()
-    # with the stopped process gone, writes take their turns again
-    assert store.claim("w", ["default"], 1, 60, time.time())
-    patient = SQLiteStore(f"sqlite:///{path}")  # the same turns, a longer time-out
-    assert _most_late(patient, path) < 0.06
-    patient.close()
-    store.close()
+        # with the stopped process gone, writes take their turns again
+        assert store.claim("w", ["default"], 1, 60, time.time())
+        assert _late(patient, path, hold) < 0.06
+    finally:
+        patient.close()
+        store.close()
 
 
 def test_a_write_waiting_behind_another_writer_fails_within_the_lock_timeout(
@@ -176,7 +191,6 @@ def test_a_write_waiting_behind_another_writer_fails_within_the_lock_timeout(
     first = _store_with_tasks(path, lock_timeout=0.5)
     second = SQLiteStore(f"sqlite:///{path}", lock_timeout=0.5)
     other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # held by a client that takes no turns
     failed: list[BaseException] = []
 
     def first_write() -> None:
@@ -185,8 +199,9 @@ def test_a_write_waiting_behind_another_writer_fails_within_the_lock_timeout(
         except Unavailable as exc:
             failed.append(exc)
 
+    ahead = threading.Thread(target=first_write)
     try:
-        ahead = threading.Thread(target=first_write)
+        other.execute("BEGIN IMMEDIATE")  # held by a client that takes no turns
         ahead.start()  # takes the turn, then waits for SQLite's lock
         time.sleep(0.05)
         started = time.monotonic()
@@ -196,21 +211,39 @@ def test_a_write_waiting_behind_another_writer_fails_within_the_lock_timeout(
         assert time.monotonic() - started < 0.9
         ahead.join(5)
         assert len(failed) == 1
-    finally:
         other.execute("ROLLBACK")
+        assert second.claim("w", ["default"], 1, 60, time.time())
+    finally:
         other.close()
-    assert second.claim("w", ["default"], 1, 60, time.time())
-    first.close()
-    second.close()
+        ahead.join(5)
+        first.close()
+        second.close()
 
 
-@pytest.mark.parametrize("in_the_way", ["directory", "link", "fifo"])
+def test_a_write_that_waited_for_its_turn_waits_for_sqlite_only_what_is_left(
+    tmp_path: Path, hold: Callable[..., subprocess.Popen[str]]
+) -> None:
+    path = tmp_path / "c.db"
+    store = _store_with_tasks(path, lock_timeout=0.5)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        hold(path, 0.2, lock_only=True)  # another process's turn, for 0.2 s
+        other.execute("BEGIN IMMEDIATE")  # and SQLite's lock, held by a client without turns
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="locked"):
+            store.claim("w", ["default"], 1, 60, time.time())
+        # 0.2 s for the turn, then 0.3 s for SQLite's lock: 0.5 s in all, not 0.7
+        assert 0.45 <= time.monotonic() - started < 0.65
+    finally:
+        other.close()
+        store.close()
+
+
+@pytest.mark.parametrize("in_the_way", ["link", "fifo"])
 def test_writes_go_on_where_the_lock_file_cannot_be_used(tmp_path: Path, in_the_way: str) -> None:
     path = tmp_path / "c.db"
     lock = tmp_path / "c.db-lock"
-    if in_the_way == "directory":
-        lock.mkdir()
-    elif in_the_way == "link":
+    if in_the_way == "link":
         lock.symlink_to(tmp_path / "elsewhere")  # not followed: nothing made there
     else:
         os.mkfifo(lock)  # opening it for reading would wait for a writer
@@ -218,9 +251,11 @@ def test_writes_go_on_where_the_lock_file_cannot_be_used(tmp_path: Path, in_the_
 
     def write() -> None:  # in a thread: were opening the fifo to wait, the test would fail
         store = _store_with_tasks(path)
-        [task] = store.claim("w", ["default"], 1, 60, time.time())
-        done.append(store.finish("w", [Outcome(task.id, TaskAction.SUCCEED)], time.time()))
-        store.close()
+        try:
+            [task] = store.claim("w", ["default"], 1, 60, time.time())
+            done.append(store.finish("w", [Outcome(task.id, TaskAction.SUCCEED)], time.time()))
+        finally:
+            store.close()
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
@@ -232,19 +267,26 @@ def test_writes_go_on_where_the_lock_file_cannot_be_used(tmp_path: Path, in_the_
 def test_a_process_forked_while_holding_the_turn_takes_its_own_after_the_parent(
     tmp_path: Path,
 ) -> None:
-    queue = writer_queue(str(tmp_path / "c.db"))
+    queue = writer_queue(os.path.realpath(tmp_path / "c.db"))
     entered = tmp_path / "entered"
-    queue.take(10)  # this process holds the turn (its lock file open) when it forks
+    ready_r, ready_w = os.pipe()
+    turn, _ = queue.take(10)  # this process holds the turn (its lock file open)
     pid = os.fork()
     if pid == 0:  # the child: its turn comes once the parent has given up its own
         try:
-            queue.take(10)
-            entered.write_text(repr(time.time()))
-            queue.release()
+            os.write(ready_w, b"x")
+            mine, _ = queue.take(3)
+            entered.write_text(repr(time.monotonic()))
+            queue.release(mine)
         finally:
             os._exit(0)
-    time.sleep(0.2)
-    left = time.time()
-    queue.release()
-    os.waitpid(pid, 0)
+    try:
+        assert os.read(ready_r, 1) == b"x"  # the child is about to wait
+        time.sleep(0.2)
+        left = time.monotonic()
+    finally:
+        queue.release(turn)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)
     assert float(entered.read_text()) >= left

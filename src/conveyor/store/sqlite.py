@@ -4,15 +4,11 @@ failing on a lock upgrade, and a claim is one `UPDATE … RETURNING`."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import sqlite3
-import stat
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +29,7 @@ from conveyor.store.rows import (
 )
 from conveyor.store.sql import SQLStore
 from conveyor.store.sqlbase import counter_deltas
+from conveyor.store.turns import writer_queue
 from conveyor.tasks import Task
 
 # The worker's hot verbs (claim, finish) run their statements on the transaction's
@@ -117,197 +114,23 @@ class _SqliteListener:
         self._db.close()
 
 
-class WriterQueue:
-    """Where the writers of every process sharing a database file (`serve --workers`,
-    `worker --processes`, an ingester, a CLI beside them) wait for their turn: an
-    exclusive flock(2) on a file beside the database, `<database>-lock`, taken before
-    BEGIN IMMEDIATE and given up once the transaction is over; within a process, a
-    thread lock first (one queue per file and process: `writer_queue`).
-
-    Left to SQLite, a writer that finds the write lock taken sleeps in its busy handler's
-    growing steps (1, 2, 5, 10 ms and on), while the holder is done in a fraction of a
-    millisecond. Here it tries again after 0.1 ms, then at most every 1 ms.
-
-    `take` waits up to its `timeout` in all, then fails as SQLite's own wait does
-    ("database is locked"). After such a time-out, until the lock file is next locked,
-    writers wait for it only `STUCK_WAIT` and then go on to SQLite's own wait: a process
-    stopped while holding its turn must not cost every write a time-out. Where the lock
-    file cannot be opened or locked (a read-only folder, something other than a file in
-    its place, a file system without flock), writers go straight to SQLite's wait, as
-    without it. Written by hand: the wait is on every write's path, and a lock-file
-    library's polling steps are tens of milliseconds."""
-
-    STUCK_WAIT = 0.1
-
-    def __init__(self, database: str) -> None:
-        self.database = database
-        self._file = _LockFile(database)
-        weakref.finalize(self, self._file.close)
-        self._lock = threading.Lock()
-        # The fields below change only while `_lock` is held.
-        self._held = False  # by a thread of this process
-        self._locked = False  # and the lock file with it
-        self._stuck = False  # the last wait for the lock file ran out of time
-
-    def _forked(self) -> None:
-        """In a child just forked, where a thread of the parent may have been waiting
-        for the turn or holding it: the child's copy of the lock file is closed (the
-        parent's lock stays the parent's until it gives the turn up), and the thread
-        lock is a new one."""
-        self._file.forget()
-        self._lock = threading.Lock()
-        self._held = self._locked = False
-
-    def take(self, timeout: float) -> float:
-        """Wait for the turn; the seconds waited. Raises sqlite3.OperationalError when
-        the wait runs out of time."""
-        started = time.monotonic()
-        if not self._lock.acquire(timeout=timeout):
-            raise sqlite3.OperationalError("database is locked (by a writer of this process)")
-        try:
-            fd = self._file.open()
-            if fd is not None:
-                wait = self.STUCK_WAIT if self._stuck else timeout
-                self._locked = self._flock(fd, started + wait, timeout)
-        except BaseException:
-            self._lock.release()
-            raise
-        self._held = True
-        return time.monotonic() - started
-
-    def _flock(self, fd: int, deadline: float, timeout: float) -> bool:
-        """Whether the lock file was locked; False: going on without it."""
-        pause = 0.0001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._stuck = False
-                return True
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._file.close()  # no flock here: not tried again
-                return False
-            if time.monotonic() >= deadline:
-                if self._stuck:
-                    return False
-                self._stuck = True
-                raise sqlite3.OperationalError(
-                    f"database is locked (another process has held its turn to write for "
-                    f"{timeout:g} s)"
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.001)
-
-    def release(self) -> None:
-        """Give the turn up: the transaction is over."""
-        if not self._held:
-            return
-        self._held = False
-        try:
-            if self._locked:
-                self._locked = False
-                self._file.unlock()
-        finally:
-            self._lock.release()
-
-
-class _LockFile:
-    """A queue's lock file, opened on first use and kept open: a turn costs two flock
-    calls. Apart from the queue, so that closing it when the queue goes needs no
-    reference to the queue."""
-
-    def __init__(self, database: str) -> None:
-        self.path = f"{database}-lock"
-        self.database = database
-        self.fd: int | None = None
-        self.tried = False
-
-    def open(self) -> int | None:
-        if not self.tried:
-            self.tried = True
-            self.fd = self._open()
-        return self.fd
-
-    def _open(self) -> int | None:
-        # Read-only: flock needs no more, and a database shared between users may have a
-        # lock file another user made. Not through a symbolic link, and never blocking
-        # (a FIFO in its place); only a regular file will do.
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-        try:
-            try:
-                fd = os.open(self.path, flags)
-            except FileNotFoundError:
-                try:
-                    mode = os.stat(self.database).st_mode & 0o666
-                except OSError:
-                    mode = 0o644
-                fd = os.open(self.path, flags | os.O_CREAT, mode)  # as SQLite's -wal, -shm
-        except OSError:
-            return None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        return fd
-
-    def unlock(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-    def forget(self) -> None:
-        """Close this process's copy without unlocking (a forked child's)."""
-        fd, self.fd, self.tried = self.fd, None, False
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-_QUEUES: weakref.WeakValueDictionary[str, WriterQueue] = weakref.WeakValueDictionary()
-_QUEUES_LOCK = threading.Lock()
-
-
-def writer_queue(database: str) -> WriterQueue:
-    """The process's queue for a database file: every engine on the file shares it."""
-    path = os.path.abspath(database)
-    with _QUEUES_LOCK:
-        queue = _QUEUES.get(path)
-        if queue is None:
-            queue = _QUEUES[path] = WriterQueue(path)
-        return queue
-
-
-def _after_fork() -> None:
-    global _QUEUES_LOCK
-    _QUEUES_LOCK = threading.Lock()  # a thread of the parent may have held it
-    for queue in list(_QUEUES.values()):
-        queue._forked()
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
 def sqlite_engine(url: str, lock_timeout: float, foreign_keys: bool) -> sa.Engine:
     """An engine for a SQLite file, as Conveyor's store and the ingest writers use it:
     WAL, and writers that take the write lock when their transaction begins (BEGIN
     IMMEDIATE; `conveyor_readonly` connections begin deferred), after their turn in the
-    file's `WriterQueue`, waiting up to `lock_timeout` seconds in all for other
-    writers. BEGIN runs on the driver's connection, so a lock time-out there raises
-    sqlite3.OperationalError."""
+    file's `WriterQueue` (not for a database named by a `file:` URI), waiting up to
+    `lock_timeout` seconds in all for other writers. BEGIN runs on the driver's
+    connection, so a lock time-out there raises sqlite3.OperationalError."""
+    parsed = sa.engine.make_url(url)
+    database = parsed.database
+    queue = None
+    if database and database != ":memory:" and not database.startswith("file:"):
+        # absolute: the pool connects again later, perhaps from another directory
+        database = os.path.realpath(database)
+        parsed = parsed.set(database=database)
+        queue = writer_queue(database)
     engine = sa.create_engine(
-        url, connect_args={"timeout": lock_timeout, "check_same_thread": False}
-    )
-    database = engine.url.database
-    queue = (
-        writer_queue(database)
-        if database and database != ":memory:" and not database.startswith("file:")
-        else None
+        parsed, connect_args={"timeout": lock_timeout, "check_same_thread": False}
     )
     busy_ms = int(lock_timeout * 1000)
 
@@ -332,14 +155,14 @@ def sqlite_engine(url: str, lock_timeout: float, foreign_keys: bool) -> sa.Engin
             raw.execute("BEGIN")
             return
         info = conn.connection.info
-        if queue is None or info.get("conveyor_turn"):
+        if queue is None or "conveyor_turn" in info:
             raw.execute("BEGIN IMMEDIATE")
             return
-        waited = queue.take(lock_timeout)
+        turn, waited = queue.take(lock_timeout)
         try:
-            info["conveyor_turn"] = True  # given up when the connection goes back to the pool
+            info["conveyor_turn"] = turn  # given up when the connection goes back to the pool
         except BaseException:
-            queue.release()
+            queue.release(turn)
             raise
         if waited < 0.01:
             raw.execute("BEGIN IMMEDIATE")
@@ -353,8 +176,9 @@ def sqlite_engine(url: str, lock_timeout: float, foreign_keys: bool) -> sa.Engin
 
     @event.listens_for(engine, "checkin")
     def _checkin(_dbapi_conn: Any, record: Any) -> None:
-        if queue is not None and record.info.pop("conveyor_turn", False):
-            queue.release()
+        turn = record.info.pop("conveyor_turn", None)
+        if queue is not None and turn is not None:
+            queue.release(turn)
 
     return engine
 
@@ -383,8 +207,8 @@ class SQLiteStore(SQLStore):
         # Writers of this process queue here and each starts the moment the one before it
         # commits. Left to SQLite's write lock, a writer that finds it taken sleeps in the
         # busy handler's growing steps (up to 100 ms) while others keep taking it: a
-        # worker's outcomes could wait behind hundreds of its own claims. The writers of
-        # other processes are queued with in the engine (`WriterQueue`).
+        # worker's outcomes could wait behind hundreds of its own claims. Then the turns
+        # of the file's writers of all engines and processes (`turns.WriterQueue`).
         with self._writer:
             try:
                 with super()._write() as conn:
