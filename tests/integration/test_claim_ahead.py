@@ -60,18 +60,20 @@ def test_a_stopping_worker_hands_back_at_once_what_it_has_not_started(make_app: 
     rid = nap(app, 5, 0.5)
     worker = held_ahead(app)
     thread, stats = start(worker)
-    # the first task timed, the next one runs with two more held
+    # the first task timed, the next one runs with two more held (or, on a slow
+    # machine seen a task later, the one after it)
     wait_for(lambda: [s for s, _ in statuses(app, rid)].count(TaskStatus.RUNNING) == 3)
     stopped = time.monotonic()
     worker.stop()
     thread.join(10)
     assert not thread.is_alive()
-    assert time.monotonic() - stopped < 1.0  # only the started task was waited for
+    # only the started task was waited for: the two held would take 1 s more
+    assert time.monotonic() - stopped < 1.5
     assert stats[0].released == 2
     tasks = statuses(app, rid)
-    assert sorted(tasks) == sorted(
-        [(TaskStatus.SUCCEEDED, 1)] * 2 + [(TaskStatus.QUEUED, 0)] * 3
-    )  # the held ones back in the queue, no attempt counted
+    done = tasks.count((TaskStatus.SUCCEEDED, 1))
+    # the held ones back in the queue, no attempt counted
+    assert done in (2, 3) and tasks.count((TaskStatus.QUEUED, 0)) == 5 - done
 
 
 def test_tasks_held_ahead_of_a_cancelled_request_never_start(make_app: Any) -> None:
