@@ -298,13 +298,9 @@ class Attempt:
             if self._buf:
                 self._line(self._buf)
                 self._buf = b""
-            if self._watchdog is not None:
-                # before the reaping, which frees the process id for reuse
-                self._watchdog.ended(self.proc.pid)
-                self._watchdog = None
-            code = self.proc.wait()
         finally:
-            self._close()
+            self._close()  # tells the watchdog before the reaping frees the process id
+        code = self.proc.wait()
         if self._killing is not None:
             self.ctx.log(f"killed: {self._killing}")
             self.result = ExecResult(ok=False, error=self._killing)
@@ -335,17 +331,15 @@ class Attempt:
         Never raises: what it cannot log is lost, the process is still reaped."""
         if self.result is not None:
             return
-        self._signal(signal.SIGKILL)
         self._killing = self._killing or self.ctx.stop_reason or "stopped"
-        if not self._closed:
+        if not self._closed:  # else `_exited` has run as far as its SIGKILL at least
             try:
                 self._exited()
             except Exception:
                 log.exception("could not log the end of a killed command")
         if self.result is None:
             self._close()
-            with contextlib.suppress(ChildProcessError):
-                self.proc.wait()
+            self.proc.wait()
             self.result = ExecResult(ok=False, error=self._killing)
 
 
