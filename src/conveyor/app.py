@@ -38,7 +38,7 @@ from conveyor.ingest.offload import BlobSpec
 from conveyor.ingest.pipeline import Ingester, IngestStats, open_ingester
 from conveyor.ingest.settings import BUILTIN_KCIDB, SinkConfig, SpoolConfig
 from conveyor.ingest.spool import pending_files
-from conveyor.ingest.writer import make_engine
+from conveyor.ingest.writer import describe, make_engine
 from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
@@ -463,8 +463,7 @@ class Conveyor:
         except (sa.exc.OperationalError, sa.exc.InterfaceError, sqlite3.OperationalError) as exc:
             # sqlite3's own come from BEGIN, run on the driver's connection, or from reading
             # the result file: locked, unreadable; worth trying again
-            text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-            raise Unavailable(text[0] if text else type(exc).__name__) from exc
+            raise Unavailable(describe(exc)) from exc
         finally:
             engine.dispose()
 

@@ -256,17 +256,18 @@ class RowWriter:
             with self.engine.begin() as conn:
                 return self.write(conn, data)
         except (sa.exc.OperationalError, sa.exc.InterfaceError, sqlite3.OperationalError) as exc:
-            raise SinkUnavailable(_describe(exc)) from exc
+            raise SinkUnavailable(describe(exc)) from exc
         except sa.exc.DBAPIError as exc:
             if exc.connection_invalidated:
-                raise SinkUnavailable(_describe(exc)) from exc
-            raise SinkRejected(_describe(exc)) from exc
+                raise SinkUnavailable(describe(exc)) from exc
+            raise SinkRejected(describe(exc)) from exc
 
     def close(self) -> None:
         self.engine.dispose()
 
 
-def _describe(exc: Exception) -> str:
+def describe(exc: Exception) -> str:
+    """A database error in a line: the driver's first line, wrapped or not."""
     orig = getattr(exc, "orig", None) or exc  # the driver's error, wrapped or not
     text = str(orig).strip().splitlines()
     return text[0] if text else type(orig).__name__
