@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import FrameType
 
 from conveyor.app import Conveyor
@@ -108,14 +109,6 @@ class _Progressed:
     progress: Progress
 
 
-@dataclass(frozen=True)
-class _Returned:
-    """A loop's attempt that reported progress has returned: its result follows."""
-
-    run: _Running
-    result: ExecResult
-
-
 @dataclass
 class WorkerStats:
     claimed: int = 0
@@ -172,7 +165,10 @@ class Worker:
         # Attempts running at once, in the runners and the command loops together.
         self._slots = Slots(self.opts.concurrency)
         self._loop_usable = usable()
-        self._reports: queue.SimpleQueue[_Progressed | _Returned | None] = queue.SimpleQueue()
+        # progress to write, and the results of loop attempts that reported progress
+        self._reports: queue.SimpleQueue[_Progressed | tuple[_Running, ExecResult] | None] = (
+            queue.SimpleQueue()
+        )
         self._reporting: threading.Thread | None = None
         self._claim_below = claim_threshold(self.opts.concurrency, 0)
 
@@ -328,14 +324,10 @@ class Worker:
         def paths(t: Task = task) -> tuple[str, str]:
             return app.artifacts.attempt_paths(t.request_id, t.id, t.attempts)
 
-        def report(progress: Progress, task_id: int = task.id) -> None:
-            self._write_progress(task_id, progress)
-
-        def report_later(progress: Progress, task_id: int = task.id) -> None:
-            self._reports.put(_Progressed(task_id, progress))
-
         in_loop = self._for_loop(pipeline)
-        ctx = TaskContext(task, paths, report_later if in_loop else report)
+        # a loop's attempts have their progress written by another thread
+        report = partial(self._report_later if in_loop else self._write_progress, task.id)
+        ctx = TaskContext(task, paths, report)
         run = _Running(task, ctx, pipeline)
         self._running[task.id] = run
         self._started_n += 1
@@ -355,6 +347,9 @@ class Worker:
         except Unavailable:
             pass  # progress is advisory; the outcome is what must not be lost
 
+    def _report_later(self, task_id: int, progress: Progress) -> None:
+        self._reports.put(_Progressed(task_id, progress))
+
     def _reporter(self) -> None:
         """Write the progress that the command loops' attempts report (a loop must not
         wait on the database), and hand on the results of those that reported, after
@@ -367,7 +362,7 @@ class Worker:
                 if isinstance(item, _Progressed):
                     self._write_progress(item.task_id, item.progress)
                 else:
-                    self._done.put((item.run, item.result))
+                    self._done.put(item)
             except Exception:  # the thread must outlive any one failure
                 log.exception("reporting progress failed")
 
@@ -435,15 +430,18 @@ class Worker:
         run.began = time.monotonic()
         return True
 
-    def _end(self, run: _Running, result: ExecResult, i: int, post: bool = True) -> None:
-        """An attempt has returned: its result goes to the finisher (unless `post` is
-        False: the caller sends it), its slot is free."""
+    def _end(self, run: _Running, result: ExecResult, i: int, after_progress: bool = False) -> None:
+        """An attempt has returned: its result goes to the finisher (`after_progress`:
+        through the thread writing progress, after the progress it reported), its slot
+        is free."""
         took = time.monotonic() - run.began
         mean = self._mean_duration
         # Updated without a lock: a lost update only nudges an estimate.
         self._mean_duration = took if mean is None else mean + (took - mean) / 16
         run.finished = True
-        if post:
+        if after_progress:
+            self._reports.put((run, result))
+        else:
             self._done.put((run, result))
         self._returned_one(i)
 
@@ -458,12 +456,9 @@ class Worker:
                 run.ctx.flush_progress()
                 run.ctx.close()
             finally:
-                result = reported(run.pipeline, result)
-                # The result of one that reported progress goes through the thread
-                # writing its progress, after it; it has returned all the same.
-                self._end(run, result, i, post=not run.ctx.reported)
-                if run.ctx.reported:
-                    self._reports.put(_Returned(run, result))
+                # A loop does not wait on the database: the progress an attempt reported
+                # is written by another thread, and its result must follow it.
+                self._end(run, reported(run.pipeline, result), i, run.ctx.reported)
 
         return CommandLoop(
             self._executors.command(pipeline), self._slots, begin, end, f"conveyor-commands-{k}"
