@@ -148,15 +148,11 @@ class WorkerPool:
         busy = [w for w in self._workers if w.sent]
         if not busy:
             return out
-        now = time.monotonic()
-        for w in busy:  # what an overdue worker sent already, before it is found so
-            if w.overdue is None and now - w.began > self.timeout * len(w.sent[0]):
-                self._receive(w, out)
+        self._kill_overdue(busy, out)
         busy = [w for w in busy if w.sent]
-        self._kill_overdue(busy)
         # wake for the next worker to become overdue (one already killed wakes the wait
         # by exiting)
-        due = [w.began + self.timeout * len(w.sent[0]) for w in busy if w.overdue is None]
+        due = [self._due(w) for w in busy if w.overdue is None]
         if due:
             timeout = max(0.0, min(timeout, min(due) - time.monotonic() + 0.01))
         # One wait for all: a pipe is ready when results came, a sentinel when its
@@ -185,11 +181,22 @@ class WorkerPool:
         except (EOFError, OSError):
             pass
 
-    def _kill_overdue(self, busy: list[_Worker]) -> None:
+    def _due(self, w: _Worker) -> float:
+        """When `w`, busy, is overdue with the chunk it is on."""
+        return w.began + self.timeout * len(w.sent[0])
+
+    def _kill_overdue(
+        self, busy: list[_Worker], out: list[tuple[list[str], Chunk | Failed]]
+    ) -> None:
+        """Kill the workers past their time, after taking what they sent already (onto
+        `out`): a result that came in time is not lost."""
         now = time.monotonic()
         for w in busy:
-            files = len(w.sent[0])
-            if w.overdue is None and now - w.began > self.timeout * files:
+            if w.overdue is not None or now <= self._due(w):
+                continue
+            self._receive(w, out)
+            if w.sent and now > self._due(w):  # still on a chunk, and past its time
+                files = len(w.sent[0])
                 what = f"{files} files" if files != 1 else "a file"
                 w.overdue = f"preparing {what} took longer than {self.timeout * files:g}s"
                 w.process.kill()  # its chunks come back through _replace
