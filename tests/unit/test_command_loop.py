@@ -267,7 +267,7 @@ def test_closing_kills_commands_that_were_not_stopped(tmp_path, harnesses) -> No
     code = "import os, time; print('PID', os.getpid(), flush=True); time.sleep(30)"
     item = Item(tmp_path, 1, script(code))
     h.loop.submit(item)
-    while "PID" not in item.log:
+    while "PID " not in item.log:
         time.sleep(0.02)
     pid = int(item.log.split("PID ")[1].split()[0])
     start = time.monotonic()
