@@ -1,5 +1,6 @@
-"""A worker killed outright does not leave its commands running: its watchdog kills
-their process groups."""
+"""A worker killed outright does not leave its commands running: the launcher of its
+command loop (plain commands), or its watchdog (commands run in a thread each, such as
+those whose outputs are kept), kills their process groups."""
 
 from __future__ import annotations
 
@@ -26,14 +27,19 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
 
 
-def test_commands_die_with_a_worker_killed_by_sigkill(tmp_path: Path, sqlite_url: str) -> None:
+@pytest.mark.parametrize("kept", [None, '["*.out"]'], ids=["launcher", "watchdog"])
+def test_commands_die_with_a_worker_killed_by_sigkill(
+    tmp_path: Path, sqlite_url: str, kept: str | None
+) -> None:
     pids = tmp_path / "pids"
+    outputs = f"outputs = {kept}" if kept else ""
     config = write_config(
         tmp_path,
         f"""
         [pipelines.slow]
         executor = "command"
         command = ["sh", "-c", "sleep 60 & echo $! > {pids}; echo $$ >> {pids}; wait"]
+        {outputs}
         """,
     )
     env = cli_env(sqlite_url, config)

@@ -4,6 +4,7 @@ other threads. Real commands (tiny Python programs), real process groups."""
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import textwrap
 import threading
@@ -17,6 +18,7 @@ from conveyor.executors import ExecResult, TaskContext
 from conveyor.executors.command import CommandExecutor
 from conveyor.executors.loop import CommandLoop, Job, Slots
 from conveyor.pipelines import Pipeline
+from conveyor.tasks import Progress
 
 from .factories import make_task
 
@@ -78,8 +80,16 @@ class Harness:
             assert self._cond.wait_for(lambda: len(self.ended) >= n, timeout), self.ended
 
 
-@pytest.fixture
-def harnesses() -> Any:
+def no_launcher() -> None:
+    raise OSError("no launcher here")
+
+
+@pytest.fixture(params=["launcher", "here"])
+def harnesses(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Loops whose launcher runs their commands, and loops that run them themselves
+    (their launcher could not start)."""
+    if request.param == "here":
+        monkeypatch.setattr("conveyor.executors.loop.Launcher", no_launcher)
     made: list[Harness] = []
 
     def make(slots: Slots, begin: Any = None, end: Any = None) -> Harness:
@@ -308,3 +318,248 @@ def test_a_thread_waiting_for_a_slot_is_not_overtaken_by_the_loop(tmp_path, harn
     assert len(h.begun) <= 2  # the first slot given back went to the thread
     slots.give()
     h.wait_ended(6)
+
+
+# the launcher -----------------------------------------------------------------------------
+
+
+def launchers() -> list[int]:
+    """This process's launchers still running (not zombies)."""
+    found = []
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                continue
+            if b"launcher.py" in cmdline and state not in ("Z", "X"):
+                found.append(int(pid))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(condition: Any, within: float = 10.0) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+SLEEPER = "import os, time; print('PID', os.getpid(), flush=True); time.sleep(30)"
+
+
+def pid_in(item: Item) -> int:
+    assert wait_until(lambda: "PID " in item.log)
+    return int(item.log.split("PID ")[1].split()[0])
+
+
+def test_a_launcher_that_dies_fails_its_attempts_kills_their_commands_and_is_replaced(
+    tmp_path: Path,
+) -> None:
+    h = Harness(made_slots(2))
+    try:
+        items = [Item(tmp_path, n, script(SLEEPER)) for n in (1, 2)]
+        for item in items:
+            h.loop.submit(item)
+        pids = [pid_in(item) for item in items]
+        [launcher] = launchers()
+        os.kill(launcher, 9)
+        h.wait_ended(2)
+        for item in items:
+            result = h.ended[item.n]
+            assert not result.ok and result.retryable
+            assert result.error == "the command launcher stopped"
+            assert "killed: the command launcher stopped" in item.log
+        assert wait_until(lambda: not any(alive(pid) for pid in pids))
+        # the next command gets a new launcher
+        again = Item(tmp_path, 3, script("print('again')"))
+        h.loop.submit(again)
+        h.wait_ended(3)
+        assert h.ended[3].ok and "again" in again.log
+        assert len(launchers()) == 1 and launchers() != [launcher]
+    finally:
+        h.loop.close(timeout=10)
+    assert not launchers()
+
+
+def test_closing_the_loop_stops_its_launcher_and_every_command(tmp_path: Path) -> None:
+    h = Harness(made_slots(2))
+    item = Item(tmp_path, 1, script(SLEEPER))
+    h.loop.submit(item)
+    pid = pid_in(item)
+    assert len(launchers()) == 1
+    h.loop.close(timeout=0.5)
+    assert not launchers()
+    assert not alive(pid)
+    assert h.ended[1].error == "stopped"
+
+
+def test_progress_is_neither_lost_nor_held_up_while_the_loop_is_busy(tmp_path: Path) -> None:
+    """While the loop does not read (here, busy starting another attempt), its launcher
+    goes on: all of a command's output goes to its log, only the command's latest
+    progress line waits for the worker, and the progress reported ends at the last."""
+    lines = 100_000
+    code = f"""
+        for i in range(1, {lines + 1}):
+            print("conveyor:progress %d/{lines}" % i)  # (braces would be a placeholder)
+        print("done")
+    """
+    busy = threading.Event()
+
+    def begin(item: Item) -> Job:
+        if item.n == 2:
+            busy.set()
+            time.sleep(1.5)  # the loop's thread, held up
+        return Job(item.pipeline, item.ctx, None)
+
+    h = Harness(made_slots(2), begin)
+    try:
+        reports: list[Progress] = []
+        talker = Item(tmp_path, 1, script(code))
+        talker.ctx = TaskContext(
+            talker.ctx.task,
+            lambda: (talker.log_file, tmp_path / "work" / "1"),
+            reports.append,
+            min_report_interval=0,
+        )
+        h.loop.submit(talker)
+        assert wait_until(lambda: talker.log.startswith("$ "))
+        h.loop.submit(Item(tmp_path, 2, script("pass")))
+        h.wait_ended(2)
+        assert busy.is_set()
+        assert h.ended[1].ok
+        log = talker.log.splitlines()
+        progress = [line for line in log if line.startswith("conveyor:progress ")]
+        assert progress == [f"conveyor:progress {i}/{lines}" for i in range(1, lines + 1)]
+        assert log[-2:] == ["done", "exit code 0"]
+        assert reports[-1] == Progress(lines, lines, None)
+        assert len(reports) < lines / 2  # not every line waited for the worker
+    finally:
+        h.loop.close(timeout=10)
+
+
+def test_an_attempt_whose_log_cannot_be_written_fails_before_its_command_runs(
+    tmp_path: Path,
+) -> None:
+    h = Harness(made_slots(1))
+    try:
+        ran = tmp_path / "ran"
+        item = Item(tmp_path, 1, script(f"open({str(ran)!r}, 'w')"))
+        item.log_file.parent.mkdir(parents=True)
+        item.log_file.symlink_to("/dev/full")  # opens, and every write fails: disk full
+        h.loop.submit(item)
+        h.wait_ended(1)
+        result = h.ended[1]
+        assert not result.ok and result.retryable
+        assert "No space left on device" in (result.error or "")
+        assert not ran.exists()
+    finally:
+        h.loop.close(timeout=10)
+
+
+def test_an_attempt_whose_log_fills_up_midway_fails_and_its_command_is_killed(
+    tmp_path: Path,
+) -> None:
+    h = Harness(made_slots(1))
+    try:
+        h.loop.submit(Item(tmp_path, 1, script("pass")))  # the launcher is up
+        h.wait_ended(1)
+        [launcher] = launchers()
+        resource.prlimit(launcher, resource.RLIMIT_FSIZE, (20_000, 20_000))  # bytes a file
+        code = """
+            import os, time
+            print("PID", os.getpid(), flush=True)
+            for _ in range(100):
+                print("x" * 1000, flush=True)
+            time.sleep(30)
+        """
+        item = Item(tmp_path, 2, script(code))
+        start = time.monotonic()
+        h.loop.submit(item)
+        pid = pid_in(item)
+        h.wait_ended(2)
+        assert time.monotonic() - start < 10
+        result = h.ended[2]
+        assert not result.ok and result.retryable
+        assert "cannot write the log: File too large" in (result.error or "")
+        assert wait_until(lambda: not alive(pid))
+    finally:
+        h.loop.close(timeout=10)
+
+
+def test_a_launcher_that_cannot_run_leaves_the_loop_to_run_its_commands_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise SystemExit(3)\n")
+    monkeypatch.setattr("conveyor.executors.launcher.PROGRAM", str(broken))
+    h = Harness(made_slots(1))
+    try:
+        h.loop.submit(Item(tmp_path, 1, script("pass")))
+        h.wait_ended(1)
+        assert h.ended[1] == ExecResult(ok=False, error="the command launcher stopped")
+        again = Item(tmp_path, 2, script("print('here')"))
+        h.loop.submit(again)
+        h.wait_ended(2)
+        assert h.ended[2].ok and "here" in again.log
+        assert not launchers()
+    finally:
+        h.loop.close(timeout=10)
+
+
+def test_relative_paths_mean_what_they_meant_in_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher changes its own working directory for each command: a relative
+    working directory or log is the worker's, as it would be for a command it started."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    h = Harness(made_slots(1))
+    try:
+        for n, where in ((1, "a"), (2, "b")):
+            pipeline = Pipeline(
+                name="p",
+                executor="command",
+                command=(sys.executable, "-c", "import os; print('CWD', os.getcwd())"),
+                cwd=where,
+            )
+            item = Item(Path("relative"), n, pipeline)
+            h.loop.submit(item)
+            h.wait_ended(n)
+            assert h.ended[n].ok
+            assert f"CWD {tmp_path / where}" in (tmp_path / item.log_file).read_text()
+    finally:
+        h.loop.close(timeout=10)
+
+
+def test_a_command_its_launcher_cannot_run_fails_alone(tmp_path: Path) -> None:
+    h = Harness(made_slots(1))
+    try:
+        h.loop.submit(Item(tmp_path, 1, script("pass")))  # the launcher is up
+        h.wait_ended(1)
+        [launcher] = launchers()
+        limits = resource.prlimit(launcher, resource.RLIMIT_NOFILE)
+        resource.prlimit(launcher, resource.RLIMIT_NOFILE, (5, limits[1]))  # no room
+        h.loop.submit(Item(tmp_path, 2, script("pass")))
+        h.wait_ended(2)
+        result = h.ended[2]
+        assert not result.ok and result.retryable
+        assert "Too many open files" in (result.error or "")
+        resource.prlimit(launcher, resource.RLIMIT_NOFILE, limits)
+        h.loop.submit(Item(tmp_path, 3, script("pass")))
+        h.wait_ended(3)
+        assert h.ended[3].ok
+        assert launchers() == [launcher]  # the same one, still running
+    finally:
+        h.loop.close(timeout=10)

@@ -46,15 +46,23 @@ def run_in_a_loop(
     return ended[0]
 
 
-@pytest.fixture(autouse=True, params=["pidfd", "waitpid", "loop"])
+def no_launcher() -> None:
+    raise OSError("no launcher here")
+
+
+@pytest.fixture(autouse=True, params=["pidfd", "waitpid", "loop", "loop-here"])
 def exit_watch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every command test runs three times: the attempt alone in its thread, its exit
+    """Every command test runs four times: the attempt alone in its thread, its exit
     seen through a pidfd (Linux) or through waitpid between polls (where the system has
-    no pidfd); and in a command loop, as a worker runs plain commands."""
+    no pidfd); in a command loop, whose launcher runs the command, as a worker runs
+    plain commands; and in a command loop that could not start its launcher and runs
+    its commands itself."""
     if request.param == "waitpid":
         monkeypatch.setattr("conveyor.executors.command._pidfd", lambda pid: None)
-    if request.param == "loop":
+    if request.param.startswith("loop"):
         monkeypatch.setattr(CommandExecutor, "run", run_in_a_loop)
+    if request.param == "loop-here":
+        monkeypatch.setattr("conveyor.executors.loop.Launcher", no_launcher)
     return str(request.param)
 
 
@@ -320,6 +328,50 @@ def test_stdin_is_closed(tmp_path):
     run, result = run_command(tmp_path, "import sys; print('IN', repr(sys.stdin.read()))")
     assert result.ok
     assert "IN ''" in run.log
+
+
+def test_a_command_inherits_no_descriptor_but_its_standard_three(tmp_path):
+    code = """
+        import os
+        open_fds = []
+        for fd in range(3, 1024):
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue
+            open_fds.append(fd)
+        print("OPEN", open_fds)
+    """
+    run, result = run_command(tmp_path, code)
+    assert result.ok
+    assert "OPEN []" in run.log
+
+
+def test_a_command_starts_with_no_signal_ignored_or_blocked(tmp_path):
+    # cat changes no signal disposition: it shows what it was started with.
+    pipeline = Pipeline(name="p", executor="command", command=("cat", "/proc/self/status"))
+    run = Run(tmp_path)
+    result = CommandExecutor().run(pipeline, run.ctx, None)
+    assert result.ok
+    masks = {
+        name: int(value, 16)
+        for name, _, value in (line.partition(":\t") for line in run.log.splitlines())
+        if name in ("SigIgn", "SigBlk")
+    }
+    # Signal n is bit n - 1. glibc's posix_spawn leaves its own two (32 and 33, which no
+    # program sees: glibc and musl set them up again at start) ignored.
+    glibc_own = 1 << 31 | 1 << 32
+    assert masks["SigIgn"] & ~glibc_own == 0
+    assert masks["SigBlk"] == 0
+
+
+def test_a_long_command_line_runs_whole(tmp_path):
+    words = [f"argument-{i:06d}" for i in range(20000)]  # about 320 kB
+    run, result = run_command(
+        tmp_path, "import sys; print('ARGS', len(sys.argv) - 1, sys.argv[-1])", *words
+    )
+    assert result.ok
+    assert "ARGS 20000 argument-019999" in run.log
 
 
 # command: killing ------------------------------------------------------------------------

@@ -98,6 +98,11 @@ class TaskContext:
         return Path(self._where()[0])
 
     @property
+    def log_file(self) -> str:
+        """`log_path` as a string (no `Path` made)."""
+        return self._where()[0]
+
+    @property
     def work_dir(self) -> Path:
         """A scratch directory of the task's own, made on first use."""
         return Path(self.make_work_dir())

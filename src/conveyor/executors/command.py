@@ -16,6 +16,7 @@ import threading
 import time
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
+from conveyor.executors.launcher import Launcher, LauncherGone
 from conveyor.executors.watchdog import Watchdog
 from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
 
@@ -99,11 +100,11 @@ class CommandExecutor:
             attempt.abandon()  # its command does not outlive the failure
             raise
 
-    def start(
-        self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None
-    ) -> Attempt | ExecResult:
-        """Start an attempt's command; the running `Attempt`, or the result of one that
-        could not start."""
+    def _prepare(
+        self, pipeline: Pipeline, ctx: TaskContext
+    ) -> tuple[list[str], str, dict[str, str]] | ExecResult:
+        """An attempt's command line, working directory and additions to the
+        environment; or the result of an attempt whose command line is wrong."""
         task = ctx.task
         work_dir = ctx.make_work_dir()
         context = {
@@ -117,27 +118,51 @@ class CommandExecutor:
             argv = render_argv(pipeline.command, command_values(task.params, context))
         except TemplateError as exc:
             return ExecResult(ok=False, error=str(exc), retryable=False)
-        env = self._environ.copy()
-        env.update(pipeline.env)
-        env.update(
+        changes = dict(pipeline.env)
+        changes.update(
             CONVEYOR_REQUEST_ID=str(task.request_id),
             CONVEYOR_TASK_ID=str(task.id),
             CONVEYOR_ATTEMPT=str(task.attempts),
             CONVEYOR_WORK_DIR=work_dir,
         )
+        return argv, pipeline.cwd or work_dir, changes
+
+    def launch(
+        self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None, launcher: Launcher
+    ) -> Launched | ExecResult:
+        """Have `launcher` run an attempt's command (see `executors.launcher`)."""
+        prepared = self._prepare(pipeline, ctx)
+        if isinstance(prepared, ExecResult):
+            return prepared
+        argv, cwd, changes = prepared
+        # Absolute: the launcher's own working directory is the last command's.
+        key = launcher.run(argv, os.path.abspath(cwd), changes, os.path.abspath(ctx.log_file))
+        return Launched(launcher, key, ctx, deadline)
+
+    def start(
+        self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None
+    ) -> Attempt | ExecResult:
+        """Start an attempt's command in this process; the running `Attempt`, or the
+        result of one that could not start."""
+        prepared = self._prepare(pipeline, ctx)
+        if isinstance(prepared, ExecResult):
+            return prepared
+        argv, cwd, changes = prepared
+        env = self._environ.copy()
+        env.update(changes)
         program = self._program(argv[0], env.get("PATH"))
         # The output pipe is made here, not by Popen: its read end stays a bare
         # descriptor (Popen would wrap it in a file object, three system calls more).
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
             try:
-                proc = self._spawn(argv, program, pipeline.cwd or work_dir, env, out_w)
+                proc = self._spawn(argv, program, cwd, env, out_w)
             except FileNotFoundError:
                 if program is None:
                     raise
                 # moved or removed since it was found: look again
                 self._found.pop((argv[0], env.get("PATH")), None)
-                proc = self._spawn(argv, None, pipeline.cwd or work_dir, env, out_w)
+                proc = self._spawn(argv, None, cwd, env, out_w)
         except OSError as exc:
             os.close(out_r)
             ctx.log(f"$ {' '.join(argv)}")
@@ -174,51 +199,19 @@ class CommandExecutor:
         )
 
 
-class Attempt:
-    """One running command, moved along a step at a time by whoever waits on its
-    descriptors: `CommandExecutor.run` for one attempt in its thread, or a
-    `CommandLoop` for many in one thread.
-
-    It waits for output and for the exit together: the exit through a pidfd (a
-    descriptor that becomes readable when the process ends), so a command's end is seen
-    at once, without polling waitpid in a sleeping loop. The output pipe stays blocking:
-    it is read once each time poll(2) says it is readable, which returns at once.
-    Without a pidfd (not Linux, or before 5.3), the exit is looked for between polls."""
+class Running:
+    """What a running command attempt does whoever runs its process: it is killed (its
+    whole process group: SIGTERM, then SIGKILL after a grace) when its deadline passes
+    or it is asked to stop, and its exit code decides its result."""
 
     STOP_CHECK_MS = 200  # how often, at most, a stop request or deadline is looked at
 
-    def __init__(
-        self,
-        proc: subprocess.Popen[bytes],
-        fd: int,
-        pidfd: int | None,
-        ctx: TaskContext,
-        deadline: float | None,
-        watchdog: Watchdog | None,
-    ) -> None:
-        self.proc = proc
-        self.fd = fd
-        self.pidfd = pidfd
+    def __init__(self, ctx: TaskContext, deadline: float | None) -> None:
         self.ctx = ctx
         self.deadline = deadline
-        self._watchdog = watchdog
-        self._poller: select.poll | None = None
-        self._buf = b""
-        self.eof = False
         self._killing: str | None = None  # why it is being killed
-        self._closed = False  # its descriptors are closed
         self._sigkill_at: float | None = None  # when it gets SIGKILL (time.monotonic)
         self.result: ExecResult | None = None
-
-    def watch(self, poller: select.poll) -> None:
-        """Register its descriptors with `poller`; they leave it as they close."""
-        self._poller = poller
-        poller.register(self.fd, select.POLLIN)
-        if self.pidfd is not None:
-            poller.register(self.pidfd, select.POLLIN)
-
-    def fds(self) -> list[int]:
-        return [self.fd] if self.pidfd is None else [self.fd, self.pidfd]
 
     def wait_ms(self, now: float) -> int:
         """How long its driver may wait before `check` must run again."""
@@ -229,21 +222,10 @@ class Attempt:
             wait = min(wait, int((self.deadline - now) * 1000) + 1)
         return max(wait, 0)
 
-    def ready(self, fd: int) -> None:
-        """`fd`, one of its descriptors, is readable."""
-        if fd == self.fd:
-            if not self.eof:
-                self._take()
-        elif fd == self.pidfd:
-            self._exited()
-
     def check(self, now: float) -> None:
         """Act on what time alone tells: a stop request, the deadline, a kill's grace
-        running out; and, without a pidfd, an exit."""
+        running out."""
         if self.result is not None:
-            return
-        if self.pidfd is None and self.proc.poll() is not None:
-            self._exited()
             return
         if self._killing is None:
             # The deadline first: the worker may have seen it pass and asked for a stop.
@@ -261,6 +243,131 @@ class Attempt:
         self._killing = reason
         self._sigkill_at = time.monotonic() + KILL_GRACE
         self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: int) -> None:
+        raise NotImplementedError
+
+    def _settle(self, code: int) -> None:
+        """It has exited with `code`: its result."""
+        if self._killing is not None:
+            self.result = ExecResult(ok=False, error=self._killing)
+        elif code == 0:
+            self.result = ExecResult(ok=True, result={"exit_code": 0})
+        elif code < 0:
+            self.result = ExecResult(ok=False, error=f"killed by signal {-code}")
+        else:
+            self.result = ExecResult(ok=False, error=f"exit code {code}")
+
+
+class Launched(Running):
+    """A command that a command loop's launcher runs (`executors.launcher`): the
+    launcher writes its log and reports its progress lines and exit, and signals it
+    when asked."""
+
+    def __init__(
+        self, launcher: Launcher, key: int, ctx: TaskContext, deadline: float | None
+    ) -> None:
+        super().__init__(ctx, deadline)
+        self.launcher = launcher
+        self.key = key
+        self.pid: int | None = None  # once the launcher has said
+
+    def _signal(self, sig: int) -> None:
+        if self.result is not None:
+            return
+        if not self.launcher.gone:
+            with contextlib.suppress(LauncherGone):
+                self.launcher.kill(self.key, sig, self._killing or "stopped")
+                self.launcher.flush()
+                return
+        if self.pid is not None:  # the launcher is gone: its command is not
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+
+    def progress(self, line: str) -> None:
+        progress = parse_progress_line(line)
+        if progress is not None:
+            self.ctx.report(progress)
+
+    def exited(self, code: int) -> None:
+        self._settle(code)
+
+    def failed(self, why: str, retryable: bool) -> None:
+        """It did not run, or its log could not be written (and it was killed)."""
+        self.result = ExecResult(ok=False, error=why, retryable=retryable)
+
+    def lost(self, why: str) -> None:
+        """Its launcher has stopped: kill it (by its group id) and fail it with `why`."""
+        self._killing = why
+        self._signal(signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.ctx.log(f"killed: {why}")
+        self.result = ExecResult(ok=False, error=why)
+
+    def abandon(self) -> None:
+        """Kill it at once and let go of it (its loop is going away, or failed); the
+        launcher reaps it."""
+        if self.result is not None:
+            return
+        self._killing = self._killing or self.ctx.stop_reason or "stopped"
+        self._signal(signal.SIGKILL)
+        self.result = ExecResult(ok=False, error=self._killing)
+
+
+class Attempt(Running):
+    """One running command started in this process, moved along a step at a time by
+    whoever waits on its descriptors: `CommandExecutor.run` for one attempt in its
+    thread, or a `CommandLoop` without a launcher for many in one thread.
+
+    It waits for output and for the exit together: the exit through a pidfd (a
+    descriptor that becomes readable when the process ends), so a command's end is seen
+    at once, without polling waitpid in a sleeping loop. The output pipe stays blocking:
+    it is read once each time poll(2) says it is readable, which returns at once.
+    Without a pidfd (not Linux, or before 5.3), the exit is looked for between polls."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        fd: int,
+        pidfd: int | None,
+        ctx: TaskContext,
+        deadline: float | None,
+        watchdog: Watchdog | None,
+    ) -> None:
+        super().__init__(ctx, deadline)
+        self.proc = proc
+        self.fd = fd
+        self.pidfd = pidfd
+        self._watchdog = watchdog
+        self._poller: select.poll | None = None
+        self._buf = b""
+        self.eof = False
+        self._closed = False  # its descriptors are closed
+
+    def watch(self, poller: select.poll) -> None:
+        """Register its descriptors with `poller`; they leave it as they close."""
+        self._poller = poller
+        poller.register(self.fd, select.POLLIN)
+        if self.pidfd is not None:
+            poller.register(self.pidfd, select.POLLIN)
+
+    def fds(self) -> list[int]:
+        return [self.fd] if self.pidfd is None else [self.fd, self.pidfd]
+
+    def ready(self, fd: int) -> None:
+        """`fd`, one of its descriptors, is readable."""
+        if fd == self.fd:
+            if not self.eof:
+                self._take()
+        elif fd == self.pidfd:
+            self._exited()
+
+    def check(self, now: float) -> None:
+        """As `Running.check`; and, without a pidfd, look for an exit."""
+        if self.result is None and self.pidfd is None and self.proc.poll() is not None:
+            self._exited()
+            return
+        super().check(now)
 
     def _signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -301,17 +408,8 @@ class Attempt:
         finally:
             self._close()  # tells the watchdog before the reaping frees the process id
         code = self.proc.wait()
-        if self._killing is not None:
-            self.ctx.log(f"killed: {self._killing}")
-            self.result = ExecResult(ok=False, error=self._killing)
-            return
-        self.ctx.log(f"exit code {code}")
-        if code == 0:
-            self.result = ExecResult(ok=True, result={"exit_code": 0})
-        elif code < 0:
-            self.result = ExecResult(ok=False, error=f"killed by signal {-code}")
-        else:
-            self.result = ExecResult(ok=False, error=f"exit code {code}")
+        self.ctx.log(f"killed: {self._killing}" if self._killing else f"exit code {code}")
+        self._settle(code)
 
     def _close(self) -> None:
         if self._closed:

@@ -25,10 +25,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from conveyor.executors import ExecResult, TaskContext
-from conveyor.executors.command import Attempt, CommandExecutor, _pidfd
+from conveyor.executors.command import Attempt, CommandExecutor, Launched, _pidfd
+from conveyor.executors.launcher import Launcher, LauncherGone
 from conveyor.pipelines import Pipeline
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,14 @@ class CommandLoop(Generic[T]):
         self._begin = begin
         self._end = end
         self._pending: deque[T] = deque()
-        self._running: dict[Attempt, T] = {}
+        self._running: dict[Attempt | Launched, T] = {}
         self._by_fd: dict[int, Attempt] = {}
+        # Its commands are run by a launcher process (`executors.launcher`), made when
+        # first wanted; the attempts it runs, by key. Where none can be started, the
+        # loop runs its commands itself (`Attempt`).
+        self._launcher: Launcher | None = None
+        self._launcher_failed = False
+        self._launched: dict[int, Launched] = {}
         # When the running attempts next need a look for what time alone tells (stop
         # requests, deadlines; `Attempt.check`), by time.time().
         self._due = 0.0
@@ -193,6 +200,8 @@ class CommandLoop(Generic[T]):
             self._step(attempt, None, time.time(), abandon=True)
         while self._pending:
             self._fail(self._pending.popleft(), "the command loop stopped")
+        if self._launcher is not None:
+            self._launcher.close()
 
     def _turn(self) -> bool:
         """One turn of the loop: start what may start, wait for something to happen,
@@ -214,20 +223,26 @@ class CommandLoop(Generic[T]):
                 # is seen when the next turn starts what is pending.
                 self._poked = False
                 continue
+            if self._launcher is not None and fd == self._launcher.fd:
+                self._heard(self._launcher)
+                continue
             attempt = self._by_fd.get(fd)
             if attempt is not None:
                 self._step(attempt, fd)
         now = time.time()
         if now >= self._due:
-            for attempt in list(self._running):
-                self._step(attempt, None, now)
+            for running in list(self._running):
+                self._step(running, None, now)
             self._due = now + self._wait_ms(now) / 1000
         return False
 
     def _wait_ms(self, now: float) -> int:
         """How long until the running attempts need a look, however quiet they are."""
         return min(
-            (a.wait_ms(now) if a.pidfd is not None else 10 for a in self._running),
+            (
+                10 if isinstance(a, Attempt) and a.pidfd is None else a.wait_ms(now)
+                for a in self._running
+            ),
             default=Attempt.STOP_CHECK_MS,
         )
 
@@ -239,41 +254,108 @@ class CommandLoop(Generic[T]):
     def _start_pending(self) -> None:
         while self._pending and self._slots.try_take(self._poke):
             item = self._pending.popleft()
-            started: Attempt | ExecResult | None = None
+            started: Attempt | Launched | ExecResult | None = None
             try:
                 job = self._begin(item)
                 if job is None:
                     self._slots.give()
                     continue
-                started = self._executor.start(job.pipeline, job.ctx, job.deadline)
+                launcher = self._launcher_now()
+                if launcher is not None:
+                    started = self._executor.launch(job.pipeline, job.ctx, job.deadline, launcher)
+                else:
+                    started = self._executor.start(job.pipeline, job.ctx, job.deadline)
                 if isinstance(started, ExecResult):
                     self._finish(item, started)
                     continue
-                started.watch(self._poller)
+                if isinstance(started, Launched):
+                    self._launched[started.key] = started
+                else:
+                    started.watch(self._poller)
+                    for fd in started.fds():
+                        self._by_fd[fd] = started
             except Exception as exc:
                 log.exception("starting a command failed")
                 if isinstance(started, Attempt):
                     started.abandon()
+                    for fd in started.fds():
+                        self._by_fd.pop(fd, None)
                 self._finish(item, ExecResult(ok=False, error=f"executor error: {exc}"))
                 continue
             self._running[started] = item
-            for fd in started.fds():
-                self._by_fd[fd] = started
             now = time.time()
             self._due = min(self._due, now + started.wait_ms(now) / 1000)
+        if self._launcher is not None:
+            try:
+                self._launcher.flush()  # the commands started in this turn, in one write
+            except LauncherGone:
+                self._lost(self._launcher)
+
+    def _launcher_now(self) -> Launcher | None:
+        """The launcher to start commands with; None: start them in this process."""
+        if self._launcher is not None and self._launcher.gone:
+            self._lost(self._launcher)
+        if self._launcher is None and not self._launcher_failed:
+            try:
+                self._launcher = Launcher()
+            except OSError:
+                log.exception("cannot start the command launcher; commands start here")
+                self._launcher_failed = True
+                return None
+            self._poller.register(self._launcher.fd, select.POLLIN)
+        return self._launcher
+
+    def _heard(self, launcher: Launcher) -> None:
+        """Act on what the launcher has said."""
+        for kind, key, *rest in launcher.read():
+            attempt = self._launched.get(key)
+            if attempt is None:
+                continue  # abandoned meanwhile
+            if kind == "pid":
+                attempt.pid = rest[0]
+            elif kind == "progress":
+                self._act(attempt, attempt.progress, rest[0])
+            elif kind == "exit":
+                self._act(attempt, attempt.exited, rest[0])
+            elif kind == "error":
+                self._act(attempt, attempt.failed, rest[0], rest[1])
+        if launcher.gone:
+            self._lost(launcher)
+
+    def _lost(self, launcher: Launcher) -> None:
+        """The launcher has stopped: the attempts it ran fail (their commands, which it
+        no longer watches, are killed) and the next command starts a new one."""
+        if launcher.heard:
+            log.error("the command launcher stopped; starting another")
+        else:  # it cannot run here: starting another would fail the same way
+            log.error(
+                "the command launcher stopped before it ran anything; "
+                "the loop runs its commands itself from now on"
+            )
+            self._launcher_failed = True
+        self._poller.unregister(launcher.fd)
+        self._launcher = None
+        for attempt in list(self._launched.values()):
+            self._act(attempt, attempt.lost, "the command launcher stopped")
+        launcher.close()
 
     def _step(
-        self, attempt: Attempt, fd: int | None, now: float = 0.0, abandon: bool = False
+        self, attempt: Attempt | Launched, fd: int | None, now: float = 0.0, abandon: bool = False
     ) -> None:
         """Move one attempt on (its `fd` is readable, or time has passed); hand over its
         result once it has one."""
+        if abandon:
+            self._act(attempt, attempt.abandon)
+        elif fd is not None:
+            assert isinstance(attempt, Attempt)
+            self._act(attempt, attempt.ready, fd)
+        else:
+            self._act(attempt, attempt.check, now)
+
+    def _act(self, attempt: Attempt | Launched, action: Callable[..., None], *args: Any) -> None:
+        """`action(*args)` on `attempt`; its result handed over once it has one."""
         try:
-            if abandon:
-                attempt.abandon()
-            elif fd is not None:
-                attempt.ready(fd)
-            else:
-                attempt.check(now)
+            action(*args)
         except Exception as exc:
             log.exception("a command attempt failed in the loop")
             attempt.abandon()
@@ -282,8 +364,11 @@ class CommandLoop(Generic[T]):
         if attempt.result is None:
             return
         item = self._running.pop(attempt)
-        for descriptor in attempt.fds():
-            self._by_fd.pop(descriptor, None)
+        if isinstance(attempt, Launched):
+            del self._launched[attempt.key]
+        else:
+            for descriptor in attempt.fds():
+                self._by_fd.pop(descriptor, None)
         self._finish(item, attempt.result)
 
     def _finish(self, item: T, result: ExecResult) -> None:

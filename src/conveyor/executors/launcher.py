@@ -1,0 +1,563 @@
+"""The command launcher: a small process beside a command loop that runs the loop's
+commands: it starts them, writes their output to their logs, reaps them, and kills them
+if the worker dies.
+
+Why a process of its own: starting a process from Python, reading its output and
+reaping it is most of what a short command costs its worker, and in the worker all of it
+holds the interpreter lock that the worker's database work (claims, outcomes) needs too.
+In a launcher it runs on another core, beside that work. The worker keeps what decides
+the task: when to stop or kill a command (deadlines, cancels, shutdown) and what its
+exit means.
+
+The worker and its launcher talk over a socket pair. Messages are `marshal`led tuples
+(both ends are the same interpreter, and nothing else can reach a socket pair), each
+after its length; each side writes what it has to say in one go, once a turn:
+
+    worker -> launcher   ("run", key, argv, cwd, env changes, log file)
+                         ("kill", key, signal, reason)
+    launcher -> worker   ("pid", key, pid)
+                         ("progress", key, line)   a `conveyor:progress` line
+                         ("exit", key, code)       code < 0: killed by that signal
+                         ("error", key, message, retryable)
+                                                   it did not run, or its log could
+                                                   not be written (then it was killed)
+
+The log gets the command line (`$ ...`), the command's output (stdout and stderr, as
+text, a write per chunk read), and how it ended (`exit code N`, or `killed: reason` for
+a kill the worker asked for).
+
+Each command gets a session (and process group) of its own; a kill goes to the whole
+group, and once the command has exited whatever it left running in its group is
+SIGKILLed before the command is reaped. When the socket reaches end of file, the worker
+is gone (or done): the groups still running get SIGTERM, then SIGKILL after a grace
+period, and the launcher exits. This makes it the worker's watchdog for the commands it
+runs.
+
+It runs as `python -I -S .../launcher.py`: standard library only, so it starts fast and
+imports nothing of the worker's. It needs pidfds (Linux 5.3 and later), as the command
+loops do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import marshal
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import weakref
+from typing import Any
+
+GRACE = 5.0  # seconds between SIGTERM and SIGKILL when the worker is gone
+PROGRESS = "conveyor:progress "  # as `conveyor.executors.PROGRESS_PREFIX`
+PROGRESS_MAX = 4096  # characters of a progress line passed on (all of it is logged)
+LEFTOVER_READS = 64  # reads of output after the exit; what comes later is a leftover's
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+PROGRAM = os.path.abspath(__file__)  # what a launcher runs
+
+
+# the launcher's side ------------------------------------------------------------------
+class _Child:
+    __slots__ = ("buf", "failed", "key", "log", "out", "pid", "pidfd", "reason")
+
+    def __init__(self, key: int, pid: int, pidfd: int, out: int, log: int) -> None:
+        self.key = key
+        self.pid = pid
+        self.pidfd = pidfd
+        self.out: int | None = out  # the output pipe's read end, until end of file
+        self.log = log
+        self.buf = b""  # output after the last newline
+        self.reason: str | None = None  # why the worker had it killed
+        self.failed: str | None = None  # why its log could not be written
+
+
+class _Launcher:
+    """Commands start with `os.posix_spawn` (one vfork-like clone and exec, done in C),
+    not `subprocess.Popen`, which costs several times as much CPU in Python code per
+    command. posix_spawn holds the interpreter lock while the child starts, which here,
+    in a process of one thread, costs nothing. It has no working directory of its own
+    for the child, so the launcher changes its own before each spawn: it has no other
+    use for one."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+        self.by_fd: dict[int, _Child] = {}  # by pidfd and output pipe
+        self.by_key: dict[int, _Child] = {}
+        self.environ = dict(os.environ)
+        self.found: dict[tuple[str, str | None], str] = {}
+        self.inbuf = bytearray()
+        self.outbox: list[tuple[Any, ...]] = []  # messages for the worker
+        self.progress_at: dict[int, int] = {}  # where a command's progress line is in it
+        self.outbuf = bytearray()  # framed messages the socket has not taken yet
+        self.waiting = False  # for the socket to be writable
+        # Descriptors closed in this turn: a later event of the same poll about one is
+        # stale (and its number may already be a new command's).
+        self.closed: set[int] = set()
+
+    def send(self, *message: Any) -> None:
+        """Queue a message for the worker; all that one turn queues goes in one write.
+        While the worker is not reading, a command's newer progress line replaces the
+        one still queued (the worker stores only the latest anyway)."""
+        if message[0] == "progress" and self.waiting:
+            at = self.progress_at.get(message[1])
+            if at is not None:
+                self.outbox[at] = message
+                return
+            self.progress_at[message[1]] = len(self.outbox)
+        self.outbox.append(message)
+
+    def flush(self) -> None:
+        """Write what is queued, as far as the socket takes it now. The launcher never
+        waits on the worker: what does not fit waits for the socket to be writable, and
+        meanwhile only the latest progress line of each command is kept."""
+        if not self.outbuf and self.outbox:
+            self.outbuf += b"".join(_frame(m) for m in self.outbox)
+            self.outbox.clear()
+            self.progress_at.clear()
+        if self.outbuf:
+            try:
+                del self.outbuf[: self.sock.send(self.outbuf, socket.MSG_DONTWAIT)]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:  # the worker is gone; the end of file says so
+                self.outbuf.clear()
+                self.outbox.clear()
+        waiting = bool(self.outbuf or self.outbox)
+        if waiting != self.waiting:
+            self.waiting = waiting
+            self.poller.modify(self.sock, select.POLLIN | (select.POLLOUT if waiting else 0))
+
+    def serve(self) -> None:
+        while True:
+            self.closed.clear()
+            for fd, events in self.poller.poll():
+                if fd in self.closed:  # closed by an earlier event of this turn
+                    continue
+                child = self.by_fd.get(fd)
+                if child is None:
+                    if events & ~select.POLLOUT and not self.receive():
+                        return
+                elif fd == child.pidfd:
+                    self.exited(child)
+                else:
+                    self.output(child)
+            self.flush()
+
+    def receive(self) -> bool:
+        """Act on the messages waiting; False at end of file."""
+        more = True
+        while True:
+            try:
+                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                more = False
+                break
+            self.inbuf += data
+        for message in _unframe(self.inbuf):
+            if message[0] == "run":
+                self.run(*message[1:])
+            elif message[0] == "kill":
+                self.kill(*message[1:])
+        return more
+
+    # starting ---------------------------------------------------------------------------
+    def program(self, name: str, path: str | None) -> str | None:
+        """The file to run for `name`: a name with a slash as it is (relative to the
+        working directory), else the first match in PATH, as execvp would find it (kept
+        when absolute, so PATH is searched once per program)."""
+        if "/" in name:
+            return name
+        found = self.found.get((name, path))
+        if found is None:
+            found = shutil.which(name, path=path)
+            if found is not None and os.path.isabs(found):
+                self.found[(name, path)] = found
+        return found
+
+    def run(
+        self, key: int, argv: list[str], cwd: str, changes: dict[str, str], log_file: str
+    ) -> None:
+        try:
+            self.launch(key, argv, cwd, changes, log_file)
+        except Exception as exc:  # out of descriptors, say: the launcher goes on
+            self.send("error", key, f"the command launcher could not run it: {exc}", True)
+
+    def launch(
+        self, key: int, argv: list[str], cwd: str, changes: dict[str, str], log_file: str
+    ) -> None:
+        try:
+            log = _open_log(log_file)
+        except OSError as exc:
+            self.send("error", key, f"cannot write the log {log_file}: {exc.strerror}", True)
+            return
+        try:
+            _write(log, f"$ {' '.join(argv)}\n")
+        except OSError as exc:
+            os.close(log)
+            self.send("error", key, f"cannot write the log {log_file}: {exc.strerror}", True)
+            return
+        try:
+            pid, out = self.start(argv, cwd, changes)
+        except _CannotStart as exc:
+            why = f"cannot start {argv[0]}: {exc}"
+            with contextlib.suppress(OSError):
+                _write(log, why + "\n")
+            os.close(log)
+            self.send("error", key, why, False)
+            return
+        except BaseException:
+            os.close(log)
+            raise
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            _killpg(pid, signal.SIGKILL)  # it must not run unwatched
+            os.waitpid(pid, 0)
+            os.close(out)
+            os.close(log)
+            raise
+        child = _Child(key, pid, pidfd, out, log)
+        self.by_fd[pidfd] = self.by_fd[out] = self.by_key[key] = child
+        self.poller.register(out, select.POLLIN)
+        self.poller.register(pidfd, select.POLLIN)
+        self.send("pid", key, pid)
+
+    def start(self, argv: list[str], cwd: str, changes: dict[str, str]) -> tuple[int, int]:
+        """Start the command; its pid and its output pipe's read end."""
+        env = self.environ.copy()
+        env.update(changes)
+        path = env.get("PATH", os.defpath)
+        read, write = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                os.chdir(cwd)
+                program = self.program(argv[0], path)
+                if program is None:
+                    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+                try:
+                    pid = self.spawn(program, argv, env, write)
+                except FileNotFoundError:
+                    if self.found.pop((argv[0], path), None) is None:
+                        raise
+                    program = self.program(argv[0], path)  # moved since: look again
+                    if program is None:
+                        raise
+                    pid = self.spawn(program, argv, env, write)
+            except OSError as exc:
+                raise _CannotStart(exc.strerror or str(exc)) from exc
+            except (ValueError, TypeError) as exc:  # a NUL in an argument, say
+                raise _CannotStart(str(exc)) from exc
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)  # the command holds it now
+        os.set_blocking(read, False)
+        return pid, read
+
+    def spawn(self, program: str, argv: list[str], env: dict[str, str], out: int) -> int:
+        # Standard input is the launcher's own, /dev/null; every other descriptor of
+        # the launcher's is close-on-exec. The signals Python ignores (SIGPIPE, SIGXFSZ)
+        # are the command's to handle again, as `Popen` leaves them.
+        return os.posix_spawn(
+            program,
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, out, 1),
+                (os.POSIX_SPAWN_DUP2, out, 2),
+            ],
+            setsid=True,
+            setsigdef=_DEFAULT_SIGNALS,
+        )
+
+    # running ----------------------------------------------------------------------------
+    def kill(self, key: int, sig: int, reason: str) -> None:
+        child = self.by_key.get(key)
+        if child is not None:  # else it has been reaped: its group id may be reused
+            child.reason = child.reason or reason
+            _killpg(child.pid, sig)
+
+    def output(self, child: _Child) -> bool:
+        """Read what the command wrote; False once there is no more for now."""
+        assert child.out is not None
+        try:
+            chunk = os.read(child.out, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:  # not to be read: as good as its end
+            chunk = b""
+        if not chunk:
+            self.forget(child.out)
+            child.out = None
+            return False
+        *lines, child.buf = (child.buf + chunk).split(b"\n")
+        self.lines(child, lines)
+        return True
+
+    def lines(self, child: _Child, lines: list[bytes]) -> None:
+        text = []
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip("\r")
+            if _is_progress(line):
+                self.send("progress", child.key, line[:PROGRESS_MAX])
+            text.append(line + "\n")
+        if text and child.failed is None:
+            try:
+                _write(child.log, "".join(text))
+            except OSError as exc:
+                child.failed = f"cannot write the log: {exc.strerror}"
+                _killpg(child.pid, signal.SIGKILL)
+
+    def exited(self, child: _Child) -> None:
+        # What it left running in its group goes with it, while the group id is still
+        # held by the unreaped leader.
+        _killpg(child.pid, signal.SIGKILL)
+        for _ in range(LEFTOVER_READS):
+            if child.out is None or not self.output(child):
+                break
+        if child.buf:
+            self.lines(child, [child.buf])
+        _, status = os.waitpid(child.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if child.failed is None:
+            end = f"killed: {child.reason}" if child.reason else f"exit code {code}"
+            with contextlib.suppress(OSError):
+                _write(child.log, end + "\n")
+        if child.out is not None:  # a leftover of its group still had it open
+            self.forget(child.out)
+        self.forget(child.pidfd)
+        del self.by_key[child.key]
+        os.close(child.log)
+        if child.failed is not None:
+            self.send("error", child.key, child.failed, True)
+        else:
+            self.send("exit", child.key, code)
+
+    def forget(self, fd: int) -> None:
+        """Stop watching a child's descriptor, and close it."""
+        self.poller.unregister(fd)
+        del self.by_fd[fd]
+        os.close(fd)
+        self.closed.add(fd)
+
+    def shut_down(self) -> None:
+        """The worker is gone: its commands go too."""
+        with contextlib.suppress(KeyError):
+            self.poller.unregister(self.sock.fileno())  # at end of file: always readable
+        for child in self.by_key.values():
+            _killpg(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE
+        while self.by_key and time.monotonic() < deadline:
+            for fd, _ in self.poller.poll(50):
+                found = self.by_fd.get(fd)
+                if found is not None and fd == found.pidfd:
+                    self.exited(found)
+                elif found is not None:
+                    self.output(found)
+        for child in list(self.by_key.values()):
+            _killpg(child.pid, signal.SIGKILL)
+            self.exited(child)
+
+
+class _CannotStart(Exception):
+    pass
+
+
+_HEADER = struct.Struct("<I")
+
+
+def _frame(message: tuple[Any, ...]) -> bytes:
+    """A message as it goes on the socket: its length, then its `marshal` form."""
+    data = marshal.dumps(message)
+    return _HEADER.pack(len(data)) + data
+
+
+def _unframe(buf: bytearray) -> list[tuple[Any, ...]]:
+    """The whole messages at the start of `buf`, taken out of it. (Both ends are the
+    same interpreter, and nothing else can reach a socket pair.)"""
+    messages = []
+    at = 0
+    while len(buf) - at >= _HEADER.size:
+        (n,) = _HEADER.unpack_from(buf, at)
+        end = at + _HEADER.size + n
+        if len(buf) < end:
+            break
+        messages.append(marshal.loads(buf[at + _HEADER.size : end]))  # noqa: S302
+        at = end
+    del buf[:at]
+    return messages
+
+
+def _is_progress(line: str) -> bool:
+    """Whether `conveyor.executors.parse_progress_line` makes progress of `line`: its
+    prefix, then CURRENT[/TOTAL], numbers."""
+    if not line.startswith(PROGRESS):
+        return False
+    current, _, total = line[len(PROGRESS) :].strip().partition(" ")[0].partition("/")
+    try:
+        float(current)
+        if total:
+            float(total)
+    except ValueError:
+        return False
+    return True
+
+
+def _open_log(path: str) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o666)
+    except FileNotFoundError:  # its folder (the request's) is made by the first attempt
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, flags, 0o666)
+
+
+def _write(fd: int, text: str) -> None:
+    data = text.encode("utf-8", "replace")
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+# the worker's side ----------------------------------------------------------------------
+class LauncherGone(Exception):
+    """The launcher has stopped (killed, or it failed)."""
+
+
+_LAUNCHERS: weakref.WeakSet[Launcher] = weakref.WeakSet()
+
+
+def _forget_launchers() -> None:
+    """In a forked child: its copies of the launchers' sockets are closed, so a launcher
+    still sees the end of file when its worker dies."""
+    for launcher in list(_LAUNCHERS):
+        launcher.sock.close()
+        launcher.gone = True
+
+
+class Launcher:
+    """A command loop's launcher, started with it and used from the loop's thread only.
+    What `run` and `kill` ask goes to the launcher at the next `flush`."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Its stderr is the worker's: should it fail, the traceback is seen there.
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", PROGRAM],
+                stdin=theirs.fileno(),
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.fd = ours.fileno()
+        self.gone = False
+        self.heard = False  # it has said something: it runs
+        self._next = 0
+        self._out = bytearray()
+        self._in = bytearray()
+        _LAUNCHERS.add(self)
+
+    def run(self, argv: list[str], cwd: str, changes: dict[str, str], log_file: str) -> int:
+        """Ask for `argv` to be run in `cwd`, its output going to `log_file`; its key,
+        which the launcher's messages about it carry."""
+        self._next += 1
+        self._out += _frame(("run", self._next, argv, cwd, changes, log_file))
+        return self._next
+
+    def kill(self, key: int, sig: int, reason: str) -> None:
+        """Signal the group of the command `key`, unless it has already been reaped;
+        `reason` goes in its log."""
+        self._out += _frame(("kill", key, int(sig), reason))
+
+    def flush(self) -> None:
+        """Send what was asked. The launcher always reads, so this waits only while it
+        catches up."""
+        if not self._out:
+            return
+        if self.gone:
+            raise LauncherGone()
+        try:
+            self.sock.sendall(self._out)
+        except OSError as exc:
+            self.gone = True
+            raise LauncherGone() from exc
+        finally:
+            self._out.clear()
+
+    def read(self) -> list[tuple[Any, ...]]:
+        """The messages that have come; `gone` is set once the launcher has stopped."""
+        while not self.gone:
+            try:
+                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.gone = True
+                break
+            self.heard = True
+            self._in += data
+        return _unframe(self._in)
+
+    def close(self, timeout: float = GRACE + 5) -> None:
+        """Let it go: what it still runs gets SIGTERM, then SIGKILL after a grace."""
+        self.sock.close()
+        self.gone = True
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_launchers)
+
+
+def main() -> None:
+    # Signals meant for the worker's process group do not stop the launcher (it runs in
+    # a session of its own anyway); it ends when the worker does. A handler, not
+    # SIG_IGN: an ignored signal would stay ignored in the commands it starts.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda _s, _f: None)
+    # The socket comes as standard input: it moves to a close-on-exec descriptor, and
+    # /dev/null takes its place as the standard input every command inherits. Standard
+    # output is /dev/null too; standard error is the worker's.
+    sock = socket.socket(fileno=os.dup(0))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    launcher = _Launcher(sock)
+    try:
+        launcher.serve()
+    finally:
+        launcher.shut_down()
+
+
+if __name__ == "__main__":
+    main()
