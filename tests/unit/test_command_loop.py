@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import sys
 import textwrap
 import threading
@@ -80,7 +81,7 @@ class Harness:
             assert self._cond.wait_for(lambda: len(self.ended) >= n, timeout), self.ended
 
 
-def no_launcher() -> None:
+def no_launcher(*_args: object) -> None:
     raise OSError("no launcher here")
 
 
@@ -561,5 +562,24 @@ def test_a_command_its_launcher_cannot_run_fails_alone(tmp_path: Path) -> None:
         h.wait_ended(3)
         assert h.ended[3].ok
         assert launchers() == [launcher]  # the same one, still running
+    finally:
+        h.loop.close(timeout=10)
+
+
+def test_a_launcher_started_with_sigchld_ignored_still_sees_exit_codes(tmp_path: Path) -> None:
+    h = Harness(made_slots(2))
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # as a worker may inherit it
+    try:
+        first = Item(tmp_path, 1, script("import sys; sys.exit(3)"))
+        h.loop.submit(first)  # starts the launcher, which inherits it
+        h.wait_ended(1)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    try:
+        h.loop.submit(Item(tmp_path, 2, script("pass")))
+        h.wait_ended(2)
+        assert h.ended[1] == ExecResult(ok=False, error="exit code 3")
+        assert first.log.splitlines()[-1] == "exit code 3"
+        assert h.ended[2].ok
     finally:
         h.loop.close(timeout=10)

@@ -46,7 +46,7 @@ def run_in_a_loop(
     return ended[0]
 
 
-def no_launcher() -> None:
+def no_launcher(*_args: object) -> None:
     raise OSError("no launcher here")
 
 

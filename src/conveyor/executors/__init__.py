@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from conveyor.executors.launcher import make_dir, open_log
 from conveyor.pipelines import Pipeline
 from conveyor.tasks import Progress, Task
 
@@ -35,18 +36,6 @@ def parse_progress_line(line: str) -> Progress | None:
     except ValueError:
         return None
     return Progress(cur, tot, message.strip() or None)
-
-
-def make_dir(path: str) -> None:
-    """Make a directory and, when missing, its parents: one system call in the usual case
-    (the parent exists), where `Path.mkdir(parents=True)` checks more."""
-    try:
-        os.mkdir(path)
-    except FileNotFoundError:
-        os.makedirs(path, exist_ok=True)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise
 
 
 @dataclass(frozen=True)
@@ -107,10 +96,11 @@ class TaskContext:
         """A scratch directory of the task's own, made on first use."""
         return Path(self.make_work_dir())
 
-    def make_work_dir(self) -> str:
-        """The work directory's path, made if it is not yet."""
+    def make_work_dir(self, make: bool = True) -> str:
+        """The work directory's path, made if it is not yet (`make` false: whoever
+        runs the command makes it)."""
         path = self._where()[1]
-        if not self._work_made:
+        if make and not self._work_made:
             make_dir(path)
             self._work_made = True
         return path
@@ -151,14 +141,7 @@ class TaskContext:
         data = line.encode("utf-8", "replace")
         with self._lock:
             if self._log is None:
-                path = self._where()[0]
-                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-                try:
-                    # its folder (the request's) is there for all but the first attempt
-                    self._log = os.open(path, flags, 0o666)
-                except FileNotFoundError:
-                    make_dir(os.path.dirname(path))
-                    self._log = os.open(path, flags, 0o666)
+                self._log = open_log(self._where()[0])
             # Unbuffered: each line is in the file (for readers following it) once written.
             while data:
                 data = data[os.write(self._log, data) :]

@@ -56,8 +56,9 @@ class CommandExecutor:
 
     def __init__(self, watchdog: Watchdog | None = None) -> None:
         self.watchdog = watchdog
-        # Read once: `dict(os.environ)` decodes every variable again on each call.
-        self._environ = dict(os.environ)
+        # Read once: `dict(os.environ)` decodes every variable again on each call. The
+        # environment every command starts from, then given its pipeline's and its own.
+        self.environ = dict(os.environ)
         # Where a program named without a directory was found, by (name, PATH).
         self._found: dict[tuple[str, str | None], str] = {}
 
@@ -101,12 +102,13 @@ class CommandExecutor:
             raise
 
     def _prepare(
-        self, pipeline: Pipeline, ctx: TaskContext
+        self, pipeline: Pipeline, ctx: TaskContext, make: bool = True
     ) -> tuple[list[str], str, dict[str, str]] | ExecResult:
         """An attempt's command line, working directory and additions to the
-        environment; or the result of an attempt whose command line is wrong."""
+        environment; or the result of an attempt whose command line is wrong. `make`:
+        make its work directory (else its launcher does)."""
         task = ctx.task
-        work_dir = ctx.make_work_dir()
+        work_dir = _absolute(ctx.make_work_dir(make))
         context = {
             "request_id": task.request_id,
             "task_id": task.id,
@@ -125,18 +127,19 @@ class CommandExecutor:
             CONVEYOR_ATTEMPT=str(task.attempts),
             CONVEYOR_WORK_DIR=work_dir,
         )
-        return argv, pipeline.cwd or work_dir, changes
+        return argv, _absolute(pipeline.cwd) if pipeline.cwd else work_dir, changes
 
     def launch(
         self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None, launcher: Launcher
     ) -> Launched | ExecResult:
-        """Have `launcher` run an attempt's command (see `executors.launcher`)."""
-        prepared = self._prepare(pipeline, ctx)
+        """Have `launcher` run an attempt's command (see `executors.launcher`); it
+        makes the work directory too."""
+        prepared = self._prepare(pipeline, ctx, make=False)
         if isinstance(prepared, ExecResult):
             return prepared
         argv, cwd, changes = prepared
-        # Absolute: the launcher's own working directory is the last command's.
-        key = launcher.run(argv, os.path.abspath(cwd), changes, os.path.abspath(ctx.log_file))
+        work_dir = changes["CONVEYOR_WORK_DIR"]
+        key = launcher.run(argv, cwd, changes, _absolute(ctx.log_file), work_dir)
         return Launched(launcher, key, ctx, deadline)
 
     def start(
@@ -148,7 +151,7 @@ class CommandExecutor:
         if isinstance(prepared, ExecResult):
             return prepared
         argv, cwd, changes = prepared
-        env = self._environ.copy()
+        env = self.environ.copy()
         env.update(changes)
         program = self._program(argv[0], env.get("PATH"))
         # The output pipe is made here, not by Popen: its read end stays a bare
@@ -197,6 +200,12 @@ class CommandExecutor:
             env=env,
             start_new_session=True,
         )
+
+
+def _absolute(path: str) -> str:
+    """`path` made absolute, in this process's working directory: a launcher's own
+    is the last command's."""
+    return path if path[:1] == "/" else os.path.abspath(path)
 
 
 class Running:
@@ -275,21 +284,22 @@ class Launched(Running):
     def _signal(self, sig: int) -> None:
         if self.result is not None:
             return
-        if not self.launcher.gone:
-            with contextlib.suppress(LauncherGone):
-                self.launcher.kill(self.key, sig, self._killing or "stopped")
-                self.launcher.flush()
-                return
-        if self.pid is not None:  # the launcher is gone: its command is not
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, sig)
+        try:
+            self.launcher.kill(self.key, sig, self._killing or "stopped")
+            self.launcher.flush()
+        except LauncherGone:
+            pass  # its loop sees the launcher stop, and kills what it ran (`lost`)
 
     def progress(self, line: str) -> None:
         progress = parse_progress_line(line)
         if progress is not None:
             self.ctx.report(progress)
 
-    def exited(self, code: int) -> None:
+    def exited(self, code: int, killed: str | None) -> None:
+        """It has exited with `code`; `killed`: the reason the launcher logged for the
+        kill that ended it, None if it ended before any kill reached it (then its log
+        and result both say how it ended)."""
+        self._killing = killed
         self._settle(code)
 
     def failed(self, why: str, retryable: bool) -> None:
@@ -297,9 +307,13 @@ class Launched(Running):
         self.result = ExecResult(ok=False, error=why, retryable=retryable)
 
     def lost(self, why: str) -> None:
-        """Its launcher has stopped: kill it (by its group id) and fail it with `why`."""
-        self._killing = why
-        self._signal(signal.SIGKILL)
+        """Its launcher has stopped without reporting its end: kill it (by its group
+        id: not reported reaped, it still holds it) and fail it with `why`."""
+        if self.result is not None:
+            return
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             self.ctx.log(f"killed: {why}")
         self.result = ExecResult(ok=False, error=why)

@@ -13,7 +13,7 @@ The worker and its launcher talk over a socket pair. Messages are `marshal`led t
 (both ends are the same interpreter, and nothing else can reach a socket pair), each
 after its length; each side writes what it has to say in one go, once a turn:
 
-    worker -> launcher   ("run", key, argv, cwd, env changes, log file)
+    worker -> launcher   ("run", key, argv, cwd, env changes, log file, work dir)
                          ("kill", key, signal, reason)
     launcher -> worker   ("pid", key, pid)
                          ("progress", key, line)   a `conveyor:progress` line
@@ -84,7 +84,12 @@ class _Launcher:
     command. posix_spawn holds the interpreter lock while the child starts, which here,
     in a process of one thread, costs nothing. It has no working directory of its own
     for the child, so the launcher changes its own before each spawn: it has no other
-    use for one."""
+    use for one.
+
+    A command's pid and its exit go to the worker as soon as they are known (the exit
+    before the command is reaped): should the launcher die, the worker knows which
+    commands are its own to kill, and that a reported exit's pid may already be
+    another's."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -92,21 +97,19 @@ class _Launcher:
         self.poller.register(sock.fileno(), select.POLLIN)
         self.by_fd: dict[int, _Child] = {}  # by pidfd and output pipe
         self.by_key: dict[int, _Child] = {}
-        self.environ = dict(os.environ)
+        self.environ = dict(os.environ)  # until the worker sends its own
         self.found: dict[tuple[str, str | None], str] = {}
         self.inbuf = bytearray()
         self.outbox: list[tuple[Any, ...]] = []  # messages for the worker
         self.progress_at: dict[int, int] = {}  # where a command's progress line is in it
         self.outbuf = bytearray()  # framed messages the socket has not taken yet
         self.waiting = False  # for the socket to be writable
-        # Descriptors closed in this turn: a later event of the same poll about one is
-        # stale (and its number may already be a new command's).
-        self.closed: set[int] = set()
 
+    # talking to the worker ------------------------------------------------------------
     def send(self, *message: Any) -> None:
-        """Queue a message for the worker; all that one turn queues goes in one write.
-        While the worker is not reading, a command's newer progress line replaces the
-        one still queued (the worker stores only the latest anyway)."""
+        """Queue a message for the worker; what a turn queues goes in one write. While
+        the worker is not reading, a command's newer progress line replaces the one
+        still queued (the worker stores only the latest anyway)."""
         if message[0] == "progress" and self.waiting:
             at = self.progress_at.get(message[1])
             if at is not None:
@@ -137,41 +140,39 @@ class _Launcher:
             self.poller.modify(self.sock, select.POLLIN | (select.POLLOUT if waiting else 0))
 
     def serve(self) -> None:
+        """Until the worker's end of file. Each turn takes the commands' events first
+        and the worker's messages last: a descriptor closed in the turn is not yet
+        reused by a new command when a later event of the same turn names it."""
+        sock = self.sock.fileno()
         while True:
-            self.closed.clear()
-            for fd, events in self.poller.poll():
-                if fd in self.closed:  # closed by an earlier event of this turn
-                    continue
-                child = self.by_fd.get(fd)
-                if child is None:
-                    if events & ~select.POLLOUT and not self.receive():
-                        return
-                elif fd == child.pidfd:
-                    self.exited(child)
-                else:
-                    self.output(child)
+            ready = self.poller.poll()
+            for fd, _ in ready:
+                if fd != sock:
+                    self.event(fd)
+            if any(fd == sock and events & ~select.POLLOUT for fd, events in ready):
+                eof = _drain(self.sock, self.inbuf)
+                for message in _unframe(self.inbuf):
+                    if message[0] == "env":
+                        self.environ = message[1]
+                    elif message[0] == "run":
+                        self.run(*message[1:])
+                    elif message[0] == "kill":
+                        self.kill(*message[1:])
+                if eof:
+                    return
             self.flush()
 
-    def receive(self) -> bool:
-        """Act on the messages waiting; False at end of file."""
-        more = True
-        while True:
-            try:
-                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                data = b""
-            if not data:
-                more = False
-                break
-            self.inbuf += data
-        for message in _unframe(self.inbuf):
-            if message[0] == "run":
-                self.run(*message[1:])
-            elif message[0] == "kill":
-                self.kill(*message[1:])
-        return more
+    def event(self, fd: int) -> None:
+        child = self.by_fd.get(fd)
+        if child is None:
+            return  # closed earlier in this turn
+        try:
+            if fd == child.pidfd:
+                self.exited(child)
+            else:
+                self.output(child)
+        except Exception as exc:  # the launcher and the other commands go on
+            self.fail(child, f"the command launcher failed: {exc!r}")
 
     # starting ---------------------------------------------------------------------------
     def program(self, name: str, path: str | None) -> str | None:
@@ -188,18 +189,36 @@ class _Launcher:
         return found
 
     def run(
-        self, key: int, argv: list[str], cwd: str, changes: dict[str, str], log_file: str
+        self,
+        key: int,
+        argv: list[str],
+        cwd: str,
+        changes: dict[str, str],
+        log_file: str,
+        work_dir: str,
     ) -> None:
         try:
-            self.launch(key, argv, cwd, changes, log_file)
+            self.launch(key, argv, cwd, changes, log_file, work_dir)
         except Exception as exc:  # out of descriptors, say: the launcher goes on
             self.send("error", key, f"the command launcher could not run it: {exc}", True)
 
     def launch(
-        self, key: int, argv: list[str], cwd: str, changes: dict[str, str], log_file: str
+        self,
+        key: int,
+        argv: list[str],
+        cwd: str,
+        changes: dict[str, str],
+        log_file: str,
+        work_dir: str,
     ) -> None:
         try:
-            log = _open_log(log_file)
+            make_dir(work_dir)
+        except OSError as exc:
+            why = f"cannot make the work directory {work_dir}: {exc.strerror}"
+            self.send("error", key, why, True)
+            return
+        try:
+            log = open_log(log_file)
         except OSError as exc:
             self.send("error", key, f"cannot write the log {log_file}: {exc.strerror}", True)
             return
@@ -221,6 +240,8 @@ class _Launcher:
         except BaseException:
             os.close(log)
             raise
+        self.send("pid", key, pid)
+        self.flush()  # now: were the launcher to die, the worker must know it is to kill
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -233,7 +254,6 @@ class _Launcher:
         self.by_fd[pidfd] = self.by_fd[out] = self.by_key[key] = child
         self.poller.register(out, select.POLLIN)
         self.poller.register(pidfd, select.POLLIN)
-        self.send("pid", key, pid)
 
     def start(self, argv: list[str], cwd: str, changes: dict[str, str]) -> tuple[int, int]:
         """Start the command; its pid and its output pipe's read end."""
@@ -270,8 +290,9 @@ class _Launcher:
 
     def spawn(self, program: str, argv: list[str], env: dict[str, str], out: int) -> int:
         # Standard input is the launcher's own, /dev/null; every other descriptor of
-        # the launcher's is close-on-exec. The signals Python ignores (SIGPIPE, SIGXFSZ)
-        # are the command's to handle again, as `Popen` leaves them.
+        # the launcher's is close-on-exec. Every signal starts at its default: the
+        # launcher ignores none, and its handlers do not survive exec; SIGPIPE and
+        # SIGXFSZ, which Python ignores, are reset here, as `Popen` does.
         return os.posix_spawn(
             program,
             argv,
@@ -331,31 +352,47 @@ class _Launcher:
                 break
         if child.buf:
             self.lines(child, [child.buf])
-        _, status = os.waitpid(child.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
+        code = _exit_code(os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT))
         if child.failed is None:
             end = f"killed: {child.reason}" if child.reason else f"exit code {code}"
             with contextlib.suppress(OSError):
                 _write(child.log, end + "\n")
-        if child.out is not None:  # a leftover of its group still had it open
-            self.forget(child.out)
-        self.forget(child.pidfd)
-        del self.by_key[child.key]
-        os.close(child.log)
         if child.failed is not None:
             self.send("error", child.key, child.failed, True)
         else:
-            self.send("exit", child.key, code)
+            self.send("exit", child.key, code, child.reason)
+        self.flush()  # before the reaping frees its pid (see the class's note)
+        self.release(child)
+
+    def fail(self, child: _Child, why: str) -> None:
+        """Something went wrong with `child` (a bug, or the system): it is killed and
+        reaped, and the worker told."""
+        _killpg(child.pid, signal.SIGKILL)
+        self.send("error", child.key, why, True)
+        self.flush()
+        self.release(child)
+
+    def release(self, child: _Child) -> None:
+        """Reap it and let its descriptors go."""
+        if self.by_key.pop(child.key, None) is None:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child.pid, 0)
+        for fd in (child.out, child.pidfd):
+            if fd is not None:
+                self.forget(fd)
+        with contextlib.suppress(OSError):
+            os.close(child.log)
 
     def forget(self, fd: int) -> None:
         """Stop watching a child's descriptor, and close it."""
-        self.poller.unregister(fd)
-        del self.by_fd[fd]
-        os.close(fd)
-        self.closed.add(fd)
+        if self.by_fd.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+            os.close(fd)
 
     def shut_down(self) -> None:
-        """The worker is gone: its commands go too."""
+        """The worker is gone: its commands go too (SIGTERM, then SIGKILL after the
+        grace)."""
         with contextlib.suppress(KeyError):
             self.poller.unregister(self.sock.fileno())  # at end of file: always readable
         for child in self.by_key.values():
@@ -363,18 +400,23 @@ class _Launcher:
         deadline = time.monotonic() + GRACE
         while self.by_key and time.monotonic() < deadline:
             for fd, _ in self.poller.poll(50):
-                found = self.by_fd.get(fd)
-                if found is not None and fd == found.pidfd:
-                    self.exited(found)
-                elif found is not None:
-                    self.output(found)
-        for child in list(self.by_key.values()):
+                self.event(fd)
+        for child in self.by_key.values():
             _killpg(child.pid, signal.SIGKILL)
-            self.exited(child)
+        for child in list(self.by_key.values()):
+            self.release(child)
 
 
 class _CannotStart(Exception):
     pass
+
+
+def _exit_code(info: Any) -> int:
+    """waitid's answer as `Popen.returncode` has it: the exit status, or minus the
+    signal that killed it."""
+    if info.si_code == os.CLD_EXITED:
+        return int(info.si_status)
+    return -int(info.si_status)
 
 
 _HEADER = struct.Struct("<I")
@@ -402,9 +444,24 @@ def _unframe(buf: bytearray) -> list[tuple[Any, ...]]:
     return messages
 
 
+def _drain(sock: socket.socket, buf: bytearray) -> bool:
+    """Add what has come on `sock` to `buf`; True at end of file."""
+    while True:
+        try:
+            data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        buf += data
+
+
 def _is_progress(line: str) -> bool:
     """Whether `conveyor.executors.parse_progress_line` makes progress of `line`: its
-    prefix, then CURRENT[/TOTAL], numbers."""
+    prefix, then CURRENT[/TOTAL], numbers. (Checked here so that a newer line kept in
+    place of an older one is a real report.)"""
     if not line.startswith(PROGRESS):
         return False
     current, _, total = line[len(PROGRESS) :].strip().partition(" ")[0].partition("/")
@@ -417,12 +474,25 @@ def _is_progress(line: str) -> bool:
     return True
 
 
-def _open_log(path: str) -> int:
+def make_dir(path: str) -> None:
+    """Make a directory and, when missing, its parents: one system call in the usual case
+    (the parent exists), where `Path.mkdir(parents=True)` checks more."""
+    try:
+        os.mkdir(path)
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
+def open_log(path: str) -> int:
+    """A log file, opened for appending (and made, with its folder, if need be)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
     try:
         return os.open(path, flags, 0o666)
     except FileNotFoundError:  # its folder (the request's) is made by the first attempt
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_dir(os.path.dirname(path))
         return os.open(path, flags, 0o666)
 
 
@@ -450,14 +520,15 @@ def _forget_launchers() -> None:
     still sees the end of file when its worker dies."""
     for launcher in list(_LAUNCHERS):
         launcher.sock.close()
-        launcher.gone = True
+        launcher.broken = launcher.eof = True
 
 
 class Launcher:
     """A command loop's launcher, started with it and used from the loop's thread only.
     What `run` and `kill` ask goes to the launcher at the next `flush`."""
 
-    def __init__(self) -> None:
+    def __init__(self, environ: dict[str, str]) -> None:
+        """`environ`: the environment its commands start from (the worker's)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Its stderr is the worker's: should it fail, the traceback is seen there.
@@ -474,18 +545,22 @@ class Launcher:
             theirs.close()
         self.sock = ours
         self.fd = ours.fileno()
-        self.gone = False
+        self.eof = False  # all it said has been read: it has stopped
+        self.broken = False  # it can no longer be told anything
         self.heard = False  # it has said something: it runs
         self._next = 0
-        self._out = bytearray()
+        self._out = bytearray(_frame(("env", environ)))
         self._in = bytearray()
         _LAUNCHERS.add(self)
 
-    def run(self, argv: list[str], cwd: str, changes: dict[str, str], log_file: str) -> int:
-        """Ask for `argv` to be run in `cwd`, its output going to `log_file`; its key,
-        which the launcher's messages about it carry."""
+    def run(
+        self, argv: list[str], cwd: str, changes: dict[str, str], log_file: str, work_dir: str
+    ) -> int:
+        """Ask for `argv` to be run in `cwd` (absolute paths), its output going to
+        `log_file`, after making `work_dir`; its key, which the launcher's messages
+        about it carry."""
         self._next += 1
-        self._out += _frame(("run", self._next, argv, cwd, changes, log_file))
+        self._out += _frame(("run", self._next, argv, cwd, changes, log_file, work_dir))
         return self._next
 
     def kill(self, key: int, sig: int, reason: str) -> None:
@@ -495,39 +570,39 @@ class Launcher:
 
     def flush(self) -> None:
         """Send what was asked. The launcher always reads, so this waits only while it
-        catches up."""
+        catches up. LauncherGone: it cannot be told (what it has said can still be
+        read)."""
         if not self._out:
             return
-        if self.gone:
-            raise LauncherGone()
         try:
+            if self.broken:
+                raise LauncherGone()
             self.sock.sendall(self._out)
         except OSError as exc:
-            self.gone = True
+            self.broken = True
             raise LauncherGone() from exc
         finally:
             self._out.clear()
 
     def read(self) -> list[tuple[Any, ...]]:
-        """The messages that have come; `gone` is set once the launcher has stopped."""
-        while not self.gone:
-            try:
-                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                data = b""
-            if not data:
-                self.gone = True
-                break
-            self.heard = True
-            self._in += data
-        return _unframe(self._in)
+        """The messages that have come; `eof` is set once it has all been read."""
+        if not self.eof:
+            self.eof = _drain(self.sock, self._in)
+        messages = _unframe(self._in)
+        self.heard = self.heard or bool(messages)
+        return messages
+
+    def stop(self) -> None:
+        """Kill it (it no longer works); what it said can still be read."""
+        self.broken = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
     def close(self, timeout: float = GRACE + 5) -> None:
         """Let it go: what it still runs gets SIGTERM, then SIGKILL after a grace."""
         self.sock.close()
-        self.gone = True
+        self.broken = self.eof = True
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -545,6 +620,8 @@ def main() -> None:
     # SIG_IGN: an ignored signal would stay ignored in the commands it starts.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda _s, _f: None)
+    # Its children are its own to reap, whatever it inherited.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # The socket comes as standard input: it moves to a close-on-exec descriptor, and
     # /dev/null takes its place as the standard input every command inherits. Standard
     # output is /dev/null too; standard error is the worker's.

@@ -128,6 +128,7 @@ class CommandLoop(Generic[T]):
         # loop runs its commands itself (`Attempt`).
         self._launcher: Launcher | None = None
         self._launcher_failed = False
+        self._deaths = 0  # launchers that stopped since a command last ended
         self._launched: dict[int, Launched] = {}
         # When the running attempts next need a look for what time alone tells (stop
         # requests, deadlines; `Attempt.check`), by time.time().
@@ -293,11 +294,11 @@ class CommandLoop(Generic[T]):
 
     def _launcher_now(self) -> Launcher | None:
         """The launcher to start commands with; None: start them in this process."""
-        if self._launcher is not None and self._launcher.gone:
+        if self._launcher is not None and (self._launcher.broken or self._launcher.eof):
             self._lost(self._launcher)
         if self._launcher is None and not self._launcher_failed:
             try:
-                self._launcher = Launcher()
+                self._launcher = Launcher(self._executor.environ)
             except OSError:
                 log.exception("cannot start the command launcher; commands start here")
                 self._launcher_failed = True
@@ -307,37 +308,48 @@ class CommandLoop(Generic[T]):
 
     def _heard(self, launcher: Launcher) -> None:
         """Act on what the launcher has said."""
-        for kind, key, *rest in launcher.read():
-            attempt = self._launched.get(key)
+        for message in launcher.read():
+            attempt = self._launched.get(message[1])
             if attempt is None:
                 continue  # abandoned meanwhile
-            if kind == "pid":
-                attempt.pid = rest[0]
-            elif kind == "progress":
-                self._act(attempt, attempt.progress, rest[0])
-            elif kind == "exit":
-                self._act(attempt, attempt.exited, rest[0])
-            elif kind == "error":
-                self._act(attempt, attempt.failed, rest[0], rest[1])
-        if launcher.gone:
+            try:
+                kind, _, *rest = message
+                if kind == "pid":
+                    attempt.pid = rest[0]
+                elif kind == "progress":
+                    self._act(attempt, attempt.progress, rest[0])
+                elif kind == "exit":
+                    self._deaths = 0  # launchers do work here
+                    self._act(attempt, attempt.exited, rest[0], rest[1])
+                elif kind == "error":
+                    self._act(attempt, attempt.failed, rest[0], rest[1])
+            except Exception:  # a bug: the other messages are still acted on
+                log.exception("a message of the command launcher could not be acted on")
+        if launcher.eof:
             self._lost(launcher)
 
     def _lost(self, launcher: Launcher) -> None:
-        """The launcher has stopped: the attempts it ran fail (their commands, which it
-        no longer watches, are killed) and the next command starts a new one."""
-        if launcher.heard:
-            log.error("the command launcher stopped; starting another")
-        else:  # it cannot run here: starting another would fail the same way
-            log.error(
-                "the command launcher stopped before it ran anything; "
-                "the loop runs its commands itself from now on"
-            )
-            self._launcher_failed = True
-        self._poller.unregister(launcher.fd)
+        """The launcher has stopped, or can no longer be told anything (then it is
+        killed). What it said is acted on first; the attempts it ran whose end it did
+        not report fail (their commands, which nothing watches now, are killed), and
+        the next command starts a new launcher."""
+        if self._launcher is not launcher:
+            return
         self._launcher = None
+        launcher.stop()
+        self._heard(launcher)  # to its end of file
+        self._poller.unregister(launcher.fd)
+        launcher.close()
+        self._deaths += 1
+        # One that never said anything, or several in a row that died before any
+        # command ended, cannot run here: another would fail the same way.
+        if not launcher.heard or self._deaths >= 3:
+            log.error("the command launcher stopped; the loop runs its commands itself from now on")
+            self._launcher_failed = True
+        else:
+            log.error("the command launcher stopped; starting another")
         for attempt in list(self._launched.values()):
             self._act(attempt, attempt.lost, "the command launcher stopped")
-        launcher.close()
 
     def _step(
         self, attempt: Attempt | Launched, fd: int | None, now: float = 0.0, abandon: bool = False
