@@ -583,3 +583,23 @@ def test_a_launcher_started_with_sigchld_ignored_still_sees_exit_codes(tmp_path:
         assert h.ended[2].ok
     finally:
         h.loop.close(timeout=10)
+
+
+def test_a_launcher_of_another_version_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A worker running since before an upgrade starts the launcher file now on disk,
+    which may speak other messages: it refuses, and the loop runs its commands itself."""
+    monkeypatch.setattr("conveyor.executors.launcher.PROTOCOL", 999)
+    h = Harness(made_slots(1))
+    try:
+        h.loop.submit(Item(tmp_path, 1, script("pass")))
+        h.wait_ended(1)
+        assert h.ended[1].error == "the command launcher stopped"
+        h.loop.submit(Item(tmp_path, 2, script("pass")))
+        h.wait_ended(2)
+        assert h.ended[2].ok
+        assert not launchers()
+    finally:
+        h.loop.close(timeout=10)
+    assert "the worker speaks protocol 999" in capfd.readouterr().err

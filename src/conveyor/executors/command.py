@@ -315,7 +315,7 @@ class Launched(Running):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
-            self.ctx.log(f"killed: {why}")
+            self.ctx.log(f"killed: {why}" if self.pid is not None else why)
         self.result = ExecResult(ok=False, error=why)
 
     def abandon(self) -> None:

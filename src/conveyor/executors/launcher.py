@@ -13,7 +13,8 @@ The worker and its launcher talk over a socket pair. Messages are `marshal`led t
 (both ends are the same interpreter, and nothing else can reach a socket pair), each
 after its length; each side writes what it has to say in one go, once a turn:
 
-    worker -> launcher   ("run", key, argv, cwd, env changes, log file, work dir)
+    worker -> launcher   ("hello", protocol, environment)   first
+                         ("run", key, argv, cwd, env changes, log file, work dir)
                          ("kill", key, signal, reason)
     launcher -> worker   ("pid", key, pid)
                          ("progress", key, line)   a `conveyor:progress` line
@@ -61,6 +62,7 @@ PROGRESS_MAX = 4096  # characters of a progress line passed on (all of it is log
 LEFTOVER_READS = 64  # reads of output after the exit; what comes later is a leftover's
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 PROGRAM = os.path.abspath(__file__)  # what a launcher runs
+PROTOCOL = 1  # of the messages; a launcher refuses a worker that speaks another
 
 
 # the launcher's side ------------------------------------------------------------------
@@ -104,6 +106,9 @@ class _Launcher:
         self.progress_at: dict[int, int] = {}  # where a command's progress line is in it
         self.outbuf = bytearray()  # framed messages the socket has not taken yet
         self.waiting = False  # for the socket to be writable
+        # Commands that have exited, reported in messages not yet all sent: they stay
+        # unreaped (holding their pids) until the worker has been told.
+        self.unreaped: list[int] = []
 
     # talking to the worker ------------------------------------------------------------
     def send(self, *message: Any) -> None:
@@ -134,10 +139,20 @@ class _Launcher:
             except OSError:  # the worker is gone; the end of file says so
                 self.outbuf.clear()
                 self.outbox.clear()
+                self.progress_at.clear()
         waiting = bool(self.outbuf or self.outbox)
+        if not waiting:
+            self.reap()
         if waiting != self.waiting:
             self.waiting = waiting
-            self.poller.modify(self.sock, select.POLLIN | (select.POLLOUT if waiting else 0))
+            with contextlib.suppress(OSError):  # no longer watched: shutting down
+                self.poller.modify(self.sock, select.POLLIN | (select.POLLOUT if waiting else 0))
+
+    def reap(self) -> None:
+        for pid in self.unreaped:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.unreaped.clear()
 
     def serve(self) -> None:
         """Until the worker's end of file. Each turn takes the commands' events first
@@ -152,15 +167,24 @@ class _Launcher:
             if any(fd == sock and events & ~select.POLLOUT for fd, events in ready):
                 eof = _drain(self.sock, self.inbuf)
                 for message in _unframe(self.inbuf):
-                    if message[0] == "env":
-                        self.environ = message[1]
-                    elif message[0] == "run":
-                        self.run(*message[1:])
-                    elif message[0] == "kill":
-                        self.kill(*message[1:])
+                    self.dispatch(message)
                 if eof:
                     return
             self.flush()
+
+    def dispatch(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "hello":
+            if message[1] != PROTOCOL:  # a worker older or newer than this file
+                sys.stderr.write(
+                    f"conveyor launcher: the worker speaks protocol {message[1]}, this "
+                    f"launcher {PROTOCOL}; the worker runs its commands itself\n"
+                )
+                raise SystemExit(2)
+            self.environ = message[2]
+        elif message[0] == "run":
+            self.run(*message[1:])
+        elif message[0] == "kill":
+            self.kill(*message[1:])
 
     def event(self, fd: int) -> None:
         child = self.by_fd.get(fd)
@@ -373,11 +397,13 @@ class _Launcher:
         self.release(child)
 
     def release(self, child: _Child) -> None:
-        """Reap it and let its descriptors go."""
+        """Let its descriptors go, and reap it once the worker has all that was said
+        of it."""
         if self.by_key.pop(child.key, None) is None:
             return
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(child.pid, 0)
+        self.unreaped.append(child.pid)
+        if not (self.outbuf or self.outbox):
+            self.reap()
         for fd in (child.out, child.pidfd):
             if fd is not None:
                 self.forget(fd)
@@ -405,6 +431,7 @@ class _Launcher:
             _killpg(child.pid, signal.SIGKILL)
         for child in list(self.by_key.values()):
             self.release(child)
+        self.reap()  # nobody is left to tell
 
 
 class _CannotStart(Exception):
@@ -549,7 +576,7 @@ class Launcher:
         self.broken = False  # it can no longer be told anything
         self.heard = False  # it has said something: it runs
         self._next = 0
-        self._out = bytearray(_frame(("env", environ)))
+        self._out = bytearray(_frame(("hello", PROTOCOL, environ)))
         self._in = bytearray()
         _LAUNCHERS.add(self)
 

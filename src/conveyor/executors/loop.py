@@ -230,6 +230,8 @@ class CommandLoop(Generic[T]):
             attempt = self._by_fd.get(fd)
             if attempt is not None:
                 self._step(attempt, fd)
+        if self._launcher is not None and self._launcher.broken:  # a kill did not reach it
+            self._lost(self._launcher)
         now = time.time()
         if now >= self._due:
             for running in list(self._running):
@@ -336,10 +338,14 @@ class CommandLoop(Generic[T]):
         if self._launcher is not launcher:
             return
         self._launcher = None
-        launcher.stop()
-        self._heard(launcher)  # to its end of file
-        self._poller.unregister(launcher.fd)
-        launcher.close()
+        try:
+            launcher.stop()
+            self._heard(launcher)  # to its end of file
+        finally:
+            self._poller.unregister(launcher.fd)
+            launcher.close()
+            for attempt in list(self._launched.values()):
+                self._act(attempt, attempt.lost, "the command launcher stopped")
         self._deaths += 1
         # One that never said anything, or several in a row that died before any
         # command ended, cannot run here: another would fail the same way.
@@ -348,8 +354,6 @@ class CommandLoop(Generic[T]):
             self._launcher_failed = True
         else:
             log.error("the command launcher stopped; starting another")
-        for attempt in list(self._launched.values()):
-            self._act(attempt, attempt.lost, "the command launcher stopped")
 
     def _step(
         self, attempt: Attempt | Launched, fd: int | None, now: float = 0.0, abandon: bool = False
