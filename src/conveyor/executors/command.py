@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import threading
 import time
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
-from conveyor.executors.launcher import Launcher, LauncherGone
+from conveyor.executors.launcher import Launcher, LauncherGone, which
 from conveyor.executors.watchdog import Watchdog
 from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
 
@@ -64,18 +63,12 @@ class CommandExecutor:
 
     def _program(self, name: str, path: str | None) -> str | None:
         """The absolute path of a program named without a directory, looked up in PATH
-        once: left to the child, every spawn tries each PATH entry in turn (a failed
-        execve for each entry before the right one). None: the child looks it up."""
+        once (`which`). None: the child looks it up (a relative PATH entry means
+        relative to the command's working directory, not the worker's)."""
         if "/" in name:
             return None
-        found = self._found.get((name, path))
-        if found is None:
-            found = shutil.which(name, path=path)
-            # Only absolute: a relative PATH entry means relative to the command's cwd.
-            if found is None or not os.path.isabs(found):
-                return None
-            self._found[(name, path)] = found
-        return found
+        found = which(self._found, name, path)
+        return found if found is not None and os.path.isabs(found) else None
 
     def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
         """Run one attempt to its end in this thread."""

@@ -182,7 +182,11 @@ class _Launcher:
                 raise SystemExit(2)
             self.environ = message[2]
         elif message[0] == "run":
-            self.run(*message[1:])
+            try:
+                self.launch(*message[1:])
+            except Exception as exc:  # out of descriptors, say: the launcher goes on
+                why = f"the command launcher could not run it: {exc}"
+                self.send("error", message[1], why, True)
         elif message[0] == "kill":
             self.kill(*message[1:])
 
@@ -201,30 +205,8 @@ class _Launcher:
     # starting ---------------------------------------------------------------------------
     def program(self, name: str, path: str | None) -> str | None:
         """The file to run for `name`: a name with a slash as it is (relative to the
-        working directory), else the first match in PATH, as execvp would find it (kept
-        when absolute, so PATH is searched once per program)."""
-        if "/" in name:
-            return name
-        found = self.found.get((name, path))
-        if found is None:
-            found = shutil.which(name, path=path)
-            if found is not None and os.path.isabs(found):
-                self.found[(name, path)] = found
-        return found
-
-    def run(
-        self,
-        key: int,
-        argv: list[str],
-        cwd: str,
-        changes: dict[str, str],
-        log_file: str,
-        work_dir: str,
-    ) -> None:
-        try:
-            self.launch(key, argv, cwd, changes, log_file, work_dir)
-        except Exception as exc:  # out of descriptors, say: the launcher goes on
-            self.send("error", key, f"the command launcher could not run it: {exc}", True)
+        working directory, the command's by now), else the first match in PATH."""
+        return name if "/" in name else which(self.found, name, path)
 
     def launch(
         self,
@@ -499,6 +481,19 @@ def _is_progress(line: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def which(found: dict[tuple[str, str | None], str], name: str, path: str | None) -> str | None:
+    """Where `name` is in `path` (a PATH), as execvp would find it; what is absolute is
+    kept in `found`, so each program is looked for once (left to exec, every spawn
+    tries each PATH entry in turn). A relative result is relative to the current
+    working directory."""
+    hit = found.get((name, path))
+    if hit is None:
+        hit = shutil.which(name, path=path)
+        if hit is not None and os.path.isabs(hit):
+            found[(name, path)] = hit
+    return hit
 
 
 def make_dir(path: str) -> None:
