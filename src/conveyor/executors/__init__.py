@@ -11,31 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from conveyor.executors.launcher import make_dir, open_log
+from conveyor.executors.launcher import PROGRESS_PREFIX as PROGRESS_PREFIX
+from conveyor.executors.launcher import make_dir, open_log, progress_of
 from conveyor.pipelines import Pipeline
 from conveyor.tasks import Progress, Task
 
 if TYPE_CHECKING:
     from conveyor.executors.command import CommandExecutor
 
-# A command reports progress with a line of its own on stdout:
-#   conveyor:progress CURRENT[/TOTAL] [MESSAGE]
-PROGRESS_PREFIX = "conveyor:progress "
-
 
 def parse_progress_line(line: str) -> Progress | None:
     """`conveyor:progress 3/10 reading logs` -> Progress(3, 10, 'reading logs')."""
-    if not line.startswith(PROGRESS_PREFIX):
-        return None
-    rest = line[len(PROGRESS_PREFIX) :].strip()
-    count, _, message = rest.partition(" ")
-    current, _, total = count.partition("/")
-    try:
-        cur = float(current)
-        tot = float(total) if total else None
-    except ValueError:
-        return None
-    return Progress(cur, tot, message.strip() or None)
+    parsed = progress_of(line)
+    return None if parsed is None else Progress(*parsed)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,9 @@ import weakref
 from typing import Any
 
 GRACE = 5.0  # seconds between SIGTERM and SIGKILL when the worker is gone
-PROGRESS = "conveyor:progress "  # as `conveyor.executors.PROGRESS_PREFIX`
+# A command reports progress with a line of its own on stdout:
+#   conveyor:progress CURRENT[/TOTAL] [MESSAGE]
+PROGRESS_PREFIX = "conveyor:progress "
 PROGRESS_MAX = 4096  # characters of a progress line passed on (all of it is logged)
 LEFTOVER_READS = 64  # reads of output after the exit; what comes later is a leftover's
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
@@ -339,7 +341,7 @@ class _Launcher:
         text = []
         for raw in lines:
             line = raw.decode("utf-8", "replace").rstrip("\r")
-            if _is_progress(line):
+            if progress_of(line) is not None:
                 self.send("progress", child.key, line[:PROGRESS_MAX])
             text.append(line + "\n")
         if text and child.failed is None:
@@ -467,20 +469,18 @@ def _drain(sock: socket.socket, buf: bytearray) -> bool:
         buf += data
 
 
-def _is_progress(line: str) -> bool:
-    """Whether `conveyor.executors.parse_progress_line` makes progress of `line`: its
-    prefix, then CURRENT[/TOTAL], numbers. (Checked here so that a newer line kept in
-    place of an older one is a real report.)"""
-    if not line.startswith(PROGRESS):
-        return False
-    current, _, total = line[len(PROGRESS) :].strip().partition(" ")[0].partition("/")
+def progress_of(line: str) -> tuple[float, float | None, str | None] | None:
+    """`conveyor:progress 3/10 reading logs` -> (3.0, 10.0, 'reading logs'); None for
+    any other line. (Here, standard library only, for the launcher to pass on real
+    reports only; `conveyor.executors.parse_progress_line` makes a `Progress` of it.)"""
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    count, _, message = line[len(PROGRESS_PREFIX) :].strip().partition(" ")
+    current, _, total = count.partition("/")
     try:
-        float(current)
-        if total:
-            float(total)
+        return float(current), float(total) if total else None, message.strip() or None
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def which(found: dict[tuple[str, str | None], str], name: str, path: str | None) -> str | None:
