@@ -15,7 +15,7 @@ import threading
 import time
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
-from conveyor.executors.launcher import Launcher, LauncherGone, which
+from conveyor.executors.launcher import Launcher, LauncherGone, killpg, which
 from conveyor.executors.watchdog import Watchdog
 from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
 
@@ -305,8 +305,7 @@ class Launched(Running):
         if self.result is not None:
             return
         if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
+            killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             self.ctx.log(f"killed: {why}" if self.pid is not None else why)
         self.result = ExecResult(ok=False, error=why)
@@ -377,8 +376,7 @@ class Attempt(Running):
         super().check(now)
 
     def _signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
+        killpg(self.proc.pid, sig)
 
     def _take(self) -> None:
         chunk = os.read(self.fd, 65536)

@@ -90,10 +90,10 @@ class _Launcher:
     for the child, so the launcher changes its own before each spawn: it has no other
     use for one.
 
-    A command's pid and its exit go to the worker as soon as they are known (the exit
-    before the command is reaped): should the launcher die, the worker knows which
-    commands are its own to kill, and that a reported exit's pid may already be
-    another's."""
+    A command's pid goes to the worker as soon as it has started, and an exited command
+    is reaped only once its exit has been sent (`release`): should the launcher die,
+    the worker knows which commands are its own to kill, and no pid it may kill is
+    free to be reused."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -253,7 +253,7 @@ class _Launcher:
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
-            _killpg(pid, signal.SIGKILL)  # it must not run unwatched
+            killpg(pid, signal.SIGKILL)  # it must not run unwatched
             os.waitpid(pid, 0)
             os.close(out)
             os.close(log)
@@ -318,7 +318,7 @@ class _Launcher:
         child = self.by_key.get(key)
         if child is not None:  # else it has been reaped: its group id may be reused
             child.reason = child.reason or reason
-            _killpg(child.pid, sig)
+            killpg(child.pid, sig)
 
     def output(self, child: _Child) -> bool:
         """Read what the command wrote; False once there is no more for now."""
@@ -349,12 +349,12 @@ class _Launcher:
                 _write(child.log, "".join(text))
             except OSError as exc:
                 child.failed = f"cannot write the log: {exc.strerror}"
-                _killpg(child.pid, signal.SIGKILL)
+                killpg(child.pid, signal.SIGKILL)
 
     def exited(self, child: _Child) -> None:
         # What it left running in its group goes with it, while the group id is still
         # held by the unreaped leader.
-        _killpg(child.pid, signal.SIGKILL)
+        killpg(child.pid, signal.SIGKILL)
         for _ in range(LEFTOVER_READS):
             if child.out is None or not self.output(child):
                 break
@@ -369,15 +369,13 @@ class _Launcher:
             self.send("error", child.key, child.failed, True)
         else:
             self.send("exit", child.key, code, child.reason)
-        self.flush()  # before the reaping frees its pid (see the class's note)
         self.release(child)
 
     def fail(self, child: _Child, why: str) -> None:
         """Something went wrong with `child` (a bug, or the system): it is killed and
         reaped, and the worker told."""
-        _killpg(child.pid, signal.SIGKILL)
+        killpg(child.pid, signal.SIGKILL)
         self.send("error", child.key, why, True)
-        self.flush()
         self.release(child)
 
     def release(self, child: _Child) -> None:
@@ -406,13 +404,13 @@ class _Launcher:
         with contextlib.suppress(KeyError):
             self.poller.unregister(self.sock.fileno())  # at end of file: always readable
         for child in self.by_key.values():
-            _killpg(child.pid, signal.SIGTERM)
+            killpg(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + GRACE
         while self.by_key and time.monotonic() < deadline:
             for fd, _ in self.poller.poll(50):
                 self.event(fd)
         for child in self.by_key.values():
-            _killpg(child.pid, signal.SIGKILL)
+            killpg(child.pid, signal.SIGKILL)
         for child in list(self.by_key.values()):
             self.release(child)
         self.reap()  # nobody is left to tell
@@ -524,7 +522,8 @@ def _write(fd: int, text: str) -> None:
         data = data[os.write(fd, data) :]
 
 
-def _killpg(pgid: int, sig: int) -> None:
+def killpg(pgid: int, sig: int) -> None:
+    """Signal a process group, unless it is gone (or not ours)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 
