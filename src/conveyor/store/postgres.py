@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import psycopg
 import sqlalchemy as sa
+from psycopg import pq
 from sqlalchemy.engine import Connection
 
 from conveyor.store.base import Listener
@@ -44,6 +46,25 @@ _INSERT_EVENTS = (
     "FROM json_to_recordset(%(rows)s::json) AS x(ts float8, kind text, request_id bigint, "
     "task_id bigint, pipeline text, queue text, data json)"
 )
+
+
+@contextmanager
+def _driver(conn: Connection) -> Iterator[psycopg.Connection[Any]]:
+    """The transaction's own psycopg connection, for statements sent past SQLAlchemy.
+
+    Its errors come out wrapped as SQLAlchemy's own would, so the store maps them as it
+    maps the others (`Unavailable`, conflicts run again). A connection the error left
+    broken, or stuck in pipeline mode (the server went away between a pipeline's last
+    result and its sync), is invalidated here: handed back to the pool as it is, its
+    rollback and the pool's reset would fail again, with a traceback in the log."""
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    try:
+        yield raw
+    except psycopg.Error as exc:
+        if raw.broken or raw.closed or raw.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+            conn.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
 
 
 def _claim_sql(picked: str) -> str:
@@ -130,9 +151,7 @@ class PostgresStore(SQLStore):
         # The lock must be held before the counting statement starts (under READ
         # COMMITTED a statement sees the data as of its own start), so they are two
         # statements, sent together in one round trip (psycopg's pipeline mode).
-        raw = conn.connection.driver_connection
-        assert isinstance(raw, psycopg.Connection)
-        with raw.pipeline(), raw.cursor() as lock, raw.cursor() as cur:
+        with _driver(conn) as raw, raw.pipeline(), raw.cursor() as lock, raw.cursor() as cur:
             # A claim reads only through indexes, in their order. With statistics from
             # before a burst of submits the planner may think a scan or a sort of the
             # whole backlog is cheaper; it never is.
@@ -200,9 +219,7 @@ class PostgresStore(SQLStore):
     ) -> list[tuple[Any, ...]]:
         """Run PostgreSQL-only SQL on the transaction's psycopg connection and return plain
         tuples: the claim path makes thousands of rows a second and needs nothing more."""
-        raw = conn.connection.driver_connection
-        assert isinstance(raw, psycopg.Connection)
-        with raw.cursor() as cur:
+        with _driver(conn) as raw, raw.cursor() as cur:
             cur.execute(sql, params)
             return cur.fetchall() if fetch else []
 

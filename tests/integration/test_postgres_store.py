@@ -1,0 +1,160 @@
+"""PostgreSQL only: what the store does when its connection is lost inside the statements
+it sends on psycopg's own connection (the claim's pipelined prelude and bulk statements),
+where SQLAlchemy does not see the error first."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from store_helpers import LEASE, T0, claim, submit
+
+from conveyor.store import Unavailable, open_store
+from conveyor.store.postgres import _LIMITS_LOCK, sqlalchemy_url
+
+
+def _backends_waiting_for_the_limits_lock(conn: sa.Connection) -> list[int]:
+    return [
+        int(pid)
+        for (pid,) in conn.exec_driver_sql(
+            "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND NOT l.granted "
+            f"AND l.objid = {_LIMITS_LOCK}"
+        )
+    ]
+
+
+def test_claim_whose_connection_is_terminated_mid_pipeline(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The backend of a claim with concurrency limits is terminated while the claim's
+    pipelined prelude waits for the limits lock: the claim fails as `Unavailable`, the
+    broken connection is thrown away without a traceback in the log, nothing is claimed,
+    and the next claim on the same store gets the task."""
+    store = open_store(pg_url)
+    holder_engine = sa.create_engine(sqlalchemy_url(pg_url))
+    watcher = sa.create_engine(sqlalchemy_url(pg_url), isolation_level="AUTOCOMMIT")
+    holder = holder_engine.connect()
+    try:
+        submit(store, pipeline="p", items=["a"])
+        holder.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LIMITS_LOCK})")
+        result: dict[str, Any] = {}
+
+        def claim_limited() -> None:
+            try:
+                result["tasks"] = store.claim("w1", ["default"], 1, LEASE, T0, limits={"p": 1})
+            except Exception as exc:  # the test asserts on it below
+                result["error"] = exc
+
+        caplog.set_level(logging.WARNING)
+        thread = threading.Thread(target=claim_limited)
+        thread.start()
+        deadline = time.monotonic() + 10
+        with watcher.connect() as conn:
+            while not (pids := _backends_waiting_for_the_limits_lock(conn)):
+                assert time.monotonic() < deadline, "the claim never waited for the lock"
+                time.sleep(0.02)
+            for pid in pids:
+                conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        thread.join(timeout=20)
+        assert not thread.is_alive()
+        holder.rollback()
+
+        assert "tasks" not in result, result
+        assert isinstance(result["error"], Unavailable), repr(result["error"])
+        logged = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert logged == [], [r.getMessage() for r in logged]
+
+        (task,) = claim(store, "w2", limits={"p": 1})
+        assert task.lease_owner == "w2" and task.attempts == 1
+    finally:
+        holder.close()
+        holder_engine.dispose()
+        watcher.dispose()
+        store.close()
+
+
+@pytest.mark.parametrize("limits", [{"p": 1}, None], ids=["limited", "unlimited"])
+def test_claim_on_a_pooled_connection_terminated_while_idle(
+    pg_url: str, caplog: pytest.LogCaptureFixture, limits: dict[str, int] | None
+) -> None:
+    """Every backend is terminated while the store's connections wait in its pool (what a
+    database restart does): the next claim fails as `Unavailable` with no traceback in
+    the log, and the one after it reconnects and claims."""
+    store = open_store(pg_url)
+    watcher = sa.create_engine(sqlalchemy_url(pg_url), isolation_level="AUTOCOMMIT")
+    try:
+        submit(store, pipeline="p", items=["a"])
+        assert claim(store, "w0", n=0) == []
+        store.ping()
+        with watcher.connect() as conn:
+            killed = conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).all()
+        assert killed
+        caplog.set_level(logging.WARNING)
+        with pytest.raises(Unavailable):
+            store.claim("w1", ["default"], 1, LEASE, T0, limits=limits)
+        logged = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert logged == [], [r.getMessage() for r in logged]
+        (task,) = claim(store, "w2", limits=limits)
+        assert task.lease_owner == "w2" and task.attempts == 1
+    finally:
+        watcher.dispose()
+        store.close()
+
+
+def test_claims_while_every_backend_is_terminated_again_and_again(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """For two seconds every backend is terminated every few milliseconds while claims
+    with concurrency limits run: each claim either works or fails as `Unavailable`, the
+    log holds no traceback (a connection lost between a pipeline's results and its sync
+    used to fail the pool's reset with one), and once the drill stops claims work."""
+    store = open_store(pg_url)
+    watcher = sa.create_engine(sqlalchemy_url(pg_url), isolation_level="AUTOCOMMIT")
+    try:
+        submit(store, pipeline="p", items=list(range(1000)))
+        caplog.set_level(logging.WARNING)
+        stop = time.monotonic() + 2.0
+        terminated = 0
+
+        def terminate() -> None:
+            nonlocal terminated
+            with watcher.connect() as conn:
+                while time.monotonic() < stop:
+                    terminated += len(
+                        conn.exec_driver_sql(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        ).all()
+                    )
+                    time.sleep(0.005)
+
+        thread = threading.Thread(target=terminate)
+        thread.start()
+        claimed: list[int] = []
+        unavailable = 0
+        try:
+            while time.monotonic() < stop:
+                try:
+                    got = store.claim("w1", ["default"], 1, LEASE, T0, limits={"p": 1000})
+                    claimed += [t.id for t in got]
+                except Unavailable:
+                    unavailable += 1
+        finally:
+            thread.join()
+        assert terminated > 0 and unavailable > 0
+        logged = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert logged == [], [r.getMessage() for r in logged]
+
+        assert len(set(claimed)) == len(claimed)
+        more = claim(store, "w2", n=5, limits={"p": 1000})
+        assert len(more) == 5 and not set(t.id for t in more) & set(claimed)
+    finally:
+        watcher.dispose()
+        store.close()
