@@ -53,18 +53,29 @@ def _driver(conn: Connection) -> Iterator[psycopg.Connection[Any]]:
     """The transaction's own psycopg connection, for statements sent past SQLAlchemy.
 
     Its errors come out wrapped as SQLAlchemy's own would, so the store maps them as it
-    maps the others (`Unavailable`, conflicts run again). A connection the error left
-    broken, or stuck in pipeline mode (the server went away between a pipeline's last
-    result and its sync), is invalidated here: handed back to the pool as it is, its
-    rollback and the pool's reset would fail again, with a traceback in the log."""
+    maps the others (`Unavailable`, conflicts run again). A connection that whatever
+    went wrong left broken, or stuck in pipeline mode (the server went away between a
+    pipeline's last result and its sync; an interrupt), is invalidated here: handed
+    back to the pool as it is, its rollback and the pool's reset would fail again, with
+    a traceback in the log. A lost connection also marks the pool's others, as
+    SQLAlchemy does on a disconnect it sees itself: they are from before it too, and
+    are replaced as they come out (see `PostgresStore.__init__`)."""
     raw = conn.connection.driver_connection
     assert isinstance(raw, psycopg.Connection)
     try:
         yield raw
-    except psycopg.Error as exc:
-        if raw.broken or raw.closed or raw.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+    except BaseException as exc:
+        lost = raw.broken or raw.closed
+        invalid = lost or raw.info.pipeline_status != pq.PipelineStatus.OFF
+        if invalid:
+            if lost:
+                conn.engine.pool._invalidate(conn.connection, exc, _checkin=False)
             conn.invalidate(exc)
-        raise sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+        if isinstance(exc, psycopg.Error):
+            raise sa.exc.DBAPIError.instance(
+                None, None, exc, psycopg.Error, connection_invalidated=invalid
+            ) from exc
+        raise
 
 
 def _claim_sql(picked: str) -> str:
