@@ -28,6 +28,21 @@ def _backends_waiting_for_the_limits_lock(conn: sa.Connection) -> list[int]:
     ]
 
 
+def terminate_the_others(conn: sa.Connection) -> int:
+    """Terminate every backend of the database but `conn`'s own; how many."""
+    return len(
+        conn.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).all()
+    )
+
+
+def assert_no_traceback_logged(caplog: pytest.LogCaptureFixture) -> None:
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert logged == [], [r.getMessage() for r in logged]
+
+
 def test_claim_whose_connection_is_terminated_mid_pipeline(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -68,8 +83,7 @@ def test_claim_whose_connection_is_terminated_mid_pipeline(
 
         assert "tasks" not in result, result
         assert isinstance(result["error"], Unavailable), repr(result["error"])
-        logged = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
-        assert logged == [], [r.getMessage() for r in logged]
+        assert_no_traceback_logged(caplog)
 
         (task,) = claim(store, "w2", limits={"p": 1})
         assert task.lease_owner == "w2" and task.attempts == 1
@@ -94,16 +108,11 @@ def test_claims_after_every_pooled_connection_was_terminated(
         with store.engine.connect(), store.engine.connect():
             pass  # both go back to the pool, alive
         with watcher.connect() as conn:
-            killed = conn.exec_driver_sql(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).all()
-        assert len(killed) >= 2
+            assert terminate_the_others(conn) >= 2
         caplog.set_level(logging.WARNING)
         with pytest.raises(Unavailable):
             store.claim("w1", ["default"], 1, LEASE, T0, limits={"p": 1})
-        logged = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
-        assert logged == [], [r.getMessage() for r in logged]
+        assert_no_traceback_logged(caplog)
         (task,) = claim(store, "w2", limits={"p": 1})
         assert task.lease_owner == "w2" and task.attempts == 1
     finally:
@@ -130,12 +139,7 @@ def test_claims_while_every_backend_is_terminated_again_and_again(
             nonlocal terminated
             with watcher.connect() as conn:
                 while time.monotonic() < stop:
-                    terminated += len(
-                        conn.exec_driver_sql(
-                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                        ).all()
-                    )
+                    terminated += terminate_the_others(conn)
                     time.sleep(0.005)
 
         thread = threading.Thread(target=terminate)
@@ -152,8 +156,7 @@ def test_claims_while_every_backend_is_terminated_again_and_again(
         finally:
             thread.join()
         assert terminated > 0 and unavailable > 0
-        logged = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
-        assert logged == [], [r.getMessage() for r in logged]
+        assert_no_traceback_logged(caplog)
 
         assert len(set(claimed)) == len(claimed)
         more = claim(store, "w2", n=5, limits={"p": 1000})
