@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from store_helpers import LEASE, T0, claim, submit
 
-from conveyor.store import Unavailable, open_store
+from conveyor.store import Store, Unavailable, open_store
 from conveyor.store.postgres import _LIMITS_LOCK, sqlalchemy_url
 
 
@@ -36,6 +36,11 @@ def terminate_the_others(conn: sa.Connection) -> int:
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         ).all()
     )
+
+
+def assert_the_next_claim_gets_the_task(store: Store) -> None:
+    (task,) = claim(store, "w2", limits={"p": 1})
+    assert task.lease_owner == "w2" and task.attempts == 1
 
 
 def assert_no_traceback_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -85,8 +90,7 @@ def test_claim_whose_connection_is_terminated_mid_pipeline(
         assert isinstance(result["error"], Unavailable), repr(result["error"])
         assert_no_traceback_logged(caplog)
 
-        (task,) = claim(store, "w2", limits={"p": 1})
-        assert task.lease_owner == "w2" and task.attempts == 1
+        assert_the_next_claim_gets_the_task(store)
     finally:
         holder.close()
         holder_engine.dispose()
@@ -113,8 +117,7 @@ def test_claims_after_every_pooled_connection_was_terminated(
         with pytest.raises(Unavailable):
             store.claim("w1", ["default"], 1, LEASE, T0, limits={"p": 1})
         assert_no_traceback_logged(caplog)
-        (task,) = claim(store, "w2", limits={"p": 1})
-        assert task.lease_owner == "w2" and task.attempts == 1
+        assert_the_next_claim_gets_the_task(store)
     finally:
         watcher.dispose()
         store.close()

@@ -3,6 +3,7 @@ other threads. Real commands (tiny Python programs), real process groups."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,16 @@ class Harness:
     def wait_ended(self, n: int, timeout: float = 20.0) -> None:
         with self._cond:
             assert self._cond.wait_for(lambda: len(self.ended) >= n, timeout), self.ended
+
+
+@contextlib.contextmanager
+def running(slots: Slots, begin: Any = None) -> Iterator[Harness]:
+    """A harness whose loop is closed (its commands killed) when the test ends."""
+    h = Harness(slots, begin)
+    try:
+        yield h
+    finally:
+        h.loop.close(timeout=10)
 
 
 def no_launcher(*_args: object) -> None:
@@ -367,8 +379,7 @@ def pid_in(item: Item) -> int:
 def test_a_launcher_that_dies_fails_its_attempts_kills_their_commands_and_is_replaced(
     tmp_path: Path,
 ) -> None:
-    h = Harness(made_slots(2))
-    try:
+    with running(made_slots(2)) as h:
         items = [Item(tmp_path, n, script(SLEEPER)) for n in (1, 2)]
         for item in items:
             h.loop.submit(item)
@@ -388,8 +399,6 @@ def test_a_launcher_that_dies_fails_its_attempts_kills_their_commands_and_is_rep
         h.wait_ended(3)
         assert h.ended[3].ok and "again" in again.log
         assert len(launchers()) == 1 and launchers() != [launcher]
-    finally:
-        h.loop.close(timeout=10)
     assert not launchers()
 
 
@@ -423,8 +432,7 @@ def test_progress_is_neither_lost_nor_held_up_while_the_loop_is_busy(tmp_path: P
             time.sleep(1.5)  # the loop's thread, held up
         return Job(item.pipeline, item.ctx, None)
 
-    h = Harness(made_slots(2), begin)
-    try:
+    with running(made_slots(2), begin) as h:
         reports: list[Progress] = []
         talker = Item(tmp_path, 1, script(code))
         talker.ctx = TaskContext(
@@ -445,15 +453,12 @@ def test_progress_is_neither_lost_nor_held_up_while_the_loop_is_busy(tmp_path: P
         assert log[-2:] == ["done", "exit code 0"]
         assert reports[-1] == Progress(lines, lines, None)
         assert len(reports) < lines / 2  # not every line waited for the worker
-    finally:
-        h.loop.close(timeout=10)
 
 
 def test_an_attempt_whose_log_cannot_be_written_fails_before_its_command_runs(
     tmp_path: Path,
 ) -> None:
-    h = Harness(made_slots(1))
-    try:
+    with running(made_slots(1)) as h:
         ran = tmp_path / "ran"
         item = Item(tmp_path, 1, script(f"open({str(ran)!r}, 'w')"))
         item.log_file.parent.mkdir(parents=True)
@@ -464,15 +469,12 @@ def test_an_attempt_whose_log_cannot_be_written_fails_before_its_command_runs(
         assert not result.ok and result.retryable
         assert "No space left on device" in (result.error or "")
         assert not ran.exists()
-    finally:
-        h.loop.close(timeout=10)
 
 
 def test_an_attempt_whose_log_fills_up_midway_fails_and_its_command_is_killed(
     tmp_path: Path,
 ) -> None:
-    h = Harness(made_slots(1))
-    try:
+    with running(made_slots(1)) as h:
         h.loop.submit(Item(tmp_path, 1, script("pass")))  # the launcher is up
         h.wait_ended(1)
         [launcher] = launchers()
@@ -494,8 +496,6 @@ def test_an_attempt_whose_log_fills_up_midway_fails_and_its_command_is_killed(
         assert not result.ok and result.retryable
         assert "cannot write the log: File too large" in (result.error or "")
         assert wait_until(lambda: not alive(pid))
-    finally:
-        h.loop.close(timeout=10)
 
 
 def test_a_launcher_that_cannot_run_leaves_the_loop_to_run_its_commands_itself(
@@ -504,8 +504,7 @@ def test_a_launcher_that_cannot_run_leaves_the_loop_to_run_its_commands_itself(
     broken = tmp_path / "broken.py"
     broken.write_text("raise SystemExit(3)\n")
     monkeypatch.setattr("conveyor.executors.launcher.PROGRAM", str(broken))
-    h = Harness(made_slots(1))
-    try:
+    with running(made_slots(1)) as h:
         h.loop.submit(Item(tmp_path, 1, script("pass")))
         h.wait_ended(1)
         assert h.ended[1] == ExecResult(ok=False, error="the command launcher stopped")
@@ -514,8 +513,6 @@ def test_a_launcher_that_cannot_run_leaves_the_loop_to_run_its_commands_itself(
         h.wait_ended(2)
         assert h.ended[2].ok and "here" in again.log
         assert not launchers()
-    finally:
-        h.loop.close(timeout=10)
 
 
 def test_relative_paths_mean_what_they_meant_in_the_worker(
@@ -526,8 +523,7 @@ def test_relative_paths_mean_what_they_meant_in_the_worker(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    h = Harness(made_slots(1))
-    try:
+    with running(made_slots(1)) as h:
         for n, where in ((1, "a"), (2, "b")):
             pipeline = Pipeline(
                 name="p",
@@ -540,13 +536,10 @@ def test_relative_paths_mean_what_they_meant_in_the_worker(
             h.wait_ended(n)
             assert h.ended[n].ok
             assert f"CWD {tmp_path / where}" in (tmp_path / item.log_file).read_text()
-    finally:
-        h.loop.close(timeout=10)
 
 
 def test_a_command_its_launcher_cannot_run_fails_alone(tmp_path: Path) -> None:
-    h = Harness(made_slots(1))
-    try:
+    with running(made_slots(1)) as h:
         h.loop.submit(Item(tmp_path, 1, script("pass")))  # the launcher is up
         h.wait_ended(1)
         [launcher] = launchers()
@@ -562,8 +555,6 @@ def test_a_command_its_launcher_cannot_run_fails_alone(tmp_path: Path) -> None:
         h.wait_ended(3)
         assert h.ended[3].ok
         assert launchers() == [launcher]  # the same one, still running
-    finally:
-        h.loop.close(timeout=10)
 
 
 def test_a_launcher_started_with_sigchld_ignored_still_sees_exit_codes(tmp_path: Path) -> None:
@@ -591,8 +582,7 @@ def test_a_launcher_of_another_version_is_not_used(
     """A worker running since before an upgrade starts the launcher file now on disk,
     which may speak other messages: it refuses, and the loop runs its commands itself."""
     monkeypatch.setattr("conveyor.executors.launcher.PROTOCOL", 999)
-    h = Harness(made_slots(1))
-    try:
+    with running(made_slots(1)) as h:
         h.loop.submit(Item(tmp_path, 1, script("pass")))
         h.wait_ended(1)
         assert h.ended[1].error == "the command launcher stopped"
@@ -600,6 +590,4 @@ def test_a_launcher_of_another_version_is_not_used(
         h.wait_ended(2)
         assert h.ended[2].ok
         assert not launchers()
-    finally:
-        h.loop.close(timeout=10)
     assert "the worker speaks protocol 999" in capfd.readouterr().err
