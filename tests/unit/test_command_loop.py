@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from conveyor.executors import ExecResult, TaskContext
-from conveyor.executors.command import CommandExecutor
+from conveyor.executors.command import CommandExecutor, Launched
+from conveyor.executors.launcher import Launcher
 from conveyor.executors.loop import CommandLoop, Job, Slots
 from conveyor.pipelines import Pipeline
 from conveyor.tasks import Progress
@@ -400,6 +401,35 @@ def test_a_launcher_that_dies_fails_its_attempts_kills_their_commands_and_is_rep
         assert h.ended[3].ok and "again" in again.log
         assert len(launchers()) == 1 and launchers() != [launcher]
     assert not launchers()
+
+
+def test_an_attempt_let_go_after_its_launcher_died_still_has_its_command_killed(
+    tmp_path: Path,
+) -> None:
+    """Its launcher is dead before the loop has seen it (so before the loop would kill
+    what it ran): letting the attempt go (`abandon`) kills the command by its group."""
+    item = Item(tmp_path, 1, script(SLEEPER))
+    launcher = Launcher(dict(os.environ))
+    try:
+        prepared = CommandExecutor()._prepare(item.pipeline, item.ctx, make=False)
+        assert isinstance(prepared, tuple)
+        argv, cwd, changes = prepared
+        work_dir = changes["CONVEYOR_WORK_DIR"]
+        key = launcher.run(argv, cwd, changes, str(item.log_file), work_dir)
+        attempt = Launched(launcher, key, item.ctx, None)
+        launcher.flush()
+        pid = pid_in(item)
+        while attempt.pid is None:  # the launcher sends it right after the start
+            for message in launcher.read():
+                if message[0] == "pid":
+                    attempt.pid = message[2]
+        launcher.proc.kill()
+        launcher.proc.wait()
+        attempt.abandon()
+        assert wait_until(lambda: not alive(pid))
+        assert attempt.result is not None and not attempt.result.ok
+    finally:
+        launcher.close()
 
 
 def test_closing_the_loop_stops_its_launcher_and_every_command(tmp_path: Path) -> None:

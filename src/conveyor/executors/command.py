@@ -15,7 +15,13 @@ import threading
 import time
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
-from conveyor.executors.launcher import Launcher, LauncherGone, killpg, which
+from conveyor.executors.launcher import (
+    LEFTOVER_READS,
+    Launcher,
+    LauncherGone,
+    killpg,
+    which,
+)
 from conveyor.executors.watchdog import Watchdog
 from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
 
@@ -281,7 +287,10 @@ class Launched(Running):
             self.launcher.kill(self.key, sig, self._killing or "stopped")
             self.launcher.flush()
         except LauncherGone:
-            pass  # its loop sees the launcher stop, and kills what it ran (`lost`)
+            # Its loop sees the launcher stop and kills what it ran (`lost`), unless this
+            # attempt is let go first (`abandon`): then the signal goes from here.
+            if self.pid is not None:
+                killpg(self.pid, sig)
 
     def progress(self, line: str) -> None:
         progress = parse_progress_line(line)
@@ -403,7 +412,7 @@ class Attempt(Running):
         leftover's, which may write for ever), and settle the result."""
         try:
             self._signal(signal.SIGKILL)
-            for _ in range(64):
+            for _ in range(LEFTOVER_READS):
                 if self.eof or not _readable(self.fd):
                     break
                 self._take()

@@ -18,7 +18,9 @@ after its length; each side writes what it has to say in one go, once a turn:
                          ("kill", key, signal, reason)
     launcher -> worker   ("pid", key, pid)
                          ("progress", key, line)   a `conveyor:progress` line
-                         ("exit", key, code)       code < 0: killed by that signal
+                         ("exit", key, code, reason)
+                                                   code < 0: killed by that signal;
+                                                   reason: of the kill it logged, or None
                          ("error", key, message, retryable)
                                                    it did not run, or its log could
                                                    not be written (then it was killed)
@@ -101,7 +103,7 @@ class _Launcher:
         self.poller.register(sock.fileno(), select.POLLIN)
         self.by_fd: dict[int, _Child] = {}  # by pidfd and output pipe
         self.by_key: dict[int, _Child] = {}
-        self.environ = dict(os.environ)  # until the worker sends its own
+        self.environ: dict[str, str] = {}  # the worker's, from its hello
         self.found: dict[tuple[str, str | None], str] = {}
         self.inbuf = bytearray()
         self.outbox: list[tuple[Any, ...]] = []  # messages for the worker
@@ -365,10 +367,9 @@ class _Launcher:
             end = f"killed: {child.reason}" if child.reason else f"exit code {code}"
             with contextlib.suppress(OSError):
                 _write(child.log, end + "\n")
-        if child.failed is not None:
-            self.send("error", child.key, child.failed, True)
-        else:
             self.send("exit", child.key, code, child.reason)
+        else:
+            self.send("error", child.key, child.failed, True)
         self.release(child)
 
     def fail(self, child: _Child, why: str) -> None:
