@@ -156,12 +156,12 @@ class Worker:
         # Attempts handed to the runners, and returned by each runner (each counts only
         # its own): their difference is how many are held, without a look at every one.
         self._started_n = 0
-        # Command loops: one for every four slots, so that a slow file system call or the
-        # wait while a new process starts holds up only the commands of one loop.
-        self._loops: list[CommandLoop[_Running]] = []  # made when first wanted
-        self._n_loops = -(-self.opts.concurrency // 4)
-        self._next_loop = 0
-        self._returned = [0] * (self.opts.concurrency + self._n_loops)  # runners', loops'
+        # The command loop, made when first wanted. One thread for all the plain command
+        # attempts: each thread more that wants the interpreter lock costs every thread
+        # hand-overs. What can be slow for one command (making its files, waiting while
+        # its process starts) is done by the loop's launchers, one for every four slots.
+        self._loop: CommandLoop[_Running] | None = None
+        self._returned = [0] * (self.opts.concurrency + 1)  # the runners', the loop's
         # Attempts running at once, in the runners and the command loops together.
         self._slots = Slots(self.opts.concurrency)
         self._loop_usable = usable()
@@ -250,12 +250,10 @@ class Worker:
             for _ in runners:
                 self._todo.put(None)
             self._wait_runners(10.0)
-            for loop in self._loops:
-                loop.stop()  # all at once: they wind down together
-            for loop in self._loops:
-                loop.close()
+            if self._loop is not None:
+                self._loop.close()
             if self._reporting is not None:
-                self._reports.put(None)  # after what the loops handed it
+                self._reports.put(None)  # after what the loop handed it
                 self._reporting.join(timeout=30)
             self._done.put(None)
             finisher.join(timeout=30)
@@ -332,12 +330,10 @@ class Worker:
         self._running[task.id] = run
         self._started_n += 1
         if in_loop:
-            if not self._loops:
-                if self._reporting is None:
-                    self._reporting = self._spawn(self._reporter, "conveyor-progress")
-                self._loops = [self._make_loop(pipeline, k) for k in range(self._n_loops)]
-            self._next_loop = (self._next_loop + 1) % self._n_loops
-            self._loops[self._next_loop].submit(run)
+            if self._loop is None:
+                self._reporting = self._spawn(self._reporter, "conveyor-progress")
+                self._loop = self._make_loop(pipeline)
+            self._loop.submit(run)
         else:
             self._todo.put(run)
 
@@ -351,7 +347,7 @@ class Worker:
         self._reports.put(_Progressed(task_id, progress))
 
     def _reporter(self) -> None:
-        """Write the progress that the command loops' attempts report (a loop must not
+        """Write the progress that the command loop's attempts report (a loop must not
         wait on the database), and hand on the results of those that reported, after
         their progress."""
         while True:
@@ -445,8 +441,8 @@ class Worker:
             self._done.put((run, result))
         self._returned_one(i)
 
-    def _make_loop(self, pipeline: Pipeline, k: int) -> CommandLoop[_Running]:
-        i = self.opts.concurrency + k  # its count in `_returned`
+    def _make_loop(self, pipeline: Pipeline) -> CommandLoop[_Running]:
+        i = self.opts.concurrency  # its count in `_returned`
 
         def begin(run: _Running) -> Job | None:
             return Job(run.pipeline, run.ctx, run.deadline) if self._begin(run, i) else None
@@ -461,7 +457,12 @@ class Worker:
                 self._end(run, reported(run.pipeline, result), i, run.ctx.reported)
 
         return CommandLoop(
-            self._executors.command(pipeline), self._slots, begin, end, f"conveyor-commands-{k}"
+            self._executors.command(pipeline),
+            self._slots,
+            begin,
+            end,
+            "conveyor-commands",
+            launchers=-(-self.opts.concurrency // 4),
         )
 
     def _load_output(self, run: _Running, result: ExecResult) -> ExecResult:

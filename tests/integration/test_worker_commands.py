@@ -86,7 +86,7 @@ def test_many_short_commands_each_succeed_with_its_own_log(make_app: Any) -> Non
     thread, stats = start(worker)
     thread.join(60)
     assert not thread.is_alive()
-    assert len(worker._loops) == 2  # one loop for every four slots
+    assert worker._loop is not None and worker._loop._n_launchers == 2  # one per four slots
     req = app.get(rid)
     assert req.status.value == "succeeded"
     assert stats[0].succeeded == 120
@@ -205,6 +205,6 @@ def test_without_pidfds_commands_run_in_threads_as_before(
     worker = Worker(app, WorkerOptions(concurrency=4, burst=True, poll_interval=0.05))
     thread, stats = start(worker)
     thread.join(60)
-    assert worker._loops == []
+    assert worker._loop is None
     assert stats[0].succeeded == 12
     assert app.get(rid).status.value == "succeeded"

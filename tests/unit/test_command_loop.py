@@ -57,7 +57,9 @@ class Item:
 class Harness:
     """A loop, with what it began and ended."""
 
-    def __init__(self, slots: Slots, begin: Any = None, end: Any = None) -> None:
+    def __init__(
+        self, slots: Slots, begin: Any = None, end: Any = None, launchers: int = 1
+    ) -> None:
         self.slots = slots
         self.begun: list[Item] = []
         self.ended: dict[int, ExecResult] = {}
@@ -76,7 +78,7 @@ class Harness:
                 end(item, result)
 
         self.loop: CommandLoop[Item] = CommandLoop(
-            CommandExecutor(), slots, begin or default_begin, default_end
+            CommandExecutor(), slots, begin or default_begin, default_end, launchers=launchers
         )
 
     def wait_ended(self, n: int, timeout: float = 20.0) -> None:
@@ -85,9 +87,9 @@ class Harness:
 
 
 @contextlib.contextmanager
-def running(slots: Slots, begin: Any = None) -> Iterator[Harness]:
+def running(slots: Slots, begin: Any = None, launchers: int = 1) -> Iterator[Harness]:
     """A harness whose loop is closed (its commands killed) when the test ends."""
-    h = Harness(slots, begin)
+    h = Harness(slots, begin, launchers=launchers)
     try:
         yield h
     finally:
@@ -400,6 +402,32 @@ def test_a_launcher_that_dies_fails_its_attempts_kills_their_commands_and_is_rep
         h.wait_ended(3)
         assert h.ended[3].ok and "again" in again.log
         assert len(launchers()) == 1 and launchers() != [launcher]
+    assert not launchers()
+
+
+def test_a_loop_with_two_launchers_spreads_its_commands_and_loses_only_a_dead_ones(
+    tmp_path: Path,
+) -> None:
+    """Each new command goes to the launcher running the fewest (a second one starts
+    once the first runs something); when one dies, only the attempts it ran fail, and
+    the other's commands run on."""
+    parent = "import os, time; print('PARENT', os.getppid(), flush=True); time.sleep(30)"
+    with running(made_slots(4), launchers=2) as h:
+        items = [Item(tmp_path, n, script(parent)) for n in (1, 2, 3, 4)]
+        for item in items:
+            h.loop.submit(item)
+        assert wait_until(lambda: all("PARENT " in item.log for item in items))
+        parents = [int(item.log.split("PARENT ")[1].split()[0]) for item in items]
+        assert sorted(set(parents)) == sorted(launchers())
+        assert sorted(parents.count(p) for p in set(parents)) == [2, 2]
+        dead = parents[1]
+        os.kill(dead, 9)
+        h.wait_ended(2)
+        time.sleep(0.2)  # a wrong failure of the others would show by now
+        failed = {item.n for item, p in zip(items, parents, strict=True) if p == dead}
+        assert set(h.ended) == failed
+        assert all(h.ended[n].error == "the command launcher stopped" for n in failed)
+        assert launchers() == [p for p in set(parents) if p != dead]
     assert not launchers()
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import marshal
 import os
 import select
@@ -56,6 +57,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 GRACE = 5.0  # seconds between SIGTERM and SIGKILL when the worker is gone
@@ -549,8 +551,9 @@ class Launcher:
     """A command loop's launcher, started with it and used from the loop's thread only.
     What `run` and `kill` ask goes to the launcher at the next `flush`."""
 
-    def __init__(self, environ: dict[str, str]) -> None:
-        """`environ`: the environment its commands start from (the worker's)."""
+    def __init__(self, environ: dict[str, str], keys: Iterator[int] | None = None) -> None:
+        """`environ`: the environment its commands start from (the worker's); `keys`:
+        where the keys of its commands come from (by default its own count)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Its stderr is the worker's: should it fail, the traceback is seen there.
@@ -570,7 +573,7 @@ class Launcher:
         self.eof = False  # all it said has been read: it has stopped
         self.broken = False  # it can no longer be told anything
         self.heard = False  # it has said something: it runs
-        self._next = 0
+        self._keys = itertools.count(1) if keys is None else keys
         self._out = bytearray(_frame(("hello", PROTOCOL, environ)))
         self._in = bytearray()
         _LAUNCHERS.add(self)
@@ -581,9 +584,9 @@ class Launcher:
         """Ask for `argv` to be run in `cwd` (absolute paths), its output going to
         `log_file`, after making `work_dir`; its key, which the launcher's messages
         about it carry."""
-        self._next += 1
-        self._out += _frame(("run", self._next, argv, cwd, changes, log_file, work_dir))
-        return self._next
+        key = next(self._keys)
+        self._out += _frame(("run", key, argv, cwd, changes, log_file, work_dir))
+        return key
 
     def kill(self, key: int, sig: int, reason: str) -> None:
         """Signal the group of the command `key`, unless it has already been reaped;
@@ -621,10 +624,15 @@ class Launcher:
             self.proc.kill()
         self.proc.wait()
 
-    def close(self, timeout: float = GRACE + 5) -> None:
-        """Let it go: what it still runs gets SIGTERM, then SIGKILL after a grace."""
+    def let_go(self) -> None:
+        """Close its socket: it sends what it still runs SIGTERM, then SIGKILL after a
+        grace, and exits. (`close` waits for that too.)"""
         self.sock.close()
         self.broken = self.eof = True
+
+    def close(self, timeout: float = GRACE + 5) -> None:
+        """Let it go, and wait for it to exit."""
+        self.let_go()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

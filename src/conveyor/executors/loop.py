@@ -17,6 +17,7 @@ shared with the runner threads through `Slots`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import select
@@ -115,7 +116,10 @@ class CommandLoop(Generic[T]):
         begin: Callable[[T], Job | None],
         end: Callable[[T, ExecResult], None],
         name: str = "conveyor-commands",
+        launchers: int = 1,
     ) -> None:
+        """`launchers`: how many launcher processes start its commands, each new command
+        going to the one with the fewest running."""
         self._executor = executor
         self._slots = slots
         self._begin = begin
@@ -123,10 +127,14 @@ class CommandLoop(Generic[T]):
         self._pending: deque[T] = deque()
         self._running: dict[Attempt | Launched, T] = {}
         self._by_fd: dict[int, Attempt] = {}
-        # Its commands are run by a launcher process (`executors.launcher`), made when
-        # first wanted; the attempts it runs, by key. Where none can be started, the
-        # loop runs its commands itself (`Attempt`).
-        self._launcher: Launcher | None = None
+        # Its commands are run by launcher processes (`executors.launcher`), made when
+        # first wanted; the attempts they run, by key (unique across them), and how many
+        # each runs. Where none can be started, the loop runs its commands itself
+        # (`Attempt`).
+        self._n_launchers = max(1, launchers)
+        self._launchers: dict[int, Launcher] = {}  # by socket descriptor
+        self._load: dict[Launcher, int] = {}
+        self._keys = itertools.count(1)
         self._launcher_failed = False
         self._deaths = 0  # launchers that stopped since a command last ended
         self._launched: dict[int, Launched] = {}
@@ -201,8 +209,10 @@ class CommandLoop(Generic[T]):
             self._step(attempt, None, time.time(), abandon=True)
         while self._pending:
             self._fail(self._pending.popleft(), "the command loop stopped")
-        if self._launcher is not None:
-            self._launcher.close()
+        for launcher in self._launchers.values():
+            launcher.let_go()  # all at once: their graces run together
+        for launcher in self._launchers.values():
+            launcher.close()
 
     def _turn(self) -> bool:
         """One turn of the loop: start what may start, wait for something to happen,
@@ -224,14 +234,16 @@ class CommandLoop(Generic[T]):
                 # is seen when the next turn starts what is pending.
                 self._poked = False
                 continue
-            if self._launcher is not None and fd == self._launcher.fd:
-                self._heard(self._launcher)
+            launcher = self._launchers.get(fd)
+            if launcher is not None:
+                self._heard(launcher)
                 continue
             attempt = self._by_fd.get(fd)
             if attempt is not None:
                 self._step(attempt, fd)
-        if self._launcher is not None and self._launcher.broken:  # a kill did not reach it
-            self._lost(self._launcher)
+        for launcher in list(self._launchers.values()):
+            if launcher.broken:  # a kill did not reach it
+                self._lost(launcher)
         now = time.time()
         if now >= self._due:
             for running in list(self._running):
@@ -273,6 +285,7 @@ class CommandLoop(Generic[T]):
                     continue
                 if isinstance(started, Launched):
                     self._launched[started.key] = started
+                    self._load[started.launcher] += 1
                 else:
                     started.watch(self._poller)
                     for fd in started.fds():
@@ -288,25 +301,35 @@ class CommandLoop(Generic[T]):
             self._running[started] = item
             now = time.time()
             self._due = min(self._due, now + started.wait_ms(now) / 1000)
-        if self._launcher is not None:
+        for launcher in list(self._launchers.values()):
             try:
-                self._launcher.flush()  # the commands started in this turn, in one write
+                launcher.flush()  # the commands started in this turn, in one write
             except LauncherGone:
-                self._lost(self._launcher)
+                self._lost(launcher)
 
     def _launcher_now(self) -> Launcher | None:
-        """The launcher to start commands with; None: start them in this process."""
-        if self._launcher is not None and (self._launcher.broken or self._launcher.eof):
-            self._lost(self._launcher)
-        if self._launcher is None and not self._launcher_failed:
+        """The launcher to start a command with: the one running the fewest, or a new
+        one while there are fewer than wanted and each runs something. None: start it
+        in this process."""
+        for launcher in list(self._launchers.values()):
+            if launcher.broken or launcher.eof:
+                self._lost(launcher)
+        if self._launcher_failed:
+            return None
+        best = min(self._launchers.values(), key=self._load.__getitem__, default=None)
+        if best is None or (self._load[best] and len(self._launchers) < self._n_launchers):
             try:
-                self._launcher = Launcher(self._executor.environ)
+                new = Launcher(self._executor.environ, self._keys)
             except OSError:
+                if best is not None:
+                    return best
                 log.exception("cannot start the command launcher; commands start here")
                 self._launcher_failed = True
                 return None
-            self._poller.register(self._launcher.fd, select.POLLIN)
-        return self._launcher
+            self._poller.register(new.fd, select.POLLIN)
+            self._launchers[new.fd] = best = new
+            self._load[new] = 0
+        return best
 
     def _heard(self, launcher: Launcher) -> None:
         """Act on what the launcher has said."""
@@ -335,9 +358,9 @@ class CommandLoop(Generic[T]):
         killed). What it said is acted on first; the attempts it ran whose end it did
         not report fail (their commands, which nothing watches now, are killed), and
         the next command starts a new launcher."""
-        if self._launcher is not launcher:
+        if self._launchers.get(launcher.fd) is not launcher:
             return
-        self._launcher = None
+        del self._launchers[launcher.fd]
         try:
             launcher.stop()
             self._heard(launcher)  # to its end of file
@@ -345,7 +368,9 @@ class CommandLoop(Generic[T]):
             self._poller.unregister(launcher.fd)
             launcher.close()
             for attempt in list(self._launched.values()):
-                self._act(attempt, attempt.lost, "the command launcher stopped")
+                if attempt.launcher is launcher:
+                    self._act(attempt, attempt.lost, "the command launcher stopped")
+            del self._load[launcher]
         self._deaths += 1
         # One that never said anything, or several in a row that died before any
         # command ended, cannot run here: another would fail the same way.
@@ -382,6 +407,8 @@ class CommandLoop(Generic[T]):
         item = self._running.pop(attempt)
         if isinstance(attempt, Launched):
             del self._launched[attempt.key]
+            if attempt.launcher in self._load:
+                self._load[attempt.launcher] -= 1
         else:
             for descriptor in attempt.fds():
                 self._by_fd.pop(descriptor, None)
