@@ -2,12 +2,13 @@
 and reports outcomes in batches. It fetches, decides (pure functions in `tasks`), and
 persists; nothing else.
 
-Threads: the main loop (claims, cancellations, time-outs, lease expiry), command loops
-that run plain command attempts, many at once each (`executors.loop`, one loop per four
-slots), `concurrency` runners that execute the other attempts (Python handlers, SSH,
-commands with outputs to keep), a finisher that records outcomes in batches (so
-claiming and recording overlap), a heartbeat and a listener for database notifications.
-Runners and loops share the worker's slots.
+Threads: the main loop (claims, cancellations, time-outs, lease expiry), a command loop
+that runs all the plain command attempts at once (`executors.loop`, with a launcher
+process per four slots), `concurrency` runners that execute the other attempts (Python
+handlers, SSH, commands with outputs to keep), a finisher that records outcomes in
+batches (so claiming and recording overlap), a heartbeat and a listener for database
+notifications.
+Runners and the loop share the worker's slots.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class Worker:
         # its process starts) is done by the loop's launchers, one for every four slots.
         self._loop: CommandLoop[_Running] | None = None
         self._returned = [0] * (self.opts.concurrency + 1)  # the runners', the loop's
-        # Attempts running at once, in the runners and the command loops together.
+        # Attempts running at once, in the runners and the command loop together.
         self._slots = Slots(self.opts.concurrency)
         self._loop_usable = usable()
         # progress to write, and the results of loop attempts that reported progress
@@ -363,7 +364,7 @@ class Worker:
                 log.exception("reporting progress failed")
 
     def _for_loop(self, pipeline: Pipeline) -> bool:
-        """Whether command loops run this pipeline's attempts: plain commands, with
+        """Whether the command loop runs this pipeline's attempts: plain commands, with
         nothing to do around them that could block a loop (uploads, loading results)."""
         return (
             self._loop_usable

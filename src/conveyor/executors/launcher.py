@@ -1,6 +1,6 @@
-"""The command launcher: a small process beside a command loop that runs the loop's
-commands: it starts them, writes their output to their logs, reaps them, and kills them
-if the worker dies.
+"""The command launcher: a small process beside a command loop that runs commands for
+it (a loop has one launcher for every four slots): it starts them, writes their output
+to their logs, reaps them, and kills them if the worker dies.
 
 Why a process of its own: starting a process from Python, reading its output and
 reaping it is most of what a short command costs its worker, and in the worker all of it
