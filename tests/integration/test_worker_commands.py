@@ -1,4 +1,4 @@
-"""A worker runs plain command attempts in its command loops: they share the worker's
+"""A worker runs plain command attempts in its command loop: they share the worker's
 slots with its other attempts, and time-outs, cancels and stopping reach them as they
 reach any attempt. On SQLite and on PostgreSQL."""
 

@@ -321,7 +321,9 @@ class CommandLoop(Generic[T]):
             try:
                 new = Launcher(self._executor.environ, self._keys)
             except OSError:
-                if best is not None:
+                if best is not None:  # the loop goes on with those it has
+                    self._n_launchers = len(self._launchers)
+                    log.exception("cannot start another command launcher")
                     return best
                 log.exception("cannot start the command launcher; commands start here")
                 self._launcher_failed = True
@@ -357,7 +359,7 @@ class CommandLoop(Generic[T]):
         """The launcher has stopped, or can no longer be told anything (then it is
         killed). What it said is acted on first; the attempts it ran whose end it did
         not report fail (their commands, which nothing watches now, are killed), and
-        the next command starts a new launcher."""
+        another starts when one is wanted."""
         if self._launchers.get(launcher.fd) is not launcher:
             return
         del self._launchers[launcher.fd]
@@ -373,10 +375,19 @@ class CommandLoop(Generic[T]):
             del self._load[launcher]
         self._deaths += 1
         # One that never said anything, or several in a row that died before any
-        # command ended, cannot run here: another would fail the same way.
+        # command ended, cannot run here: another would fail the same way. The loop
+        # goes on with those that run, else runs its commands itself.
         if not launcher.heard or self._deaths >= 3:
-            log.error("the command launcher stopped; the loop runs its commands itself from now on")
-            self._launcher_failed = True
+            if any(other.heard for other in self._launchers.values()):
+                self._n_launchers = len(self._launchers)
+                log.error(
+                    "the command launcher stopped; the loop goes on with %d", self._n_launchers
+                )
+            else:
+                log.error(
+                    "the command launcher stopped; the loop runs its commands itself from now on"
+                )
+                self._launcher_failed = True
         else:
             log.error("the command launcher stopped; starting another")
 
