@@ -431,6 +431,41 @@ def test_a_loop_with_two_launchers_spreads_its_commands_and_loses_only_a_dead_on
     assert not launchers()
 
 
+def test_after_three_launchers_died_the_loop_goes_on_with_the_one_still_running(
+    tmp_path: Path,
+) -> None:
+    """Three deaths in a row, none after a command ended: no launcher is started any
+    more, but the one that runs is still used, rather than commands starting in the
+    worker."""
+    parent = "import os, time; print('PARENT', os.getppid(), flush=True); time.sleep(30)"
+
+    def parent_of(item: Item) -> int:
+        assert wait_until(lambda: "PARENT " in item.log)
+        return int(item.log.split("PARENT ")[1].split()[0])
+
+    with running(made_slots(8), launchers=2) as h:
+        first, second = Item(tmp_path, 1, script(parent)), Item(tmp_path, 2, script(parent))
+        h.loop.submit(first)
+        h.loop.submit(second)
+        keep = parent_of(first)
+        doomed = parent_of(second)
+        assert keep != doomed
+        for n in (3, 4):
+            os.kill(doomed, 9)
+            h.wait_ended(n - 2)
+            item = Item(tmp_path, n, script(parent))
+            h.loop.submit(item)  # a new launcher for it: the running one is busy
+            doomed = parent_of(item)
+            assert doomed not in (keep, os.getpid())
+        os.kill(doomed, 9)
+        h.wait_ended(3)
+        last = Item(tmp_path, 5, script("import os; print('PARENT', os.getppid())"))
+        h.loop.submit(last)
+        h.wait_ended(4)
+        assert h.ended[5].ok and parent_of(last) == keep
+        assert launchers() == [keep] and 1 not in h.ended
+
+
 def test_an_attempt_let_go_after_its_launcher_died_still_has_its_command_killed(
     tmp_path: Path,
 ) -> None:
