@@ -573,6 +573,7 @@ class Launcher:
         self.eof = False  # all it said has been read: it has stopped
         self.broken = False  # it can no longer be told anything
         self.heard = False  # it has said something: it runs
+        self.running = 0  # attempts of its loop's that it runs
         self._keys = itertools.count(1) if keys is None else keys
         self._out = bytearray(_frame(("hello", PROTOCOL, environ)))
         self._in = bytearray()

@@ -128,12 +128,10 @@ class CommandLoop(Generic[T]):
         self._running: dict[Attempt | Launched, T] = {}
         self._by_fd: dict[int, Attempt] = {}
         # Its commands are run by launcher processes (`executors.launcher`), made when
-        # first wanted; the attempts they run, by key (unique across them), and how many
-        # each runs. Where none can be started, the loop runs its commands itself
-        # (`Attempt`).
+        # first wanted; the attempts they run, by key (unique across them). Where none
+        # can be started, the loop runs its commands itself (`Attempt`).
         self._n_launchers = max(1, launchers)
         self._launchers: dict[int, Launcher] = {}  # by socket descriptor
-        self._load: dict[Launcher, int] = {}
         self._keys = itertools.count(1)
         self._launcher_failed = False
         self._deaths = 0  # launchers that stopped since a command last ended
@@ -285,7 +283,7 @@ class CommandLoop(Generic[T]):
                     continue
                 if isinstance(started, Launched):
                     self._launched[started.key] = started
-                    self._load[started.launcher] += 1
+                    started.launcher.running += 1
                 else:
                     started.watch(self._poller)
                     for fd in started.fds():
@@ -316,8 +314,8 @@ class CommandLoop(Generic[T]):
                 self._lost(launcher)
         if self._launcher_failed:
             return None
-        best = min(self._launchers.values(), key=self._load.__getitem__, default=None)
-        if best is None or (self._load[best] and len(self._launchers) < self._n_launchers):
+        best = min(self._launchers.values(), key=lambda launcher: launcher.running, default=None)
+        if best is None or (best.running and len(self._launchers) < self._n_launchers):
             try:
                 new = Launcher(self._executor.environ, self._keys)
             except OSError:
@@ -330,7 +328,6 @@ class CommandLoop(Generic[T]):
                 return None
             self._poller.register(new.fd, select.POLLIN)
             self._launchers[new.fd] = best = new
-            self._load[new] = 0
         return best
 
     def _heard(self, launcher: Launcher) -> None:
@@ -372,7 +369,6 @@ class CommandLoop(Generic[T]):
             for attempt in list(self._launched.values()):
                 if attempt.launcher is launcher:
                     self._act(attempt, attempt.lost, "the command launcher stopped")
-            del self._load[launcher]
         self._deaths += 1
         # One that never said anything, or several in a row that died before any
         # command ended, cannot run here: another would fail the same way. The loop
@@ -418,8 +414,7 @@ class CommandLoop(Generic[T]):
         item = self._running.pop(attempt)
         if isinstance(attempt, Launched):
             del self._launched[attempt.key]
-            if attempt.launcher in self._load:
-                self._load[attempt.launcher] -= 1
+            attempt.launcher.running -= 1
         else:
             for descriptor in attempt.fds():
                 self._by_fd.pop(descriptor, None)
