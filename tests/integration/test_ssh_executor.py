@@ -17,6 +17,7 @@ from sshd_support import Sshd, sshd_server  # noqa: F401  (the `sshd` fixture)
 
 from conftest import make_config
 from conveyor.app import Conveyor
+from conveyor.executors.launcher import LINE_MAX
 from conveyor.tasks import Task, TaskStatus
 from conveyor.worker import Worker, WorkerOptions
 
@@ -134,6 +135,20 @@ def test_a_nonzero_exit_fails_the_task(sshd: Sshd, make) -> None:
     task = run_to_end(app, {})
     assert task.status == TaskStatus.FAILED
     assert "exit code 3" in (task.error or "")
+
+
+def test_remote_output_without_newlines_is_logged_in_bounded_pieces(sshd: Sshd, make) -> None:
+    # 1 MB with no newline: all of it reaches the log, in lines of at most LINE_MAX.
+    app = make(
+        sshd.host_toml()
+        + pipeline_toml(["sh", "-c", "head -c 1000000 /dev/zero | tr '\\0' y; echo; echo end"])
+    )
+    task = run_to_end(app, {})
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    lines = log_of(app, task.id).splitlines()
+    assert max(len(line.encode()) for line in lines) <= LINE_MAX
+    assert sum(line.count("y") for line in lines if set(line) == {"y"}) == 1_000_000
+    assert "end" in lines
 
 
 def test_logs_stream_back_while_the_command_runs(sshd: Sshd, make, tmp_path) -> None:

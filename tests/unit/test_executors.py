@@ -14,6 +14,7 @@ import pytest
 
 from conveyor.executors import ExecResult, TaskContext, executor_for
 from conveyor.executors.command import CommandExecutor
+from conveyor.executors.launcher import LINE_MAX, split_lines
 from conveyor.executors.loop import CommandLoop, Job, Slots
 from conveyor.executors.python import NonRetryable, PythonExecutor
 from conveyor.pipelines import Pipeline
@@ -273,6 +274,45 @@ def test_large_output_is_not_lost(tmp_path):
     assert "line 0" in lines
     assert "line 19999" in lines
     assert sum(1 for line in lines if line.startswith("line ")) == 20000
+
+
+def test_output_without_newlines_is_logged_whole_in_bounded_pieces(tmp_path):
+    # 3 MB with no newline, then a line of two-byte characters longer than a piece:
+    # nothing is lost, no log line is longer than LINE_MAX bytes, and no piece is cut
+    # inside a character.
+    code = (
+        "import sys; w = sys.stdout.write; w('x' * 3_000_000); "
+        "w('\\n' + '\\u00e9' * 100_000 + '\\n'); print('after')"
+    )
+    run, result = run_command(tmp_path, code)
+    assert result.ok
+    lines = run.log.splitlines()
+    assert max(len(line.encode()) for line in lines) <= LINE_MAX
+    output = lines[1:-1]  # between the command line and its exit
+    assert sum(line.count("x") for line in output) == 3_000_000
+    assert sum(line.count("\u00e9") for line in output) == 100_000
+    assert "\ufffd" not in run.log
+    assert lines[-2:] == ["after", "exit code 0"]
+
+
+def test_split_lines_holds_at_most_a_piece_and_never_cuts_a_character():
+    lines, rest = split_lines(b"ab", b"c\nde\nf")
+    assert (lines, rest) == ([b"abc", b"de"], b"f")
+    for filler in (b"x", "\u00e9".encode(), "\u20ac".encode(), "\U0001f600".encode()):
+        data = filler * (3 * LINE_MAX // len(filler) + 7)
+        pending, pieces = b"", []
+        for at in range(0, len(data), 4096):  # as reads of a pipe would come
+            got, pending = split_lines(pending, data[at : at + 4096])
+            pieces += got
+            assert len(pending) <= LINE_MAX
+        pieces.append(pending)
+        assert b"".join(pieces) == data
+        assert all(0 < len(p) <= LINE_MAX for p in pieces)
+        assert all(p.decode() for p in pieces)  # each piece is whole characters
+    # bytes that are not UTF-8 are cut at LINE_MAX, not lost
+    data = b"\x80" * (LINE_MAX + 10)
+    lines, rest = split_lines(b"", data)
+    assert lines == [data[:LINE_MAX]] and rest == data[LINE_MAX:]
 
 
 # command: arguments, environment, directory ------------------------------------------------------

@@ -20,6 +20,7 @@ from conveyor.executors.launcher import (
     Launcher,
     LauncherGone,
     killpg,
+    split_lines,
     which,
 )
 from conveyor.executors.watchdog import Watchdog
@@ -394,8 +395,7 @@ class Attempt(Running):
             if self._poller is not None:
                 self._poller.unregister(self.fd)
             return
-        self._buf += chunk
-        *lines, self._buf = self._buf.split(b"\n")
+        lines, self._buf = split_lines(self._buf, chunk)
         for raw in lines:
             self._line(raw)
 

@@ -65,6 +65,8 @@ GRACE = 5.0  # seconds between SIGTERM and SIGKILL when the worker is gone
 #   conveyor:progress CURRENT[/TOTAL] [MESSAGE]
 PROGRESS_PREFIX = "conveyor:progress "
 PROGRESS_MAX = 4096  # characters of a progress line passed on (all of it is logged)
+# Bytes of output held while waiting for a newline: a longer line is logged in pieces.
+LINE_MAX = 65536
 LEFTOVER_READS = 64  # reads of output after the exit; what comes later is a leftover's
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 PROGRAM = os.path.abspath(__file__)  # what a launcher runs
@@ -337,7 +339,7 @@ class _Launcher:
             self.forget(child.out)
             child.out = None
             return False
-        *lines, child.buf = (child.buf + chunk).split(b"\n")
+        lines, child.buf = split_lines(child.buf, chunk)
         self.lines(child, lines)
         return True
 
@@ -468,6 +470,44 @@ def _drain(sock: socket.socket, buf: bytearray) -> bool:
         if not data:
             return True
         buf += data
+
+
+def split_lines(pending: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
+    """The lines that `chunk` completes after `pending` (output after the last newline
+    so far), without their newlines, and the new `pending`. A line is never longer
+    than LINE_MAX bytes: a longer one comes out in pieces of at most that, each cut
+    between UTF-8 characters, so that output which goes on without a newline (binary
+    data, a progress bar redrawn with carriage returns) is not held whole in memory,
+    nor copied again with each read."""
+    data = pending + chunk
+    *lines, rest = data.split(b"\n")
+    if len(data) <= LINE_MAX:
+        return lines, rest
+    whole: list[bytes] = []
+    for line in lines:
+        whole += _pieces(line)
+    *more, rest = _pieces(rest)
+    return whole + more, rest
+
+
+def _pieces(line: bytes) -> list[bytes]:
+    """`line` cut into pieces of at most LINE_MAX bytes, between characters."""
+    pieces = []
+    while len(line) > LINE_MAX:
+        cut = _character_start(line, LINE_MAX)
+        pieces.append(line[:cut])
+        line = line[cut:]
+    pieces.append(line)
+    return pieces
+
+
+def _character_start(data: bytes, at: int) -> int:
+    """Where the UTF-8 character that holds `data[at]` starts: `at`, or up to three
+    bytes before it (`at` itself where the bytes are not UTF-8)."""
+    for back in range(4):
+        if at - back > 0 and data[at - back] & 0xC0 != 0x80:  # not a continuation byte
+            return at - back
+    return at
 
 
 def progress_of(line: str) -> tuple[float, float | None, str | None] | None:

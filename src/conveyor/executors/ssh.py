@@ -41,6 +41,7 @@ from typing import Any
 import asyncssh
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
+from conveyor.executors.launcher import split_lines
 from conveyor.hosts import Host, pick_host
 from conveyor.paths import reverse, rewrite_fields, rewrite_prefixes, task_selectors
 from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
@@ -300,8 +301,7 @@ class SshExecutor:
             chunk = await proc.stdout.read(65536)
             if not chunk:
                 break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
+            lines, buf = split_lines(buf, chunk)
             for raw in lines:
                 line = raw.decode("utf-8", "replace").rstrip("\r")
                 # The wrapper's first word; a login script may have printed before it.
