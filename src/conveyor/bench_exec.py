@@ -12,11 +12,18 @@ tasks are stored in a paused queue, and the time runs from resuming the queue (t
 tasks become claimable) to the last outcome recorded (the request's `finished_at`).
 Everything each task costs is inside: claim, work directory, log, the process, the
 outcome, events and request counters.
+
+A third side, the bare loop with files, runs the same loop with what each attempt has
+on disk besides its process: a work directory of its own (its working directory) and a
+log file taking its output. Against the bare loop it shows what the file system of the
+scratch costs; against Conveyor, what the rest does. The ratio the target is about
+stays Conveyor's against the bare loop.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import statistics
 import subprocess
@@ -53,6 +60,43 @@ def bare_loop(opts: ExecBenchOptions) -> float:
 
     def one(_: int) -> int:
         return subprocess.run(argv, stdin=subprocess.DEVNULL, check=False).returncode
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(opts.concurrency) as pool:
+        codes = list(pool.map(one, range(opts.tasks)))
+    elapsed = time.perf_counter() - start
+    if any(codes):
+        raise RuntimeError(f"{argv[0]} failed {sum(1 for c in codes if c)} times")
+    return elapsed
+
+
+def bare_loop_with_files(opts: ExecBenchOptions, folder: Path) -> float:
+    """`bare_loop`, each process with an attempt's files: made before it starts, its
+    work directory `work/<n>` (its working directory), and its log `logs/<n>.log`,
+    headed by the command line, taking its stdout and stderr."""
+    argv = list(opts.command)
+    header = ("$ " + " ".join(argv) + "\n").encode()
+    logs, work = folder / "logs", folder / "work"
+    logs.mkdir()
+    work.mkdir()  # as a request's folders are made once, before its tasks
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+
+    def one(n: int) -> int:
+        cwd = f"{work}/{n}"
+        os.mkdir(cwd)
+        log = os.open(f"{logs}/{n}.log", flags, 0o666)
+        try:
+            os.write(log, header)
+            return subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                check=False,
+            ).returncode
+        finally:
+            os.close(log)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(opts.concurrency) as pool:
@@ -161,15 +205,19 @@ def run_exec_bench(
     opts: ExecBenchOptions, say: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     bare: list[float] = []
+    files: list[float] = []
     conveyor: list[float] = []
     # The rounds' files are deleted at the end, not between rounds: deleting thousands of
     # files just before a round makes creating files in it slower on some file systems
-    # (ext4 skips recently freed inodes), which would load the Conveyor rounds only.
+    # (ext4 skips recently freed inodes), which would load the rounds that make files.
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-exec-", dir=opts.scratch) as tmp:
         scratch = Path(tmp)
 
         def conveyor_round(o: ExecBenchOptions) -> float:
             return conveyor_run(o, scratch)
+
+        def files_round(o: ExecBenchOptions) -> float:
+            return bare_loop_with_files(o, Path(tempfile.mkdtemp(prefix="files-", dir=scratch)))
 
         # warm up: imports, the first database, the page cache
         conveyor_round(
@@ -179,16 +227,20 @@ def run_exec_bench(
                 processes=opts.processes,
             )
         )
+        sides: list[tuple[str, Callable[[ExecBenchOptions], float], list[float]]] = [
+            ("bare", bare_loop, bare),
+            ("bare with files", files_round, files),
+            ("conveyor", conveyor_round, conveyor),
+        ]
         for i in range(opts.rounds):
-            order = [("bare", bare_loop, bare), ("conveyor", conveyor_round, conveyor)]
-            if i % 2:
-                order.reverse()
-            for name, fn, times in order:
+            # each side goes first, second and third in turn
+            for name, fn, times in sides[i % 3 :] + sides[: i % 3]:
                 t = fn(opts)
                 times.append(t)
                 if say:
                     say(f"round {i + 1}/{opts.rounds}: {name} {t:.2f}s")
     bare_med = statistics.median(bare)
+    files_med = statistics.median(files)
     conv_med = statistics.median(conveyor)
     return {
         "command": list(opts.command),
@@ -205,4 +257,9 @@ def run_exec_bench(
         "ratio_per_round": [round(c / b, 3) for b, c in zip(bare, conveyor, strict=True)],
         "bare_tasks_per_s": round(opts.tasks / bare_med, 1),
         "conveyor_tasks_per_s": round(opts.tasks / conv_med, 1),
+        "bare_with_files_seconds": [round(t, 3) for t in files],
+        "bare_with_files_median_s": round(files_med, 3),
+        # what an attempt's files cost on this scratch, and Conveyor against that loop
+        "files_ratio": round(files_med / bare_med, 3),
+        "ratio_to_bare_with_files": round(conv_med / files_med, 3),
     }

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conveyor.bench_exec import ExecBenchOptions, bare_loop_with_files
 from conveyor.cli import main
 
 
@@ -27,7 +28,23 @@ def test_bench_exec_reports_both_sides_and_cleans_its_scratch(
     # the ratio is of the medians before they were rounded to 1 ms
     bare, conveyor = result["bare_median_s"], result["conveyor_median_s"]
     assert (conveyor - 5e-4) / (bare + 5e-4) <= result["ratio"] <= (conveyor + 5e-4) / (bare - 5e-4)
+    # the third side, the bare loop with an attempt's files, ran as many rounds
+    files = result["bare_with_files_median_s"]
+    assert len(result["bare_with_files_seconds"]) == 2
+    assert all(t > 0 for t in result["bare_with_files_seconds"])
+    assert (files - 5e-4) / (bare + 5e-4) <= result["files_ratio"] <= (files + 5e-4) / (bare - 5e-4)
+    low, high = (conveyor - 5e-4) / (files + 5e-4), (conveyor + 5e-4) / (files - 5e-4)
+    assert low <= result["ratio_to_bare_with_files"] <= high
     assert list(scratch.iterdir()) == []
+
+
+def test_the_bare_loop_with_files_gives_each_process_a_work_dir_and_a_log(tmp_path: Path) -> None:
+    opts = ExecBenchOptions(tasks=6, concurrency=3, command=("sh", "-c", "pwd; echo out >&2"))
+    assert bare_loop_with_files(opts, tmp_path) > 0
+    for n in range(6):
+        log = (tmp_path / "logs" / f"{n}.log").read_text()
+        assert log == f"$ sh -c pwd; echo out >&2\n{tmp_path}/work/{n}\nout\n"
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [str(n) for n in range(6)]
 
 
 def test_bench_exec_refuses_a_scratch_that_does_not_exist(
