@@ -189,6 +189,22 @@ def test_a_program_not_in_path_cannot_start(tmp_path):
     assert "cannot start no-such-program-here" in result.error
 
 
+def test_a_program_in_path_that_is_not_executable_is_refused_as_such(tmp_path):
+    # As a shell says it: the program is there, but may not be run.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "not-runnable").write_text("#!/bin/sh\necho ran\n")
+    run = Run(tmp_path)
+    pipeline = Pipeline(
+        name="p", executor="command", command=("not-runnable",), env={"PATH": str(bin_dir)}
+    )
+    result = CommandExecutor().run(pipeline, run.ctx, None)
+    assert not result.ok
+    assert not result.retryable
+    assert result.error == "cannot start not-runnable: Permission denied"
+    assert "ran" not in run.log
+
+
 def test_a_program_found_in_path_is_found_again_after_it_moves(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()

@@ -280,7 +280,7 @@ class _Launcher:
                 os.chdir(cwd)
                 program = self.program(argv[0], path)
                 if program is None:
-                    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+                    raise _not_found(argv[0], path)
                 try:
                     pid = self.spawn(program, argv, env, write)
                 except FileNotFoundError:
@@ -535,6 +535,16 @@ def which(found: dict[tuple[str, str | None], str], name: str, path: str | None)
         if hit is not None and os.path.isabs(hit):
             found[(name, path)] = hit
     return hit
+
+
+def _not_found(name: str, path: str) -> OSError:
+    """The error for a program `name` that is not in `path`, as execvp gives it: EACCES
+    when a folder of `path` holds a file of that name that may not be run (which would
+    have found a runnable one), else ENOENT."""
+    for folder in path.split(os.pathsep):
+        if os.path.isfile(os.path.join(folder or ".", name)):
+            return PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
 
 
 def make_dir(path: str) -> None:
