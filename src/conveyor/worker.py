@@ -193,6 +193,7 @@ class Worker:
 
     # the loop -----------------------------------------------------------------
     def run(self) -> WorkerStats:
+        self.app.artifacts.prepare()
         self.store.register_worker(
             WorkerInfo(
                 id=self.id,

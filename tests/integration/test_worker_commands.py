@@ -4,6 +4,7 @@ reach any attempt. On SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,13 @@ def test_many_short_commands_each_succeed_with_its_own_log(make_app: Any) -> Non
         log = app.artifacts.log_path(rid, task.id, 1).read_text().splitlines()
         assert log[1:] == [f"item {task.params['n']}", "exit code 0"]
         assert task.result == {"exit_code": 0}
+    # the worker marked its folders for the file system's placement (ext4: "T")
+    for kind in ("logs", "work"):
+        shown = subprocess.run(
+            ["lsattr", "-d", str(app.artifacts.root / kind)], capture_output=True, text=True
+        )
+        flags = shown.stdout.split()[0] if shown.returncode == 0 else ""
+        assert "T" in flags or "e" not in flags  # "e": an ext4 folder
 
 
 def test_commands_and_other_attempts_share_the_workers_slots(make_app: Any) -> None:

@@ -1,11 +1,14 @@
 """Where attempts' logs and work directories live, and finding the logs again: the
-flat per-request layout, and logs kept in the per-task layout of earlier versions."""
+flat per-request layout, and logs kept in the per-task layout of earlier versions; the
+placement mark on `logs` and `work`."""
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 from pathlib import Path
 
-from conveyor.artifacts import LocalArtifacts
+from conveyor.artifacts import LocalArtifacts, spread_subfolders
 
 
 def test_one_folder_per_request_and_the_attempts_found_both_ways(tmp_path: Path) -> None:
@@ -37,3 +40,32 @@ def test_logs_of_the_per_task_layout_are_still_found(tmp_path: Path) -> None:
     # a new attempt goes to the new layout, and both are listed
     Path(arts.attempt_paths(7, 42, 2)[0]).write_text("new\n")
     assert arts.attempts_logged(7, 42, upto=2) == [1, 2]
+
+
+def _lsattr(path: Path) -> str | None:
+    """The file system's flags of `path` as `lsattr` shows them; None where it has none."""
+    done = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True)
+    return done.stdout.split()[0] if done.returncode == 0 else None
+
+
+def test_prepare_marks_logs_and_work_as_tops_of_unrelated_folders(tmp_path: Path) -> None:
+    arts = LocalArtifacts(tmp_path / "artifacts")
+    arts.prepare()
+    arts.prepare()  # again, as each worker process does: nothing changes
+    for kind in ("logs", "work"):
+        folder = tmp_path / "artifacts" / kind
+        assert folder.is_dir()
+        flags = _lsattr(folder)
+        marked = spread_subfolders(str(folder))
+        # ext2/3/4 (this machine's /tmp): "T" is set; elsewhere nothing is, and no error
+        assert marked == (flags is not None and "T" in flags)
+        if flags is not None and "e" in flags:  # ext4's extents flag: an ext4 folder
+            assert "T" in flags
+
+
+def test_prepare_on_a_file_system_without_the_mark_still_makes_the_folders() -> None:
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:  # tmpfs
+        arts = LocalArtifacts(Path(shm))
+        arts.prepare()
+        assert (Path(shm) / "logs").is_dir() and (Path(shm) / "work").is_dir()
+        assert not spread_subfolders(f"{shm}/logs")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,16 @@ class LocalArtifacts:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._root = str(self.root)
+
+    def prepare(self) -> None:
+        """Make `logs` and `work`, each marked as the top of a tree of unrelated folders
+        (a worker does this when it starts): each request's folders then get a place on
+        the disk of their own, away from where files were deleted lately, which makes
+        creating its attempts' files cheaper on ext4 (see `spread_subfolders`)."""
+        for kind in ("logs", "work"):
+            folder = f"{self._root}/{kind}"
+            os.makedirs(folder, exist_ok=True)
+            spread_subfolders(folder)
 
     def log_path(self, request_id: int, task_id: int, attempt: int) -> Path:
         path = self.attempt_paths(request_id, task_id, attempt)[0]
@@ -82,6 +94,42 @@ class LocalArtifacts:
     def work_dir(self, request_id: int, task_id: int) -> Path:
         """A scratch directory for the task (made by whoever first needs it)."""
         return Path(self.attempt_paths(request_id, task_id, 0)[1])
+
+
+# <linux/fs.h>: the ioctls of an inode's flags (their argument is a C long), and the
+# flag of a folder whose subfolders are unrelated to each other ("chattr +T").
+_LONG = struct.calcsize("l")
+_FS_IOC_GETFLAGS = 0x80006601 | _LONG << 16
+_FS_IOC_SETFLAGS = 0x40006602 | _LONG << 16
+_FS_TOPDIR_FL = 0x00020000
+
+
+def spread_subfolders(folder: str) -> bool:
+    """Mark `folder` as the top of a tree of unrelated folders, where the file system
+    knows the mark (ext2/3/4). Each new subfolder of it is then placed as the file
+    system places folders at its root: in a block group with room and few folders,
+    not next to `folder`, and the files made in the subfolder go in its group. That
+    matters on ext4 without a journal: there, making a file in a group where many
+    files were deleted in the last minutes costs up to a millisecond of kernel CPU
+    (each recently freed inode is passed over), against about 30 µs elsewhere; and a
+    service deletes thousands at once (retention; a test or a build in the same
+    folder). Returns whether the mark is set; where it is not known, nothing changes.
+
+    Written here, not taken from a library: it is two ioctls (what `chattr +T` does),
+    and no maintained Python package offers them."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        flags = struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(_LONG)))[0]
+        if not flags & _FS_TOPDIR_FL:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("l", flags | _FS_TOPDIR_FL))
+        return True
+    except OSError:  # not ext2/3/4 (tmpfs, xfs, NFS...), or not ours to mark
+        return False
+    finally:
+        os.close(fd)
 
 
 class ArtifactKind(enum.StrEnum):
@@ -207,4 +255,5 @@ __all__ = [
     "check_key",
     "latest_outputs",
     "open_artifact_store",
+    "spread_subfolders",
 ]
