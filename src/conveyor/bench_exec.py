@@ -3,8 +3,8 @@ by hand.
 
 One round times N tasks running `true` through a worker with concurrency C on a scratch
 SQLite database, and a bare Python loop running the same N `true` processes with the
-same parallelism (`ThreadPoolExecutor(C)` and `subprocess.run`). Rounds alternate which
-goes first, so drift on a shared machine falls on both; the figures are the medians.
+same parallelism (`ThreadPoolExecutor(C)` and `subprocess.run`). The sides take turns going
+first, so drift on a shared machine falls on all; the figures are the medians.
 
 The Conveyor side is timed as a running service would see it: the worker is already up
 (it has run a few tasks: its threads, watchdog and database connections exist), the N
@@ -15,16 +15,26 @@ outcome, events and request counters.
 
 A third side, the bare loop with files, runs the same loop with what each attempt has
 on disk besides its process: a work directory of its own (its working directory) and a
-log file taking its output. Against the bare loop it shows what the file system of the
-scratch costs; against Conveyor, what the rest does. The ratio the target is about
-stays Conveyor's against the bare loop.
+log file taking its output, where a worker puts them. Against the bare loop it shows
+what the file system of the scratch costs; against Conveyor, what the rest does. The
+ratio the target is about stays Conveyor's against the bare loop.
+
+Each round numbers its request from a random point, as a service that has run a while
+does, not from 1 in its fresh database: on ext4 a request's folders are placed by a
+hash of their name (`spread_subfolders`), and folders named as in the run before would
+land where that run's cleanup has just deleted thousands of files, which on ext4
+without a journal makes each new file cost up to a millisecond for minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import multiprocessing
 import os
+import random
 import signal
+import sqlite3
 import statistics
 import subprocess
 import tempfile
@@ -37,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.app import Conveyor
+from conveyor.artifacts import LocalArtifacts
 from conveyor.config import Config, parse_config
 from conveyor.queues import DEFAULT_QUEUE
 from conveyor.requests import Request
@@ -70,24 +81,26 @@ def bare_loop(opts: ExecBenchOptions) -> float:
     return elapsed
 
 
-def bare_loop_with_files(opts: ExecBenchOptions, folder: Path) -> float:
-    """`bare_loop`, each process with an attempt's files: made before it starts, its
-    work directory `work/<n>` (its working directory), and its log `logs/<n>.log`,
-    headed by the command line, taking its stdout and stderr."""
+def bare_loop_with_files(opts: ExecBenchOptions, folder: Path, request: int) -> float:
+    """`bare_loop`, each process with an attempt's files, where a worker keeps them
+    under `folder` for task n of `request`: made before the process starts, its work
+    directory (its working directory), and its log, headed by the command line and
+    taking its stdout and stderr."""
     argv = list(opts.command)
     header = ("$ " + " ".join(argv) + "\n").encode()
-    logs, work = folder / "logs", folder / "work"
-    logs.mkdir()
-    work.mkdir()  # as a request's folders are made once, before its tasks
+    files = LocalArtifacts(folder)
+    files.prepare()
+    for path in files.attempt_paths(request, 0, 1):  # a request's folders: made once
+        os.mkdir(os.path.dirname(path))
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 
     def one(n: int) -> int:
-        cwd = f"{work}/{n}"
+        log_file, cwd = files.attempt_paths(request, n, 1)
         os.mkdir(cwd)
-        log = os.open(f"{logs}/{n}.log", flags, 0o666)
+        log = os.open(log_file, flags, 0o666)
         try:
             os.write(log, header)
-            return subprocess.run(
+            code = subprocess.run(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -95,6 +108,8 @@ def bare_loop_with_files(opts: ExecBenchOptions, folder: Path) -> float:
                 cwd=cwd,
                 check=False,
             ).returncode
+            os.write(log, f"exit code {code}\n".encode())
+            return code
         finally:
             os.close(log)
 
@@ -105,6 +120,23 @@ def bare_loop_with_files(opts: ExecBenchOptions, folder: Path) -> float:
     if any(codes):
         raise RuntimeError(f"{argv[0]} failed {sum(1 for c in codes if c)} times")
     return elapsed
+
+
+def first_request_id() -> int:
+    """Where a round's request ids start (see the module's docstring)."""
+    return random.randrange(1_000_000, 1_000_000_000)
+
+
+def _number_requests_from(database: Path, first: int) -> None:
+    """Make the next request stored in the scratch `database` get id `first`. SQLite
+    gives a new row the largest id so far plus one: a finished request with no tasks
+    holds `first - 1`."""
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute(
+            "INSERT INTO requests (id, pipeline, params, params_hash, queue, status, "
+            "created_at) VALUES (?, 'true', '{}', '', ?, 'succeeded', 0)",
+            (first - 1, DEFAULT_QUEUE),
+        )
 
 
 def _finished(app: Conveyor, request_id: int, poll: float) -> Request:
@@ -132,6 +164,7 @@ def conveyor_run(opts: ExecBenchOptions, scratch: Path) -> float:
     app = Conveyor(parse_config(data, base, env))
     try:
         app.store.upgrade()
+        _number_requests_from(base / "conveyor.db", first_request_id())
         stop = _start_workers(app, opts)
         try:
             warm = app.submit("true", {"items": list(range(opts.concurrency * 2))})
@@ -217,7 +250,8 @@ def run_exec_bench(
             return conveyor_run(o, scratch)
 
         def files_round(o: ExecBenchOptions) -> float:
-            return bare_loop_with_files(o, Path(tempfile.mkdtemp(prefix="files-", dir=scratch)))
+            folder = Path(tempfile.mkdtemp(prefix="files-", dir=scratch))
+            return bare_loop_with_files(o, folder, first_request_id())
 
         # warm up: imports, the first database, the page cache
         conveyor_round(
@@ -232,9 +266,11 @@ def run_exec_bench(
             ("bare with files", files_round, files),
             ("conveyor", conveyor_round, conveyor),
         ]
+        # The sides take each of their six orders in turn, so that each follows each
+        # other side as often (a round's file work may slow the round after it).
+        orders = list(itertools.permutations(sides))
         for i in range(opts.rounds):
-            # each side goes first, second and third in turn
-            for name, fn, times in sides[i % 3 :] + sides[: i % 3]:
+            for name, fn, times in orders[i % len(orders)]:
                 t = fn(opts)
                 times.append(t)
                 if say:

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.bench_exec import ExecBenchOptions, bare_loop_with_files
+from conveyor.app import Conveyor
+from conveyor.artifacts import LocalArtifacts
+from conveyor.bench_exec import (
+    ExecBenchOptions,
+    _number_requests_from,
+    bare_loop_with_files,
+    first_request_id,
+)
 from conveyor.cli import main
+from conveyor.config import parse_config
 
 
 def test_bench_exec_reports_both_sides_and_cleans_its_scratch(
@@ -38,15 +46,6 @@ def test_bench_exec_reports_both_sides_and_cleans_its_scratch(
     assert list(scratch.iterdir()) == []
 
 
-def test_the_bare_loop_with_files_gives_each_process_a_work_dir_and_a_log(tmp_path: Path) -> None:
-    opts = ExecBenchOptions(tasks=6, concurrency=3, command=("sh", "-c", "pwd; echo out >&2"))
-    assert bare_loop_with_files(opts, tmp_path) > 0
-    for n in range(6):
-        log = (tmp_path / "logs" / f"{n}.log").read_text()
-        assert log == f"$ sh -c pwd; echo out >&2\n{tmp_path}/work/{n}\nout\n"
-    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [str(n) for n in range(6)]
-
-
 def test_bench_exec_refuses_a_scratch_that_does_not_exist(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -70,3 +69,33 @@ def test_bench_exec_with_worker_processes(
         main([*args, "--processes", "3", "--concurrency", "4"])
     assert exc.value.code != 0
     assert "cannot be shared evenly" in capsys.readouterr().err
+
+
+def test_the_bare_loop_with_files_gives_each_process_a_work_dir_and_a_log(tmp_path: Path) -> None:
+    opts = ExecBenchOptions(tasks=6, concurrency=3, command=("sh", "-c", "pwd; echo out >&2"))
+    assert bare_loop_with_files(opts, tmp_path, 1234) > 0
+    files = LocalArtifacts(tmp_path)
+    for n in range(6):
+        log, work = files.attempt_paths(1234, n, 1)  # where a worker keeps task n's
+        assert Path(log).read_text() == f"$ sh -c pwd; echo out >&2\n{work}\nout\nexit code 0\n"
+    assert sorted(p.name for p in (tmp_path / "work" / "1234").iterdir()) == [
+        str(n) for n in range(6)
+    ]
+
+
+def test_a_rounds_requests_are_numbered_from_the_point_given(tmp_path: Path) -> None:
+    app = Conveyor(
+        parse_config(
+            {"pipelines": {"true": {"executor": "command", "command": ["true"]}}},
+            tmp_path,
+            {"CONVEYOR_DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}"},
+        )
+    )
+    try:
+        app.store.upgrade()
+        first = first_request_id()
+        _number_requests_from(tmp_path / "c.db", first)
+        assert app.submit("true", {}).request.id == first
+        assert app.submit("true", {}).request.id == first + 1
+    finally:
+        app.close()
