@@ -45,8 +45,13 @@ class ConfigError(ValueError):
     pass
 
 
+# Every table of the config: unknown keys are errors, and numbers are finite (`inf` is
+# valid TOML, and a timeout of `inf` is no timeout a clock can reach).
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
 class _LoadSqliteModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     file: str
     mapping: str
@@ -54,7 +59,7 @@ class _LoadSqliteModel(BaseModel):
 
 
 class _NotifyModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     webhook: str = Field(pattern=r"^https?://[^\s/]+")
     on: list[Literal["task", "request"]] = Field(default=["task", "request"], min_length=1)
@@ -74,7 +79,7 @@ def _check_glob(pattern: str) -> str:
 
 
 class _PipelineModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     executor: Literal["command", "python", "ssh"]
     command: list[str] | None = None
@@ -100,6 +105,18 @@ class _PipelineModel(BaseModel):
     def _globs(cls, v: list[str]) -> list[str]:
         return [_check_glob(p) for p in v]
 
+    @field_validator("env")
+    @classmethod
+    def _environment(cls, v: dict[str, str]) -> dict[str, str]:
+        # What a process's environment cannot hold: execve would refuse it, or read
+        # another variable than the one written.
+        for name, value in v.items():
+            if not name or "=" in name or "\0" in name:
+                raise ValueError(f"{name!r} is not a variable name (empty, '=' or NUL)")
+            if "\0" in value:
+                raise ValueError(f"the value of {name} holds a NUL character")
+        return v
+
     load_sqlite: _LoadSqliteModel | None = None
     hosts: list[str] = []
     paths: list[str] = []
@@ -113,6 +130,8 @@ class _PipelineModel(BaseModel):
             if not v:
                 raise ValueError("command must name a program")
             for item in v:
+                if "\0" in item:
+                    raise ValueError(f"command item {item!r} holds a NUL character")
                 try:
                     template_fields(item)
                 except TemplateError as exc:
@@ -121,7 +140,7 @@ class _PipelineModel(BaseModel):
 
 
 class _HostModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     address: str = Field(min_length=1)
     port: int = Field(default=22, ge=1, le=65535)
@@ -137,7 +156,7 @@ class _HostModel(BaseModel):
 
 
 class _ConveyorModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     database: str | None = None
     artifacts: str | None = None
@@ -159,7 +178,7 @@ class _ConveyorModel(BaseModel):
 
 
 class _ArtifactsModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     url: str | None = None
     key: str = DEFAULT_KEY_TEMPLATE
@@ -183,7 +202,7 @@ class _ArtifactsModel(BaseModel):
 
 
 class _ApiModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     read_open: bool = False
     max_body: int = Field(default=1_048_576, ge=1024, le=1 << 30)
@@ -191,7 +210,7 @@ class _ApiModel(BaseModel):
 
 
 class _DashboardModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     secret_file: str | None = None
     session_hours: float = Field(default=12.0, gt=0, le=24 * 90)
@@ -200,21 +219,21 @@ class _DashboardModel(BaseModel):
 
 
 class _MetricsModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     public: bool = False
     cache: float = Field(default=5.0, ge=0, le=300)
 
 
 class _LegacyModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     pipeline: str = "spotbot"
     require_token: bool = False
 
 
 class _FileModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     conveyor: _ConveyorModel = _ConveyorModel()
     api: _ApiModel = _ApiModel()

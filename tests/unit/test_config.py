@@ -56,6 +56,14 @@ def test_unknown_keys_are_rejected_by_name(data, key):
         ({"executor": "command", "command": "echo hi"}, "command"),
         ({"executor": "command", "command": []}, "command"),
         ({"executor": "command", "command": ["echo", "{oops"]}, "command"),
+        ({"executor": "command", "command": ["echo", "a\0b"]}, "command"),
+        # TOML has inf and nan: no clock reaches such a timeout
+        ({"executor": "command", "command": ["x"], "timeout": float("inf")}, "timeout"),
+        ({"executor": "command", "command": ["x"], "backoff": float("nan")}, "backoff"),
+        # what no process environment can hold
+        ({"executor": "command", "command": ["x"], "env": {"A": "x\0y"}}, "env"),
+        ({"executor": "command", "command": ["x"], "env": {"A=B": "1"}}, "env"),
+        ({"executor": "command", "command": ["x"], "env": {"": "1"}}, "env"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key_named(pipeline, key):
