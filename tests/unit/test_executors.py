@@ -205,6 +205,39 @@ def test_a_program_in_path_that_is_not_executable_is_refused_as_such(tmp_path):
     assert "ran" not in run.log
 
 
+@pytest.mark.parametrize("where", ["missing", "a file"])
+def test_a_working_directory_that_cannot_be_entered_is_named_in_the_error(tmp_path, where):
+    cwd = tmp_path / "nowhere"
+    if where == "a file":
+        cwd.write_text("")
+    run = Run(tmp_path)
+    pipeline = Pipeline(name="p", executor="command", command=("true",), cwd=str(cwd))
+    result = CommandExecutor().run(pipeline, run.ctx, None)
+    assert not result.ok
+    assert not result.retryable
+    problem = "No such file or directory" if where == "missing" else "Not a directory"
+    assert result.error == f"cannot start true: its working directory {cwd}: {problem}"
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_argument_that_is_no_c_string_fails_for_good_and_leaves_no_descriptor_open(tmp_path):
+    # A lone surrogate (which JSON may carry) has no encoding to pass to a program.
+    pipeline = Pipeline(name="p", executor="command", command=("echo", "{x}"))
+    before = open_descriptors()
+    for _ in range(5):
+        run = Run(tmp_path, params={"x": "a\ud800b"})
+        result = CommandExecutor().run(pipeline, run.ctx, None)
+        run.ctx.close()
+        assert not result.ok
+        assert not result.retryable
+        assert result.error.startswith("cannot start echo: ")
+        assert "surrogate" in result.error
+    assert open_descriptors() <= before
+
+
 def test_a_program_found_in_path_is_found_again_after_it_moves(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()

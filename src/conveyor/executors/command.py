@@ -19,6 +19,7 @@ from conveyor.executors.launcher import (
     LEFTOVER_READS,
     Launcher,
     LauncherGone,
+    cwd_problem,
     killpg,
     split_lines,
     which,
@@ -161,18 +162,21 @@ class CommandExecutor:
             try:
                 proc = self._spawn(argv, program, cwd, env, out_w)
             except FileNotFoundError:
-                if program is None:
+                if program is None or cwd_problem(cwd) is not None:
                     raise
                 # moved or removed since it was found: look again
                 self._found.pop((argv[0], env.get("PATH")), None)
                 proc = self._spawn(argv, None, cwd, env, out_w)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument, say
             os.close(out_r)
+            problem = cwd_problem(cwd) if isinstance(exc, OSError) else None
+            if problem is not None:
+                why = f"cannot start {argv[0]}: its working directory {cwd}: {problem}"
+            else:
+                why = f"cannot start {argv[0]}: {getattr(exc, 'strerror', None) or exc}"
             ctx.log(f"$ {' '.join(argv)}")
-            ctx.log(f"cannot start {argv[0]}: {exc.strerror}")
-            return ExecResult(
-                ok=False, error=f"cannot start {argv[0]}: {exc.strerror}", retryable=False
-            )
+            ctx.log(why)
+            return ExecResult(ok=False, error=why, retryable=False)
         finally:
             os.close(out_w)  # the command holds it now
         if self.watchdog is not None:

@@ -52,6 +52,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -277,7 +278,11 @@ class _Launcher:
         read, write = os.pipe2(os.O_CLOEXEC)
         try:
             try:
-                os.chdir(cwd)
+                try:
+                    os.chdir(cwd)
+                except OSError as exc:
+                    why = f"its working directory {cwd}: {exc.strerror}"
+                    raise _CannotStart(why) from exc
                 program = self.program(argv[0], path)
                 if program is None:
                     raise _not_found(argv[0], path)
@@ -535,6 +540,17 @@ def which(found: dict[tuple[str, str | None], str], name: str, path: str | None)
         if hit is not None and os.path.isabs(hit):
             found[(name, path)] = hit
     return hit
+
+
+def cwd_problem(cwd: str) -> str | None:
+    """Why `cwd` cannot be a command's working directory, if it cannot."""
+    try:
+        mode = os.stat(cwd).st_mode
+    except OSError as exc:
+        return exc.strerror
+    if not stat.S_ISDIR(mode):
+        return os.strerror(errno.ENOTDIR)
+    return None if os.access(cwd, os.X_OK) else os.strerror(errno.EACCES)
 
 
 def _not_found(name: str, path: str) -> OSError:
