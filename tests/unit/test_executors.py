@@ -358,6 +358,15 @@ def test_split_lines_holds_at_most_a_piece_and_never_cuts_a_character():
         assert b"".join(pieces) == data
         assert all(0 < len(p) <= LINE_MAX for p in pieces)
         assert all(p.decode() for p in pieces)  # each piece is whole characters
+    # a CRLF line end just past LINE_MAX: no piece is only its CR (an empty line)
+    long = b"x" * LINE_MAX
+    for reads in ([long + b"\r\n"], [long + b"\r", b"\n"], [long, b"\r", b"\n"]):
+        pending, pieces = b"", []
+        for chunk in reads:
+            got, pending = split_lines(pending, chunk)
+            pieces += got
+        assert pending == b""
+        assert [p.rstrip(b"\r") for p in pieces] == [long[:-1], b"x"]
     # bytes that are not UTF-8 are cut at LINE_MAX, not lost
     data = b"\x80" * (LINE_MAX + 10)
     lines, rest = split_lines(b"", data)

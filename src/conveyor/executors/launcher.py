@@ -500,6 +500,8 @@ def _pieces(line: bytes) -> list[bytes]:
     pieces = []
     while len(line) > LINE_MAX:
         cut = _character_start(line, LINE_MAX)
+        if line[cut:] == b"\r":  # the CR of a CRLF: it goes with the end of the line
+            cut = _character_start(line, cut - 1)
         pieces.append(line[:cut])
         line = line[cut:]
     pieces.append(line)
