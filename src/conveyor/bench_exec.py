@@ -66,19 +66,25 @@ class ExecBenchOptions:
     processes: int = 1
 
 
+def _timed(opts: ExecBenchOptions, one: Callable[[int], int]) -> float:
+    """Seconds to run `one(n)` for each task, `opts.concurrency` at a time; each must
+    return 0, its command's exit code."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(opts.concurrency) as pool:
+        codes = list(pool.map(one, range(opts.tasks)))
+    elapsed = time.perf_counter() - start
+    if any(codes):
+        raise RuntimeError(f"{opts.command[0]} failed {sum(1 for c in codes if c)} times")
+    return elapsed
+
+
 def bare_loop(opts: ExecBenchOptions) -> float:
     argv = list(opts.command)
 
     def one(_: int) -> int:
         return subprocess.run(argv, stdin=subprocess.DEVNULL, check=False).returncode
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(opts.concurrency) as pool:
-        codes = list(pool.map(one, range(opts.tasks)))
-    elapsed = time.perf_counter() - start
-    if any(codes):
-        raise RuntimeError(f"{argv[0]} failed {sum(1 for c in codes if c)} times")
-    return elapsed
+    return _timed(opts, one)
 
 
 def bare_loop_with_files(opts: ExecBenchOptions, folder: Path, request: int) -> float:
@@ -113,13 +119,7 @@ def bare_loop_with_files(opts: ExecBenchOptions, folder: Path, request: int) -> 
         finally:
             os.close(log)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(opts.concurrency) as pool:
-        codes = list(pool.map(one, range(opts.tasks)))
-    elapsed = time.perf_counter() - start
-    if any(codes):
-        raise RuntimeError(f"{argv[0]} failed {sum(1 for c in codes if c)} times")
-    return elapsed
+    return _timed(opts, one)
 
 
 def first_request_id() -> int:
