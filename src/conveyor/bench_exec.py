@@ -266,8 +266,9 @@ def run_exec_bench(
             ("bare with files", files_round, files),
             ("conveyor", conveyor_round, conveyor),
         ]
-        # The sides take each of their six orders in turn, so that each follows each
-        # other side as often (a round's file work may slow the round after it).
+        # The sides take their six orders in turn: over each six rounds, each side goes
+        # first, second and last twice, and follows each other side as often (a
+        # round's file work may slow the round after it).
         orders = list(itertools.permutations(sides))
         for i in range(opts.rounds):
             for name, fn, times in orders[i % len(orders)]:

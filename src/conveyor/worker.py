@@ -193,7 +193,10 @@ class Worker:
 
     # the loop -----------------------------------------------------------------
     def run(self) -> WorkerStats:
-        self.app.artifacts.prepare()
+        try:
+            self.app.artifacts.prepare()
+        except OSError as exc:  # each attempt says so again, with its task
+            log.warning("cannot make the folders for logs and work: %s", exc)
         self.store.register_worker(
             WorkerInfo(
                 id=self.id,

@@ -4,11 +4,14 @@ placement mark on `logs` and `work`."""
 
 from __future__ import annotations
 
-import subprocess
+import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from conveyor.artifacts import LocalArtifacts, spread_subfolders
+from fs_support import EXTENTS_FL, TOPDIR_FL, folder_flags
 
 
 def test_one_folder_per_request_and_the_attempts_found_both_ways(tmp_path: Path) -> None:
@@ -42,12 +45,6 @@ def test_logs_of_the_per_task_layout_are_still_found(tmp_path: Path) -> None:
     assert arts.attempts_logged(7, 42, upto=2) == [1, 2]
 
 
-def _lsattr(path: Path) -> str | None:
-    """The file system's flags of `path` as `lsattr` shows them; None where it has none."""
-    done = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True)
-    return done.stdout.split()[0] if done.returncode == 0 else None
-
-
 def test_prepare_marks_logs_and_work_as_tops_of_unrelated_folders(tmp_path: Path) -> None:
     arts = LocalArtifacts(tmp_path / "artifacts")
     arts.prepare()
@@ -55,14 +52,22 @@ def test_prepare_marks_logs_and_work_as_tops_of_unrelated_folders(tmp_path: Path
     for kind in ("logs", "work"):
         folder = tmp_path / "artifacts" / kind
         assert folder.is_dir()
-        flags = _lsattr(folder)
-        marked = spread_subfolders(str(folder))
-        # ext2/3/4 (this machine's /tmp): "T" is set; elsewhere nothing is, and no error
-        assert marked == (flags is not None and "T" in flags)
-        if flags is not None and "e" in flags:  # ext4's extents flag: an ext4 folder
-            assert "T" in flags
+        flags = folder_flags(folder)
+        if flags is not None and flags & EXTENTS_FL:  # ext4, as this machine's /tmp
+            assert flags & TOPDIR_FL
+        else:  # elsewhere the mark is not known, and no error is raised
+            assert not spread_subfolders(str(folder))
 
 
+def test_a_folder_reached_through_a_link_is_not_marked(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert not spread_subfolders(str(tmp_path / "link"))
+    flags = folder_flags(tmp_path / "real")
+    assert flags is None or not flags & TOPDIR_FL
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm (tmpfs)")
 def test_prepare_on_a_file_system_without_the_mark_still_makes_the_folders() -> None:
     with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:  # tmpfs
         arts = LocalArtifacts(Path(shm))

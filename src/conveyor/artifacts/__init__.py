@@ -96,8 +96,9 @@ class LocalArtifacts:
         return Path(self.attempt_paths(request_id, task_id, 0)[1])
 
 
-# <linux/fs.h>: the ioctls of an inode's flags (their argument is a C long), and the
-# flag of a folder whose subfolders are unrelated to each other ("chattr +T").
+# <linux/fs.h>: the ioctls of an inode's flags (numbered for a C long, though the
+# kernel reads and writes a 4-byte int, as e2fsprogs passes it), and the flag of a
+# folder whose subfolders are unrelated to each other ("chattr +T").
 _LONG = struct.calcsize("l")
 _FS_IOC_GETFLAGS = 0x80006601 | _LONG << 16
 _FS_IOC_SETFLAGS = 0x40006602 | _LONG << 16
@@ -113,20 +114,24 @@ def spread_subfolders(folder: str) -> bool:
     files were deleted in the last minutes costs up to a millisecond of kernel CPU
     (each recently freed inode is passed over), against about 30 µs elsewhere; and a
     service deletes thousands at once (retention; a test or a build in the same
-    folder). Returns whether the mark is set; where it is not known, nothing changes.
+    folder). Only a folder of this process's user is marked, never one reached through
+    a symbolic link; `chattr -T` takes the mark off. Returns whether the mark is set;
+    where it is not known, nothing changes.
 
     Written here, not taken from a library: it is two ioctls (what `chattr +T` does),
     and no maintained Python package offers them."""
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        flags = struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(_LONG)))[0]
+        if os.fstat(fd).st_uid != os.geteuid():
+            return False
+        flags = struct.unpack("I", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(4)))[0]
         if not flags & _FS_TOPDIR_FL:
-            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("l", flags | _FS_TOPDIR_FL))
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("I", flags | _FS_TOPDIR_FL))
         return True
-    except OSError:  # not ext2/3/4 (tmpfs, xfs, NFS...), or not ours to mark
+    except OSError:  # not ext2/3/4 (tmpfs, xfs, NFS...)
         return False
     finally:
         os.close(fd)

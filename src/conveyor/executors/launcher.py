@@ -486,7 +486,9 @@ def split_lines(pending: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
     nor copied again with each read."""
     data = pending + chunk
     *lines, rest = data.split(b"\n")
-    if len(data) <= LINE_MAX:
+    if len(data) <= LINE_MAX or (
+        len(rest) <= LINE_MAX and max(map(len, lines), default=0) <= LINE_MAX
+    ):
         return lines, rest
     whole: list[bytes] = []
     for line in lines:
