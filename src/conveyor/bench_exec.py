@@ -49,6 +49,7 @@ from typing import Any
 from conveyor.app import Conveyor
 from conveyor.artifacts import LocalArtifacts
 from conveyor.config import Config, parse_config
+from conveyor.executors.launcher import make_dir, open_log
 from conveyor.queues import DEFAULT_QUEUE
 from conveyor.requests import Request
 from conveyor.worker import Worker, WorkerOptions
@@ -88,22 +89,19 @@ def bare_loop(opts: ExecBenchOptions) -> float:
 
 
 def bare_loop_with_files(opts: ExecBenchOptions, folder: Path, request: int) -> float:
-    """`bare_loop`, each process with an attempt's files, where a worker keeps them
-    under `folder` for task n of `request`: made before the process starts, its work
+    """`bare_loop`, each process with an attempt's files, made as a launcher makes them,
+    where a worker keeps them under `folder` for task n of `request`: its work
     directory (its working directory), and its log, headed by the command line and
     taking its stdout and stderr."""
     argv = list(opts.command)
     header = ("$ " + " ".join(argv) + "\n").encode()
     files = LocalArtifacts(folder)
     files.prepare()
-    for path in files.attempt_paths(request, 0, 1):  # a request's folders: made once
-        os.mkdir(os.path.dirname(path))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 
     def one(n: int) -> int:
         log_file, cwd = files.attempt_paths(request, n, 1)
-        os.mkdir(cwd)
-        log = os.open(log_file, flags, 0o666)
+        make_dir(cwd)  # as the launcher makes them, with the request's folders if need be
+        log = open_log(log_file)
         try:
             os.write(log, header)
             code = subprocess.run(
