@@ -319,13 +319,8 @@ class CommandLoop(Generic[T]):
             try:
                 new = Launcher(self._executor.environ, self._keys)
             except OSError:
-                if best is not None:  # the loop goes on with those it has
-                    self._n_launchers = len(self._launchers)
-                    log.exception("cannot start another command launcher")
-                    return best
-                log.exception("cannot start the command launcher; commands start here")
-                self._launcher_failed = True
-                return None
+                self._start_no_more("cannot start a command launcher", best is not None, True)
+                return best
             self._poller.register(new.fd, select.POLLIN)
             self._launchers[new.fd] = best = new
         return best
@@ -374,18 +369,20 @@ class CommandLoop(Generic[T]):
         # command ended, cannot run here: another would fail the same way. The loop
         # goes on with those that run, else runs its commands itself.
         if not launcher.heard or self._deaths >= 3:
-            if any(other.heard for other in self._launchers.values()):
-                self._n_launchers = len(self._launchers)
-                log.error(
-                    "the command launcher stopped; the loop goes on with %d", self._n_launchers
-                )
-            else:
-                log.error(
-                    "the command launcher stopped; the loop runs its commands itself from now on"
-                )
-                self._launcher_failed = True
+            running = any(other.heard for other in self._launchers.values())
+            self._start_no_more("the command launcher stopped", running)
         else:
             log.error("the command launcher stopped; starting another")
+
+    def _start_no_more(self, why: str, others: bool, exc_info: bool = False) -> None:
+        """Start no more launchers: go on with the `others` that run, else (none) run
+        the commands in this process from now on."""
+        if others:
+            self._n_launchers = len(self._launchers)
+            log.error("%s; the loop goes on with %d", why, self._n_launchers, exc_info=exc_info)
+        else:
+            self._launcher_failed = True
+            log.error("%s; the loop runs its commands itself", why, exc_info=exc_info)
 
     def _step(
         self, attempt: Attempt | Launched, fd: int | None, now: float = 0.0, abandon: bool = False
