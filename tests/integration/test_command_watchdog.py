@@ -14,17 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, run_cli, write_config
+from proc_support import alive
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
 
 
 @pytest.mark.parametrize("kept", [None, '["*.out"]'], ids=["launcher", "watchdog"])

@@ -20,6 +20,7 @@ from conveyor.ingest.samples import split_document
 from conveyor.ingest.sinks.kcidb import kcidb_specs
 from conveyor.ingest.workers import Failed, WorkerPool
 from ingest_support import put, sample
+from proc_support import alive
 
 
 def _plan(spool: Path) -> Plan:
@@ -64,16 +65,6 @@ def _opened_by_reader(fifo: Path, seconds: float = 30) -> int:
             time.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is gone for our purposes
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_chunks_come_back_prepared_and_close_stops_every_worker(
     spool: Path, pools: list[WorkerPool]
 ) -> None:
@@ -94,9 +85,9 @@ def test_chunks_come_back_prepared_and_close_stops_every_worker(
     gone = results[("missing.json",)]
     assert isinstance(gone, Chunk) and [p.outcome for p in gone.others] == [Outcome.RETRY]
     pids = pool.pids
-    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    assert len(pids) == 2 and all(alive(pid) for pid in pids)
     pool.close()
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_a_killed_worker_gives_back_its_files_and_is_replaced(
@@ -124,7 +115,7 @@ def test_a_killed_worker_gives_back_its_files_and_is_replaced(
     assert on.culprit and on.ready and not behind.culprit and behind.ready
     # a new worker took its place, and prepares what it is sent
     (other,) = pool.pids
-    assert other != victim and _alive(other)
+    assert other != victim and alive(other)
     pool.send(["p4.json"])
     ((_, again),) = _collect(pool)
     assert isinstance(again, Chunk) and [n for n, _ in again.files] == ["p4.json"]
@@ -316,7 +307,7 @@ def test_a_worker_that_takes_too_long_is_killed_and_replaced(
     assert hung.reason == f"worker process {victim} killed: preparing a file took longer than 2s"
     assert isinstance(behind, Failed) and not behind.culprit
     (other,) = pool.pids
-    assert other != victim and _alive(other) and not _alive(victim)
+    assert other != victim and alive(other) and not alive(victim)
 
 
 def test_results_read_late_are_not_taken_for_a_hung_worker(
@@ -334,7 +325,7 @@ def test_results_read_late_are_not_taken_for_a_hung_worker(
     assert [names for names, _ in results] == [["p1.json"], ["p2.json"]]
     assert all(isinstance(r, Chunk) and r.count > 0 for _, r in results)
     time.sleep(0.2)
-    assert pool.pids == [pid] and _alive(pid)  # not killed
+    assert pool.pids == [pid] and alive(pid)  # not killed
 
 
 def test_an_unknown_start_method_is_refused(spool: Path) -> None:

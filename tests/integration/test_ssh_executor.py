@@ -20,6 +20,7 @@ from conveyor.app import Conveyor
 from conveyor.executors.launcher import LINE_MAX
 from conveyor.tasks import Task, TaskStatus
 from conveyor.worker import Worker, WorkerOptions
+from proc_support import alive
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,16 +92,6 @@ def log_of(app: Conveyor, task_id: int) -> str:
         return app.log_path(task_id).read_text()
     except Exception:
         return ""
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is gone for our purposes
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
 
 
 # --------------------------------------------------------------------------- runs

@@ -5,7 +5,6 @@ reach any attempt. On SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +14,7 @@ from conveyor.app import Conveyor
 from conveyor.tasks import TaskStatus
 from conveyor.worker import Worker, WorkerOptions
 from fs_support import EXTENTS_FL, TOPDIR_FL, folder_flags
+from proc_support import alive
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,14 +70,6 @@ def pids_logged(app: Conveyor, request_id: int) -> list[int]:
             log = app.artifacts.log_path(request_id, task.id, attempt).read_text()
             pids += [int(line.split()[1]) for line in log.splitlines() if line.startswith("PID ")]
     return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def test_many_short_commands_each_succeed_with_its_own_log(make_app: Any) -> None:

@@ -23,6 +23,7 @@ from conveyor.executors.launcher import Launcher
 from conveyor.executors.loop import CommandLoop, Job, Slots
 from conveyor.pipelines import Pipeline
 from conveyor.tasks import Progress
+from proc_support import alive
 
 from .factories import make_task
 
@@ -346,20 +347,11 @@ def launchers() -> list[int]:
         for pid in (task / "children").read_text().split():
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 continue
-            if b"launcher.py" in cmdline and state not in ("Z", "X"):
+            if b"launcher.py" in cmdline and alive(int(pid)):
                 found.append(int(pid))
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def wait_until(condition: Any, within: float = 10.0) -> bool:

@@ -19,6 +19,7 @@ from conveyor.executors.loop import CommandLoop, Job, Slots
 from conveyor.executors.python import NonRetryable, PythonExecutor
 from conveyor.pipelines import Pipeline
 from conveyor.tasks import Progress
+from proc_support import alive
 
 from .factories import make_task
 
@@ -102,15 +103,6 @@ def run_command(tmp_path, code, *args, params=None, deadline=None, timeout=None,
     return run, result
 
 
-def gone(pid: int) -> bool:
-    """No such process, or only its zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group."""
     members = []
@@ -129,7 +121,7 @@ def group_members(pgid: int) -> list[int]:
 def wait_gone(pids, pgid=None, within=3.0) -> bool:
     end = time.monotonic() + within
     while time.monotonic() < end:
-        if all(gone(p) for p in pids) and (pgid is None or not group_members(pgid)):
+        if not any(alive(p) for p in pids) and (pgid is None or not group_members(pgid)):
             return True
         time.sleep(0.05)
     return False
@@ -750,7 +742,7 @@ def live_children() -> list[int]:
     pids = []
     for task in Path("/proc/self/task").iterdir():
         pids += [int(p) for p in (task / "children").read_text().split()]
-    return [p for p in pids if not gone(p)]
+    return [p for p in pids if alive(p)]
 
 
 def test_a_command_whose_log_cannot_be_written_is_not_left_running(tmp_path):
