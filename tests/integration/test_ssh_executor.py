@@ -177,7 +177,13 @@ def _pids_started(sshd: Sshd, make, tmp_path, **extra: object):
     app = make(
         sshd.host_toml()
         + pipeline_toml(
-            ["sh", "-c", 'sleep 120 & echo $! > "$1"; echo $$ >> "$1"; wait', "x", str(pids)],
+            [
+                "sh",
+                "-c",
+                'sleep 120 & echo $! > "$1"; echo $$ >> "$1"; printf "last words"; wait',
+                "x",
+                str(pids),
+            ],
             **extra,
         )
     )
@@ -192,6 +198,8 @@ def test_a_timeout_kills_the_remote_process_group(sshd: Sshd, make, tmp_path) ->
     started = [int(p) for p in pids.read_text().split()]
     assert len(started) == 2
     wait_for(lambda: not any(alive(p) for p in started), within=10)
+    # output with no newline yet, read before the kill, is in the log
+    assert "last words" in log_of(app, task.id).splitlines()
 
 
 def test_a_cancel_kills_the_remote_process_group(sshd: Sshd, make, tmp_path) -> None:
@@ -203,9 +211,40 @@ def test_a_cancel_kills_the_remote_process_group(sshd: Sshd, make, tmp_path) -> 
         started = [int(p) for p in pids.read_text().split()]
         app.cancel(req.request.id)
         wait_for(lambda: not any(alive(p) for p in started), within=15)
+        # output with no newline yet, read before the kill, is logged
+        wait_for(lambda: "last words" in log_of(app, req.request.tasks[0].id).splitlines())
     finally:
         worker.stop()
     assert app.task(req.request.tasks[0].id).status == TaskStatus.CANCELLED
+
+
+def test_a_last_line_is_logged_when_a_process_left_behind_holds_the_output(
+    sshd: Sshd, make, tmp_path
+) -> None:
+    """The timeout kills the command's group, but a process in a session of its own still
+    holds the output open: reading is cut short, and what was read is still logged."""
+    escaped = tmp_path / "escaped"
+    app = make(
+        sshd.host_toml()
+        + pipeline_toml(
+            [
+                "sh",
+                "-c",
+                'setsid sleep 60 & echo $! > "$1"; printf "last words"; sleep 60',
+                "x",
+                str(escaped),
+            ],
+            timeout=1.5,
+        )
+    )
+    try:
+        task = run_to_end(app, {})
+        assert task.status == TaskStatus.FAILED and "timed out" in (task.error or "")
+        assert "last words" in log_of(app, task.id).splitlines()
+    finally:
+        if escaped.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(escaped.read_text()), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------ lost hosts

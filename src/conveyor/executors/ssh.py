@@ -30,6 +30,7 @@ may each run that many tasks on one host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import shlex
@@ -261,14 +262,12 @@ class SshExecutor:
                     break
             if reason is not None:
                 await self._kill(conn, pgid, host.name, ctx)
-                reader.cancel()
+                # what it wrote before it died is logged; the link may go with it
+                with contextlib.suppress(OSError, asyncssh.Error):
+                    await _drain(reader)
                 return reason
-            # The command has exited (or closed its output): take what is already on the
-            # way, but do not wait for a child it left holding the pipe.
             try:
-                await asyncio.wait_for(asyncio.shield(reader), timeout=1.0)
-            except TimeoutError:
-                reader.cancel()
+                await _drain(reader)
             except (OSError, asyncssh.Error) as exc:
                 raise _Retryable(f"connection to {where} lost: {_describe(exc)}") from None
             try:
@@ -297,23 +296,25 @@ class SshExecutor:
         host: str,
     ) -> None:
         buf = b""
-        while True:
-            chunk = await proc.stdout.read(65536)
-            if not chunk:
-                break
-            lines, buf = split_lines(buf, chunk)
-            for raw in lines:
-                line = raw.decode("utf-8", "replace").rstrip("\r")
-                # The wrapper's first word; a login script may have printed before it.
-                if not pgid and line.startswith(_PGID_MARK):
-                    try:
-                        pgid.append(int(line.split()[1]))
-                        continue
-                    except (IndexError, ValueError):
-                        pass
-                _line(line, ctx)
-        if buf:
-            _line(buf.decode("utf-8", "replace").rstrip("\r"), ctx)
+        try:
+            while True:
+                chunk = await proc.stdout.read(65536)
+                if not chunk:
+                    break
+                lines, buf = split_lines(buf, chunk)
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace").rstrip("\r")
+                    # The wrapper's first word; a login script may have printed before it.
+                    if not pgid and line.startswith(_PGID_MARK):
+                        try:
+                            pgid.append(int(line.split()[1]))
+                            continue
+                        except (IndexError, ValueError):
+                            pass
+                    _line(line, ctx)
+        finally:  # a last line with no newline is logged, also when reading is cut short
+            if buf:
+                _line(buf.decode("utf-8", "replace").rstrip("\r"), ctx)
         if proc.exit_status is None and proc.exit_signal is None:
             # EOF without an exit status: wait briefly for it, else the link is gone.
             try:
@@ -345,6 +346,16 @@ class SshExecutor:
             )
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             ctx.log(f"[{host}] could not kill remote process group {pgid[0]}: {_describe(exc)}")
+
+
+async def _drain(reader: asyncio.Future[None], within: float = 1.0) -> None:
+    """Let the output reader take what is already on its way, but not wait on a pipe
+    that a child the command left behind still holds open."""
+    try:
+        await asyncio.wait_for(asyncio.shield(reader), timeout=within)
+    except TimeoutError:
+        reader.cancel()
+        await asyncio.wait({reader})  # its last line without a newline is logged first
 
 
 def _line(line: str, ctx: TaskContext) -> None:
