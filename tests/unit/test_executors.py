@@ -14,7 +14,7 @@ import pytest
 
 from conveyor.executors import ExecResult, TaskContext, executor_for
 from conveyor.executors.command import CommandExecutor
-from conveyor.executors.launcher import LINE_MAX, split_lines
+from conveyor.executors.launcher import LINE_MAX, split_lines, which
 from conveyor.executors.loop import CommandLoop, Job, Slots
 from conveyor.executors.python import NonRetryable, PythonExecutor
 from conveyor.pipelines import Pipeline
@@ -251,6 +251,50 @@ def test_a_program_found_in_path_is_found_again_after_it_moves(tmp_path):
     run = Run(tmp_path / "2")
     assert executor.run(pipeline, run.ctx, None).ok
     assert f"hi from {second / 'say-hi'}" in run.log
+
+
+def test_a_relative_path_entry_is_looked_in_from_each_commands_working_directory(tmp_path):
+    # PATH=bin:/elsewhere: as execvp does, `bin` is the working directory's own, so the
+    # same program name may be another program in another working directory.
+    elsewhere, plain, own = tmp_path / "elsewhere", tmp_path / "plain", tmp_path / "own"
+    for folder in (elsewhere, plain, own / "bin"):
+        folder.mkdir(parents=True)
+    for prog in (elsewhere / "say-hi", own / "bin" / "say-hi"):
+        prog.write_text("#!/bin/sh\necho hi from $0\n")
+        prog.chmod(0o755)
+    executor = CommandExecutor()  # one per worker: it remembers where programs are
+    path = f"bin:{elsewhere}:{os.environ['PATH']}"
+    for n, cwd, expected in [
+        (1, plain, f"hi from {elsewhere / 'say-hi'}"),
+        (2, own, "hi from bin/say-hi"),
+        (3, plain, f"hi from {elsewhere / 'say-hi'}"),
+    ]:
+        pipeline = Pipeline(
+            name="p", executor="command", command=("say-hi",), env={"PATH": path}, cwd=str(cwd)
+        )
+        run = Run(tmp_path / str(n))
+        assert executor.run(pipeline, run.ctx, None).ok, run.log
+        assert expected in run.log.splitlines()
+
+
+def test_a_launcher_remembers_no_program_found_through_a_relative_path_entry(tmp_path, monkeypatch):
+    # The launcher looks programs up from the command's working directory, and remembers
+    # what it found for the next commands only where that cannot depend on it.
+    (tmp_path / "own" / "bin").mkdir(parents=True)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "own" / "bin" / "say-hi").write_text("")
+    (tmp_path / "own" / "bin" / "say-hi").chmod(0o755)
+    found: dict[tuple[str, str | None], str] = {}
+    fixed = os.path.dirname(sys.executable)
+    path = f"bin:{fixed}"
+    monkeypatch.chdir(tmp_path / "plain")
+    assert which(found, "python3", path) == os.path.join(fixed, "python3")
+    assert which(found, "say-hi", path) is None
+    monkeypatch.chdir(tmp_path / "own")
+    assert which(found, "say-hi", path) == "bin/say-hi"
+    assert found == {}
+    assert which(found, "python3", fixed) == os.path.join(fixed, "python3")
+    assert found == {("python3", fixed): os.path.join(fixed, "python3")}
 
 
 def test_template_error_at_run_time_fails_for_good(tmp_path):

@@ -20,6 +20,7 @@ from conveyor.executors.launcher import (
     Launcher,
     LauncherGone,
     cwd_problem,
+    fixed_path,
     killpg,
     split_lines,
     which,
@@ -71,12 +72,11 @@ class CommandExecutor:
 
     def _program(self, name: str, path: str | None) -> str | None:
         """The absolute path of a program named without a directory, looked up in PATH
-        once (`which`). None: the child looks it up (a relative PATH entry means
-        relative to the command's working directory, not the worker's)."""
-        if "/" in name:
+        once (`which`). None: the child looks it up (also where a PATH entry is
+        relative: relative to the command's working directory, not the worker's)."""
+        if "/" in name or not fixed_path(path):
             return None
-        found = which(self._found, name, path)
-        return found if found is not None and os.path.isabs(found) else None
+        return which(self._found, name, path)
 
     def run(self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None) -> ExecResult:
         """Run one attempt to its end in this thread."""

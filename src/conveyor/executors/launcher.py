@@ -534,16 +534,24 @@ def progress_of(line: str) -> tuple[float, float | None, str | None] | None:
 
 
 def which(found: dict[tuple[str, str | None], str], name: str, path: str | None) -> str | None:
-    """Where `name` is in `path` (a PATH), as execvp would find it; what is absolute is
-    kept in `found`, so each program is looked for once (left to exec, every spawn
-    tries each PATH entry in turn). A relative result is relative to the current
-    working directory."""
+    """Where `name` is in `path` (a PATH), as execvp would find it; kept in `found`, so
+    each program is looked for once (left to exec, every spawn tries each PATH entry
+    in turn), unless a folder of `path` is relative: then what is found depends on the
+    current working directory (and a result may be relative to it)."""
     hit = found.get((name, path))
     if hit is None:
         hit = shutil.which(name, path=path)
-        if hit is not None and os.path.isabs(hit):
+        if hit is not None and fixed_path(path):
             found[(name, path)] = hit
     return hit
+
+
+def fixed_path(path: str | None) -> bool:
+    """Whether every folder of `path` (a PATH; None: this process's) is absolute, so
+    that what is found in it is the same in every working directory."""
+    if path is None:
+        path = os.environ.get("PATH", os.defpath)
+    return all(folder[:1] == "/" for folder in path.split(os.pathsep))
 
 
 def cwd_problem(cwd: str) -> str | None:
