@@ -163,3 +163,7 @@ class Outcome:
     result: Any = None
     error: str | None = None
     delay: float = 0.0  # for RETRY: seconds before the task is claimable again
+    # The attempt it is about (the claimed task's `attempts`): an outcome of an earlier
+    # attempt, which lost its lease while the task was claimed again, is not recorded.
+    # None: whichever attempt is running.
+    attempt: int | None = None

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
+from typing import Any
 
 from conveyor.app import Conveyor
 from conveyor.executors import ExecResult, Executors, TaskContext, reported
@@ -100,6 +101,10 @@ class _Running:
     began: float = 0.0  # when (time.monotonic)
     finished: bool = False  # the attempt's thread has returned
     settled: bool = False  # its outcome is decided elsewhere (lost, timed out, released)
+
+    def outcome(self, action: TaskAction, **fields: Any) -> Outcome:
+        """This attempt's outcome (recorded only while the task is still on it)."""
+        return Outcome(self.task.id, action, attempt=self.task.attempts, **fields)
 
 
 @dataclass(frozen=True)
@@ -319,6 +324,7 @@ class Worker:
                         task.id,
                         TaskAction.FAIL,
                         error=f"pipeline {task.pipeline!r} is not configured",
+                        attempt=task.attempts,
                     )
                 ]
             )
@@ -332,6 +338,11 @@ class Worker:
         report = partial(self._report_later if in_loop else self._write_progress, task.id)
         ctx = TaskContext(task, paths, report)
         run = _Running(task, ctx, pipeline)
+        earlier = self._running.get(task.id)
+        if earlier is not None:
+            # Claimed again while an earlier attempt still runs here: that one lost its
+            # lease (or was cancelled, then retried) before a heartbeat told us.
+            self._stop_lost(earlier)
         self._running[task.id] = run
         self._started_n += 1
         if in_loop:
@@ -515,11 +526,11 @@ class Worker:
     def _outcome(self, run: _Running, res: ExecResult) -> Outcome:
         task = run.task
         if res.ok:
-            return Outcome(task.id, TaskAction.SUCCEED, result=res.result)
+            return run.outcome(TaskAction.SUCCEED, result=res.result)
         if not res.retryable:
-            return Outcome(task.id, TaskAction.FAIL, error=res.error)
+            return run.outcome(TaskAction.FAIL, error=res.error)
         decision = decide_retry(task.attempts, task.max_attempts, run.pipeline.retry)
-        return Outcome(task.id, decision.action, error=res.error, delay=decision.delay)
+        return run.outcome(decision.action, error=res.error, delay=decision.delay)
 
     def _finisher(self) -> None:
         """Record finished attempts, as many at a time as finish together."""
@@ -616,12 +627,22 @@ class Worker:
         while not self._lost.empty():
             for task_id in self._lost.get():
                 run = self._running.get(task_id)
-                if run is None or run.settled or run.finished:
-                    continue
-                log.info("task %s was cancelled or its lease lost: stopping it", task_id)
-                run.settled = True
-                run.ctx.stop("cancelled")
-                self.stats.lost += 1
+                if run is not None:
+                    self._stop_lost(run)
+
+    def _stop_lost(self, run: _Running) -> None:
+        """Stop an attempt the store no longer has this worker on; its outcome is not
+        recorded."""
+        if run.settled or run.finished:
+            return
+        log.info(
+            "task %s (attempt %s) was cancelled or its lease lost: stopping it",
+            run.task.id,
+            run.task.attempts,
+        )
+        run.settled = True
+        run.ctx.stop("cancelled")
+        self.stats.lost += 1
 
     def _release_waiting(self) -> None:
         """Hand back, at once, the tasks claimed ahead that no runner has started."""
@@ -630,7 +651,7 @@ class Worker:
             for run in waiting:
                 run.settled = True
         if waiting:
-            self._record([Outcome(r.task.id, TaskAction.RELEASE) for r in waiting])
+            self._record([r.outcome(TaskAction.RELEASE) for r in waiting])
 
     def _release_unsettled(self) -> None:
         """Hand running attempts back to the queue (their attempt not counted)."""
@@ -639,7 +660,7 @@ class Worker:
             run.settled = True
             run.ctx.stop("worker stopping")
         if unsettled:
-            self._record([Outcome(r.task.id, TaskAction.RELEASE) for r in unsettled])
+            self._record([r.outcome(TaskAction.RELEASE) for r in unsettled])
 
     def _wait_runners(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -451,6 +451,34 @@ def test_an_expired_lease_requeues_the_task_with_a_backoff(store: Store) -> None
     assert done is not None and done.status == RequestStatus.SUCCEEDED
 
 
+def test_an_earlier_attempts_outcome_is_not_recorded_on_the_task_claimed_again(
+    store: Store,
+) -> None:
+    # The same worker lost its lease (its heartbeats failed) and claimed the task again
+    # before it noticed: what the first attempt reports must not settle the second.
+    rid = submit(store, items=["a"], max_attempts=2)
+    (first,) = claim(store, "w1", now=T0, lease=10)
+    assert store.expire_leases(T0 + 11, {"p": RetryPolicy(retries=1, backoff_base=0)}) == [first.id]
+    (second,) = claim(store, "w1", now=T0 + 12)
+    assert second.id == first.id and (first.attempts, second.attempts) == (1, 2)
+
+    for action in (TaskAction.RETRY, TaskAction.FAIL, TaskAction.SUCCEED, TaskAction.RELEASE):
+        stale = Outcome(first.id, action, error="attempt 1", attempt=first.attempts)
+        assert store.finish("w1", [stale], T0 + 13) == []
+    got = store.get_task(first.id)
+    assert got is not None and got.status == TaskStatus.RUNNING and got.attempts == 2
+    assert task_events(store, first.id, "task.failed") == []
+    assert claim(store, "w1", now=T0 + 14) == []  # no third attempt beyond the two allowed
+
+    current = Outcome(second.id, TaskAction.SUCCEED, result={"n": 2}, attempt=second.attempts)
+    assert store.finish("w1", [current], T0 + 15) == [second.id]
+    got = store.get_task(second.id)
+    assert got is not None and got.status == TaskStatus.SUCCEEDED and got.result == {"n": 2}
+    req = store.get_request(rid)
+    assert req is not None and req.status == RequestStatus.SUCCEEDED
+    assert (req.counts.succeeded, req.counts.failed) == (1, 0)
+
+
 def test_an_expired_lease_with_no_attempts_left_fails_the_task(store: Store) -> None:
     rid = submit(store, items=["a"], max_attempts=1)
     (task,) = claim(store, "w1", now=T0, lease=10)

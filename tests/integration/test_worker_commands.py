@@ -5,6 +5,7 @@ reach any attempt. On SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,12 +50,27 @@ command = [
     "{conveyor.python}", "-c",
     '''
 import time
+from pathlib import Path
 for i in 1, 2, 3:
     print('conveyor:progress %d/3 step %d' % (i, i), flush=True)
     time.sleep(0.6)
 ''',
 ]
 split = "items"
+
+[pipelines.twice]
+executor = "command"
+command = [
+    "{conveyor.python}", "-c",
+    '''
+import os, sys, time
+print('PID', os.getpid(), flush=True)
+attempt = os.environ['CONVEYOR_ATTEMPT']
+time.sleep(1.5 if attempt == '1' else 3)
+open(sys.argv[1] + '.' + attempt, 'w').close()
+''',
+    "{marker}",
+]
 
 [pipelines.pynap]
 executor = "python"
@@ -155,6 +171,32 @@ def test_cancelling_a_request_kills_its_running_commands(make_app: Any) -> None:
         worker.stop(hard=True)
         thread.join(15)
     assert app.get(rid).status.value == "cancelled"
+
+
+def test_a_task_claimed_again_stops_its_earlier_attempt_and_only_the_new_one_counts(
+    make_app: Any, tmp_path: Path
+) -> None:
+    # Cancelled and retried at once: the worker claims the task again before its
+    # heartbeat (every 2 s with this lease) tells it the first attempt was cancelled.
+    app = make_app(PIPELINES)
+    marker = tmp_path / "done"
+    rid = app.submit("twice", {"marker": str(marker)}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=2, lease=30, poll_interval=0.05))
+    thread, _ = start(worker)
+    try:
+        wait_for(lambda: len(pids_logged(app, rid)) == 1)
+        (first,) = pids_logged(app, rid)
+        app.cancel(rid)
+        app.retry(rid)
+        wait_for(lambda: not alive(first), timeout=10)
+        done = app.wait(rid, timeout=30)
+    finally:
+        worker.stop(hard=True)
+        thread.join(15)
+    (task,) = done.tasks
+    assert (done.status.value, task.status, task.attempts) == ("succeeded", TaskStatus.SUCCEEDED, 2)
+    # the first attempt never finished; the task succeeded when the second did
+    assert not Path(f"{marker}.1").exists() and Path(f"{marker}.2").exists()
 
 
 def test_a_stopping_worker_kills_its_commands_and_hands_their_tasks_back(

@@ -334,7 +334,8 @@ class _PgListener:
 _APPLY_CHANGES = (
     "WITH v AS (SELECT * FROM json_to_recordset(%(changes)s::json) "
     "AS v(id bigint, status text, result text, error text, available_at float8, "
-    "finished_at float8, delta int, owner text, expires float8, kind text, data text)), "
+    "finished_at float8, delta int, owner text, expires float8, attempt int, kind text, "
+    "data text)), "
     "upd AS (UPDATE tasks t SET status = v.status, result = CAST(v.result AS json), "
     "error = v.error, available_at = COALESCE(v.available_at, t.available_at), "
     "finished_at = v.finished_at, attempts = t.attempts + v.delta, "
@@ -342,6 +343,7 @@ _APPLY_CHANGES = (
     "WHERE t.id = v.id AND t.id = ANY(%(ids)s::bigint[]) "
     "AND t.status = 'running' AND t.lease_owner = v.owner "
     "AND (v.expires IS NULL OR t.lease_expires_at = v.expires) "
+    "AND (v.attempt IS NULL OR t.attempts = v.attempt) "
     "RETURNING t.id, t.request_id, t.pipeline, t.queue, t.attempts, t.status), "
     "ev AS (INSERT INTO events (ts, kind, request_id, task_id, pipeline, queue, data) "
     "SELECT %(now)s, v.kind, upd.request_id, upd.id, upd.pipeline, upd.queue, "

@@ -539,6 +539,7 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
                     "delta": -1 if o.action == TaskAction.RELEASE else 0,
                     "owner": worker_id,
                     "expires": None,
+                    "attempt": o.attempt,
                     "kind": OUTCOME_EVENTS[o.action],
                     "data": dumps(data),
                 }
@@ -605,6 +606,7 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
                         "delta": 0,
                         "owner": r.lease_owner,
                         "expires": r.lease_expires_at,
+                        "attempt": r.attempts,
                         "kind": "task.lease_expired",
                         "data": dumps(
                             {

@@ -166,8 +166,9 @@ class SQLBase:
 
     def _update_running(self, conn: Connection, changes: list[dict[str, Any]]) -> list[Row[Any]]:
         """Apply changes to running tasks, each guarded by status 'running', its lease
-        owner and, for lease expiry, the expiry that was seen. Returns the rows changed
-        (id, request_id, pipeline, queue, attempts, status)."""
+        owner, the attempt it is about (unless None) and, for lease expiry, the expiry
+        that was seen. Returns the rows changed (id, request_id, pipeline, queue,
+        attempts, status)."""
         raise NotImplementedError
 
     def _apply_changes(

@@ -414,6 +414,8 @@ class SQLiteStore(SQLStore):
                 continue
             if c["expires"] is not None and lease_expires_at != c["expires"]:
                 continue
+            if c["attempt"] is not None and attempts != c["attempt"]:
+                continue  # an earlier attempt's outcome, the task claimed again since
             applied.append(c)
             rows.append(_Changed(tid, rid, pipeline, queue, attempts + c["delta"], c["status"]))
         if applied:
@@ -424,7 +426,7 @@ class SQLiteStore(SQLStore):
                     "available_at = COALESCE(:available_at, available_at), "
                     "finished_at = :finished_at, attempts = attempts + :delta, "
                     "lease_expires_at = NULL WHERE id = :id AND status = 'running' "
-                    "AND lease_owner = :owner",
+                    "AND lease_owner = :owner AND (:attempt IS NULL OR attempts = :attempt)",
                     applied,
                 )
             finally:
