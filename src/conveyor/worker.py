@@ -13,6 +13,7 @@ Runners and the loop share the worker's slots.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -124,6 +125,19 @@ class WorkerStats:
     released: int = 0
     lost: int = 0
     started: float = field(default_factory=time.time)
+
+
+_UNRECORDABLE = "its outcome could not be recorded: "
+
+
+def _unrecordable(outcome: Outcome, exc: Exception) -> Outcome | None:
+    """What to record for an attempt whose outcome the store refused (a bug, or a value
+    the database cannot hold): a failure that says why. None: nothing more to try."""
+    if outcome.action == TaskAction.RELEASE or (outcome.error or "").startswith(_UNRECORDABLE):
+        return None
+    return dataclasses.replace(
+        outcome, action=TaskAction.FAIL, result=None, delay=0.0, error=f"{_UNRECORDABLE}{exc}"
+    )
 
 
 class Worker:
@@ -591,6 +605,16 @@ class Worker:
                 log.warning("cannot record outcomes (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
+            except Exception as exc:  # one the database refuses costs the others nothing
+                if len(outcomes) > 1:
+                    for one in outcomes:
+                        self._record([one])
+                    return
+                instead = _unrecordable(outcomes[0], exc)
+                log.error("cannot record the outcome of task %s: %s", outcomes[0].task_id, exc)
+                if instead is None:
+                    return
+                outcomes = [instead]
         for o in outcomes:
             if o.task_id not in applied:
                 self.stats.lost += 1  # cancelled or expired meanwhile: not ours any more

@@ -525,6 +525,31 @@ def test_expiry_leaves_other_workers_tasks_alone(store: Store) -> None:
 # -------------------------------------------------------------------------- progress
 
 
+def test_text_with_a_nul_is_kept_with_a_replacement_character(store: Store) -> None:
+    # PostgreSQL's text holds no NUL; both stores keep the same text.
+    submit(store, items=["a"])
+    (task,) = claim(store, "w1")
+    assert store.report_progress("w1", task.id, Progress(1, 2, "x\x00y"), T0 + 1)
+    failed = Outcome(task.id, TaskAction.FAIL, error="a\x00b", attempt=task.attempts)
+    assert store.finish("w1", [failed], T0 + 2) == [task.id]
+    got = store.get_task(task.id)
+    assert got is not None and got.status == TaskStatus.FAILED
+    assert (got.error, got.progress.message) == ("a\ufffdb", "x\ufffdy")
+    (ev,) = task_events(store, task.id, "task.failed")
+    assert ev.data["error"] == "a\ufffdb"
+
+
+def test_a_result_json_cannot_hold_is_refused_and_nothing_is_written(store: Store) -> None:
+    submit(store, items=["a"])
+    (task,) = claim(store, "w1")
+    for bad in (float("nan"), float("inf")):
+        outcome = Outcome(task.id, TaskAction.SUCCEED, result={"x": bad}, attempt=1)
+        with pytest.raises(ValueError, match="JSON compliant"):
+            store.finish("w1", [outcome], T0 + 1)
+    got = store.get_task(task.id)
+    assert got is not None and got.status == TaskStatus.RUNNING
+
+
 def test_only_the_lease_owner_reports_progress(store: Store) -> None:
     rid = submit(store, items=["a", "b"])
     a, b = claim(store, "w1", n=2, now=T0 + 1)

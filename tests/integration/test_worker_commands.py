@@ -12,7 +12,7 @@ import pytest
 from worker_support import start, wait_for
 
 from conveyor.app import Conveyor
-from conveyor.tasks import TaskStatus
+from conveyor.tasks import Outcome, TaskAction, TaskStatus
 from conveyor.worker import Worker, WorkerOptions
 from fs_support import EXTENTS_FL, TOPDIR_FL, folder_flags
 from proc_support import alive
@@ -71,6 +71,12 @@ open(sys.argv[1] + '.' + attempt, 'w').close()
 ''',
     "{marker}",
 ]
+
+[pipelines.odd]
+executor = "python"
+handler = "worker_handlers:odd"
+split = "items"
+retries = 0
 
 [pipelines.pynap]
 executor = "python"
@@ -247,3 +253,42 @@ def test_without_pidfds_commands_run_in_threads_as_before(
     assert worker._loop is None
     assert stats[0].succeeded == 12
     assert app.get(rid).status.value == "succeeded"
+
+
+def test_values_a_database_cannot_keep_fail_the_task_with_a_clear_error(make_app: Any) -> None:
+    # PostgreSQL's json has no NaN and its text no NUL: neither may stop the worker
+    # from recording this outcome or any other.
+    app = make_app(PIPELINES)
+    rid = app.submit("odd", {"items": [{"what": "nan"}, {"what": "nul"}]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=2, poll_interval=0.05))
+    thread, _ = start(worker)
+    try:
+        done = app.wait(rid, timeout=30)
+    finally:
+        worker.stop(hard=True)
+        thread.join(15)
+    assert done.status.value == "failed"
+    nan, nul = sorted(done.tasks, key=lambda t: t.params["what"])
+    assert nan.error == "result is not JSON: Out of range float values are not JSON compliant"
+    assert nul.error == "RuntimeError: a\ufffdb"
+
+
+def test_an_outcome_the_store_refuses_is_recorded_as_a_failure_and_costs_no_other(
+    make_app: Any,
+) -> None:
+    app = make_app(PIPELINES)
+    rid = app.submit("short", {"items": [{"n": 1}, {"n": 2}]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=2, poll_interval=0.05))
+    one, two = app.store.claim(worker.id, ["default"], 2, 30, app.clock())
+    worker._record(
+        [
+            Outcome(one.id, TaskAction.SUCCEED, result={"ok": 1}, attempt=one.attempts),
+            Outcome(two.id, TaskAction.SUCCEED, result={"x": float("inf")}, attempt=two.attempts),
+        ]
+    )
+    got = {t.id: t for t in app.get(rid).tasks}
+    assert got[one.id].status == TaskStatus.SUCCEEDED and got[one.id].result == {"ok": 1}
+    assert got[two.id].status == TaskStatus.FAILED
+    assert got[two.id].error == (
+        "its outcome could not be recorded: Out of range float values are not JSON compliant"
+    )

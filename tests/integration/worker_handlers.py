@@ -12,3 +12,10 @@ def timed(ctx: TaskContext) -> dict[str, float]:
     start = time.time()
     ctx.wait_stop(float(ctx.params.get("seconds", 0.4)))
     return {"start": start, "end": time.time()}
+
+
+def odd(ctx: TaskContext) -> object:
+    """What a database cannot keep as given: a NaN in the result, a NUL in the error."""
+    if ctx.params["what"] == "nan":
+        return {"x": float("nan")}
+    raise RuntimeError("a\x00b")

@@ -58,7 +58,7 @@ class PythonExecutor:
             return ExecResult(ok=False, error=f"{type(exc).__name__}: {exc}")
         if value is not None:
             try:
-                json.dumps(value)
+                json.dumps(value, allow_nan=False)  # as the store keeps it
             except (TypeError, ValueError) as exc:
                 return ExecResult(ok=False, error=f"result is not JSON: {exc}", retryable=False)
         return ExecResult(ok=True, result=value)

@@ -27,7 +27,15 @@ def in_list(statuses: frozenset[Any]) -> str:
 
 
 def dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    """JSON as both databases take it: NaN and infinities, which PostgreSQL's json
+    refuses (and JSON has not), raise ValueError."""
+    return None if value is None else json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def stored_text(value: str | None) -> str | None:
+    """`value` as a text column keeps it on both databases: PostgreSQL's text holds no
+    NUL character, so each becomes U+FFFD (as undecodable output does in a log)."""
+    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
 
 
 def typed_tasks(sql: str) -> sa.TextualSelect:

@@ -36,6 +36,7 @@ from conveyor.store.rows import (
     event_row,
     in_list,
     request_from_row,
+    stored_text,
     task_from_row,
 )
 from conveyor.store.stats import SQLStats
@@ -525,7 +526,7 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
             target = task_target(o.action)
             data: dict[str, Any] | None = None
             if o.error is not None or o.action == TaskAction.RETRY:
-                data = {"error": o.error}
+                data = {"error": stored_text(o.error)}
                 if o.action == TaskAction.RETRY:
                     data["delay"] = round(o.delay, 3)
             changes.append(
@@ -533,7 +534,7 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
                     "id": o.task_id,
                     "status": target.value,
                     "result": dumps(o.result),
-                    "error": o.error,
+                    "error": stored_text(o.error),
                     "available_at": now + o.delay if target == TaskStatus.QUEUED else None,
                     "finished_at": now if target.terminal else None,
                     "delta": -1 if o.action == TaskAction.RELEASE else 0,
@@ -570,7 +571,7 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
                     {
                         "c": progress.current,
                         "t": progress.total,
-                        "m": progress.message,
+                        "m": stored_text(progress.message),
                         "id": task_id,
                         "w": worker_id,
                     },
