@@ -136,6 +136,24 @@ def task_selectors(selectors: Sequence[Selector], split: str | None) -> tuple[Se
     return tuple(out)
 
 
+def request_selectors(selectors: Sequence[Selector], split: str | None) -> tuple[Selector, ...]:
+    """Every place of a request's params from which a value reaches a declared path
+    field of a task: `split_params` gives a task the shared keys and its item's, an
+    item's key winning. So a field declared shared (`out`) may also come from an item
+    (`logs[*].out`), and one declared per item (`logs[*].bin`) from the shared keys
+    (`bin`): each is checked wherever it is given."""
+    if split is None:
+        return tuple(selectors)
+    out = list(selectors)
+    for sel in task_selectors(selectors, split):
+        if sel[0] == split:  # the item itself (not an object): the declared selector
+            continue
+        for where in (sel, (split, None, *sel)):
+            if where not in out:
+                out.append(where)
+    return tuple(out)
+
+
 # --- the decision --------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from jsonschema.validators import validator_for
 
 from conveyor.hosts import Host
 from conveyor.notifications import NotifySettings
-from conveyor.paths import PathError, PathRules, check_params_paths
+from conveyor.paths import PathError, PathRules, check_params_paths, request_selectors
 from conveyor.queues import DEFAULT_QUEUE
 
 if TYPE_CHECKING:
@@ -155,6 +156,13 @@ class Pipeline:
         schema = self.schema if self.schema is not None else True
         return validator_for(schema)(schema)
 
+    @cached_property
+    def _request_paths(self) -> PathRules:
+        """The path rules with each declared field wherever a request may give it."""
+        return dataclasses.replace(
+            self.paths, fields=request_selectors(self.paths.fields, self.split)
+        )
+
     def check_params(self, params: Any) -> list[Any]:
         """Validate submitted params; return each task's params, with declared paths
         mapped and normalised (and refused, naming the field, outside the roots)."""
@@ -172,7 +180,7 @@ class Pipeline:
             raise ParamsError(f"$.{self.split}" if self.split else "$", str(exc)) from None
         if self.paths.active:
             try:
-                mapped = check_params_paths(params, self.paths)
+                mapped = check_params_paths(params, self._request_paths)
             except PathError as exc:
                 raise ParamsError(exc.field, exc.message) from None
             tasks = split_params(mapped, self.split)

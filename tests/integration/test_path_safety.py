@@ -94,6 +94,57 @@ async def test_the_api_accepts_paths_inside_the_roots_and_the_task_sees_them_map
     assert "field test data" in app.log_path(done.tasks[1].id).read_text()
 
 
+# A task's params are the shared keys and its item's, an item's key winning: a declared
+# field is checked wherever a request gives it.
+AROUND = [
+    # an item's own `out` in place of the checked shared one
+    (
+        {"out": "P:/", "logs": [{"bin": "P:/2022/rawbinlog.bin", "out": "/etc"}]},
+        "$.params.logs[0].out",
+    ),
+    (
+        {"out": "P:/", "logs": [{"bin": "P:/2022/rawbinlog.bin", "out": "P:/../../etc"}]},
+        "$.params.logs[0].out",
+    ),
+    # a shared `bin` for an item that has none
+    ({"out": "P:/", "bin": "/etc/passwd", "logs": [{"other": 1}]}, "$.params.bin"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("params", "field"), AROUND)
+async def test_a_path_given_where_a_task_takes_it_from_is_checked_too(
+    make_app: Any, tree: Path, params: dict[str, Any], field: str
+) -> None:
+    api = make_env(make_app(config(tree)))
+    async with api.client() as c:
+        doc = problem(
+            await c.post("/api/v1/requests", json={"pipeline": "spot", "params": params}), 422
+        )
+    assert field in json.dumps(doc) and "outside the allowed roots" in doc["detail"], doc
+    assert api.store.get_request(1) is None
+
+
+@pytest.mark.anyio
+async def test_an_items_own_path_inside_the_roots_is_mapped_for_its_task(
+    make_app: Any, tree: Path
+) -> None:
+    app = make_app(config(tree))
+    api = make_env(app)
+    params = {
+        "out": "P:/",
+        "logs": [
+            {"bin": "P:/2022/rawbinlog.bin", "out": "P:/2022"},
+            {"bin": "P:/2022/rawbinlog.bin"},
+        ],
+    }
+    async with api.client("submit") as c:
+        r = await c.post("/api/v1/requests", json={"pipeline": "spot", "params": params})
+    assert r.status_code == 201, r.text
+    tasks = app.get(r.json()["id"]).tasks
+    assert [t.params["out"] for t in tasks] == [f"{tree}/2022", str(tree)]
+
+
 @pytest.mark.parametrize(("path", "why"), HOSTILE[:4] + HOSTILE[6:7])
 def test_the_cli_refuses_a_hostile_path_in_one_line(
     tmp_path: Path, sqlite_url: str, tree: Path, path: str, why: str

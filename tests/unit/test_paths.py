@@ -18,6 +18,7 @@ from conveyor.paths import (
     check_path,
     map_path,
     parse_selector,
+    request_selectors,
     reverse,
     rewrite_fields,
     rewrite_prefixes,
@@ -193,6 +194,17 @@ def test_task_selectors_follow_the_split() -> None:
     assert task_selectors(sels, "logs") == (("bin",), ("out",), ("files", None))
     assert task_selectors((parse_selector("files[*]"),), "files") == (("files",), ("item",))
     assert task_selectors(sels, None) == sels
+
+
+def test_request_selectors_reach_a_field_wherever_a_task_may_take_it_from() -> None:
+    sels = (parse_selector("logs[*].bin"), parse_selector("out"))
+    assert request_selectors(sels, "logs") == (
+        ("logs", None, "bin"),
+        ("out",),
+        ("bin",),  # a shared `bin` reaches an item that has none
+        ("logs", None, "out"),  # an item's `out` wins over the shared one
+    )
+    assert request_selectors(sels, None) == sels
 
 
 def test_results_are_mapped_back_and_hosts_remap_fields() -> None:
