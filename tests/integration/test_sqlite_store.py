@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from store_helpers import new_request
+from store_helpers import T0, new_request
 
 from conveyor.store import Unavailable
 from conveyor.store.sqlite import SQLiteStore
@@ -290,3 +290,49 @@ def test_a_process_forked_while_holding_the_turn_takes_its_own_after_the_parent(
         os.close(ready_r)
         os.close(ready_w)
     assert float(entered.read_text()) >= left
+
+
+INDEXES = (
+    "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name"
+)
+
+
+def test_an_existing_database_keeps_its_rows_and_indexes_and_never_reuses_an_id(
+    tmp_path: Path,
+) -> None:
+    # A database made before ids were AUTOINCREMENT, with work in it, is upgraded in
+    # place: its rows, foreign keys and (partial, DESC) indexes stay as they were.
+    from conveyor.store.migrate import upgrade
+
+    path = tmp_path / "old.db"
+    store = SQLiteStore(f"sqlite:///{path}")
+    upgrade(store.engine, "0004")
+    store.submit(new_request(items=[1, 2, 3]), T0)
+    tasks = store.claim("w", ["default"], 3, 60, T0)
+    store.finish("w", [Outcome(t.id, TaskAction.SUCCEED) for t in tasks[:2]], T0 + 1)
+    db = sqlite3.connect(path)
+    with db:
+        # a reader of events had got further than the events kept (they were pruned)
+        db.execute("INSERT INTO event_cursors (name, event_id, updated_at) VALUES ('n', 900, 0)")
+    indexes_before = db.execute(INDEXES).fetchall()
+    rows_before = {
+        t: db.execute(f"SELECT * FROM {t} ORDER BY id").fetchall()
+        for t in ("requests", "tasks", "events")
+    }
+
+    store.upgrade()
+
+    for table in ("requests", "tasks", "events", "api_tokens", "artifacts", "notifications"):
+        (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+        assert "PRIMARY KEY AUTOINCREMENT" in sql, sql
+    assert db.execute(INDEXES).fetchall() == indexes_before
+    for table, rows in rows_before.items():
+        assert db.execute(f"SELECT * FROM {table} ORDER BY id").fetchall() == rows
+    assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    # the store goes on where it was, and hands out ids above any it gave before
+    assert store.finish("w", [Outcome(tasks[2].id, TaskAction.SUCCEED)], T0 + 2) == [tasks[2].id]
+    assert store.latest_event_id() > 900
+    again = store.submit(new_request(items=[4]), T0 + 3).request
+    assert again.id == 2 and again.tasks[0].id == 4
+    store.close()
+    db.close()

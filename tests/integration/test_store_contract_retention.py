@@ -110,3 +110,19 @@ def test_prune_unattached_forgets_silent_workers_and_old_request_less_events(
     assert [w.id for w in store.list_workers()] == ["alive"]
     kinds = [e.kind for e in store.events(limit=1000) if e.request_id is None]
     assert kinds == ["worker.started", "queue.resumed"]  # the ones since the cut-off
+
+
+def test_ids_are_never_given_out_again_once_the_newest_rows_are_pruned(store: Store) -> None:
+    # An idle service prunes everything: a client may still hold the old request id,
+    # and readers of events remember the last id they handled.
+    old = _finished(store, T0)
+    before = store.get_request(old)
+    assert before is not None
+    last_event = store.latest_event_id()
+    assert store.prune(T0 + 5 * DAY).request_ids == (old,)
+    store.prune_unattached(T0 + 5 * DAY)
+    assert store.events(limit=1000) == []
+    new = store.get_request(_finished(store, T0 + 6 * DAY))
+    assert new is not None and new.id > old
+    assert min(t.id for t in new.tasks) > max(t.id for t in before.tasks)
+    assert min(e.id for e in store.events(limit=1000)) > last_event

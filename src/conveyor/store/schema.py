@@ -47,6 +47,7 @@ requests = sa.Table(
     sa.Index("ix_requests_cache", "pipeline", "params_hash", "finished_at"),
     sa.Index("ix_requests_status", "status"),
     sa.Index("ix_requests_created_at", "created_at"),
+    sqlite_autoincrement=True,  # ids never come back (0005)
 )
 
 tasks = sa.Table(
@@ -91,6 +92,7 @@ tasks = sa.Table(
         postgresql_where=sa.text("status = 'running'"),
         sqlite_where=sa.text("status = 'running'"),
     ),
+    sqlite_autoincrement=True,  # ids never come back (0005)
 )
 
 events = sa.Table(
@@ -105,6 +107,7 @@ events = sa.Table(
     sa.Column("queue", sa.Text, nullable=True),
     sa.Column("data", sa.JSON, nullable=True),
     sa.Index("ix_events_request_id", "request_id"),
+    sqlite_autoincrement=True,  # ids never come back (0005)
 )
 
 workers = sa.Table(
@@ -151,6 +154,7 @@ api_tokens = sa.Table(
         postgresql_where=sa.text("revoked_at IS NULL"),
         sqlite_where=sa.text("revoked_at IS NULL"),
     ),
+    sqlite_autoincrement=True,  # ids never come back (0005)
 )
 
 # What each task attempt kept in the artifact store: its outputs and, where logs are
@@ -171,6 +175,7 @@ artifacts = sa.Table(
     sa.Column("created_at", Time, nullable=False),
     sa.Index("ix_artifacts_task", "task_id", "attempt", "kind", "name", unique=True),
     sa.Index("ix_artifacts_request_id", "request_id"),
+    sqlite_autoincrement=True,  # ids never come back (0005)
 )
 
 # The notifications outbox: filled from the events table (one row per completion event
@@ -201,6 +206,7 @@ notifications = sa.Table(
         postgresql_where=sa.text("state = 'pending'"),
         sqlite_where=sa.text("state = 'pending'"),
     ),
+    sqlite_autoincrement=True,  # ids never come back (0005)
 )
 
 # Named positions in the events table of the components that follow it (the notifier).

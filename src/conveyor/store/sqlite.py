@@ -198,6 +198,7 @@ class SQLiteStore(SQLStore):
         self._path = database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+        self._lock_timeout = lock_timeout
         engine = sqlite_engine(url, lock_timeout, foreign_keys=True)
         super().__init__(url, engine)
         self._writer = threading.RLock()
@@ -219,10 +220,20 @@ class SQLiteStore(SQLStore):
                 raise Unavailable(describe_error(exc)) from exc
 
     def upgrade(self) -> None:
+        from conveyor.store.migrate import upgrade
+
+        # Migrations that rebuild a table (SQLite's way to change one) drop it while
+        # others still refer to it: they run with foreign keys off, and check them
+        # themselves. (An in-memory database is this engine's own, and empty.)
+        file = bool(self._path) and self._path != ":memory:"
+        engine = sqlite_engine(self.url, self._lock_timeout, foreign_keys=False) if file else None
         try:
-            super().upgrade()
-        except sqlite3.OperationalError as exc:  # from BEGIN, run on the driver's connection
+            upgrade(engine or self.engine)
+        except (sqlite3.OperationalError, sa.exc.OperationalError) as exc:
             raise Unavailable(describe_error(exc)) from exc
+        finally:
+            if engine is not None:
+                engine.dispose()
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
