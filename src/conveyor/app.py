@@ -4,9 +4,7 @@ the config, the store and the artifacts."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import shutil
 import sqlite3
 import threading
@@ -39,6 +37,7 @@ from conveyor.ingest.pipeline import Ingester, IngestStats, open_ingester
 from conveyor.ingest.settings import BUILTIN_KCIDB, SinkConfig, SpoolConfig
 from conveyor.ingest.spool import pending_files
 from conveyor.ingest.writer import describe, make_engine
+from conveyor.jsonvalues import problem_in
 from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
@@ -509,34 +508,8 @@ def _by_task(artifacts: Sequence[Artifact]) -> dict[int, list[Artifact]]:
 
 
 def check_json(value: Any) -> None:
-    """Params are stored as JSON: refuse what JSON cannot hold (NaN, infinities, lone
-    surrogates), naming where it is."""
-    try:
-        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
-    except (ValueError, TypeError) as exc:
-        path, problem = _first_bad(value, [])
-        raise ParamsError(json_path(path), problem or str(exc)) from None
-
-
-def _first_bad(value: Any, path: list[Any]) -> tuple[list[Any], str | None]:
-    if isinstance(value, float) and not math.isfinite(value):
-        return path, f"{value} is not a JSON number"
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return path, "a string holds a lone surrogate, which is not Unicode text"
-    if isinstance(value, dict):
-        for k, v in value.items():
-            found = _first_bad(k, path) if isinstance(k, str) else (path, None)
-            if found[1]:
-                return found
-            found = _first_bad(v, [*path, k])
-            if found[1]:
-                return found
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _first_bad(v, [*path, i])
-            if found[1]:
-                return found
-    return path, None
+    """Params are stored as JSON: refuse what the stores cannot keep exactly
+    (`jsonvalues`), naming where it is."""
+    found = problem_in(value)
+    if found is not None:
+        raise ParamsError(json_path(found[0]), found[1])

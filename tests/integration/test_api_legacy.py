@@ -101,7 +101,7 @@ async def test_submit_answers_the_id_and_status_check_follows_it(legacy: Any) ->
         api.app.cancel(cancelled)
         assert await status(c, cancelled) == "REQ_FAILED"
 
-        for unknown in ("999999", "abc", "-1", "", "99999999999999999999999"):
+        for unknown in ("999999", "abc", "-1", "", "99999999999999999999999", "\u00b2", "\u0663"):
             assert await status(c, unknown) == "REQ_NOT_FOUND", unknown
         other = api.app.submit("noop", {}).request.id  # not a Spotbot request
         assert await status(c, other) == "REQ_NOT_FOUND"

@@ -144,6 +144,29 @@ async def test_bad_bodies_are_answered_clearly(make_api: Any) -> None:
         problem(await post(url, content=chunks(), headers=json_type), 413)
 
 
+async def test_values_no_store_keeps_exactly_are_refused_and_nothing_is_stored(
+    api: ApiEnv,
+) -> None:
+    # SQLite gives integers beyond 64 bits back as floats (or infinity); Python parses
+    # no more than 4,300 digits; values nested hundreds deep break whoever reads them.
+    json_type = {"content-type": "application/json"}
+    nested = "[" * 300 + "]" * 300
+    cases = [
+        ('{"pipeline": "plain", "params": 12345678901234567890}', "beyond 64 bits"),
+        ('{"pipeline": "plain", "params": {"n": -' + "9" * 5000 + "}}", "beyond 64 bits"),
+        ('{"pipeline": "plain", "params": {"deep": ' + nested + "}}", "$.params.deep"),
+        ('{"pipeline": "plain", "params": {"s": ["ok", "\\ud800"]}}', "$.params.s[1]"),
+    ]
+    async with api.client() as c:
+        for text, said in cases:
+            body = problem(await c.post("/api/v1/requests", content=text, headers=json_type), 400)
+            assert body["type"].endswith("bad-json") and said in body["detail"], body
+        ok = {"pipeline": "plain", "params": {"n": 2**63 - 1, "m": -(2**63), "deep": [[[1]]]}}
+        created = await submit(c, **ok)
+        assert created["params"] == ok["params"]
+    assert created["id"] == 1  # the first stored
+
+
 def _with_small_body() -> str:
     from api_support import API_TOML
 

@@ -202,6 +202,23 @@ def test_params_must_be_json() -> None:
     with pytest.raises(ParamsError) as err:
         check_json({"b": {"c": "\ud800"}})
     assert err.value.path == "$.b.c"
+    check_json({"n": [2**63 - 1, -(2**63)], "deep": [[[]]]})
+    for bad, path, said in [
+        ({"x": [0, 2**63]}, "$.x[1]", "beyond 64 bits"),
+        ({"x": -(2**63) - 1}, "$.x", "beyond 64 bits"),
+        ({"deep": deep(250)}, "$.deep" + "[0]" * 199, "deeper than 200"),
+        ({"when": {1, 2}}, "$.when", "a set is not a JSON value"),
+    ]:
+        with pytest.raises(ParamsError) as err:
+            check_json(bad)
+        assert (err.value.path, said in str(err.value)) == (path, True), err.value
+
+
+def deep(levels: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
 
 
 def test_the_access_log_hides_tokens() -> None:

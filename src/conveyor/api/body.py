@@ -12,6 +12,8 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from conveyor.api.problems import Problem, from_pydantic
+from conveyor.jsonvalues import INT_MAX, INT_MIN, problem_in
+from conveyor.pipelines import json_path
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -29,6 +31,15 @@ def _float(text: str) -> float:
     if not math.isfinite(value):
         raise _NotJSON(f"{text} is too large for a JSON number")
     return value
+
+
+def _int(text: str) -> int:
+    # Checked by length first: Python refuses to convert more than 4,300 digits.
+    if len(text.lstrip("-")) > 19 or not INT_MIN <= int(text) <= INT_MAX:
+        raise _NotJSON(
+            f"the integer {text[:24]}{'...' if len(text) > 24 else ''} is beyond 64 bits"
+        )
+    return int(text)
 
 
 def is_json_type(content_type: str | None) -> bool:
@@ -51,9 +62,7 @@ def loads(raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise Problem(400, f"the body is not UTF-8 text (byte {exc.start})", "bad-json") from None
     try:
-        value = json.loads(text, parse_constant=_constant, parse_float=_float)
-        # A lone surrogate (a "\ud800" escape) parses, but is not text any database keeps.
-        json.dumps(value, ensure_ascii=False).encode()
+        value = json.loads(text, parse_constant=_constant, parse_float=_float, parse_int=_int)
     except json.JSONDecodeError as exc:
         raise Problem(
             400,
@@ -62,12 +71,13 @@ def loads(raw: bytes) -> Any:
         ) from None
     except _NotJSON as exc:
         raise Problem(400, f"the body is not valid JSON: {exc}", "bad-json") from None
-    except UnicodeEncodeError:
-        raise Problem(
-            400, "the body is not valid JSON: a string holds a lone surrogate", "bad-json"
-        ) from None
     except RecursionError:
         raise Problem(400, "the body is not valid JSON: nested too deeply", "bad-json") from None
+    # what parses but no store keeps: a lone surrogate (a "\ud800" escape), say
+    found = problem_in(value)
+    if found is not None:
+        where = json_path(found[0])
+        raise Problem(400, f"the body is not valid JSON: {where}: {found[1]}", "bad-json")
     return value
 
 

@@ -65,7 +65,7 @@ def _caller(app: Conveyor, secret: str | None, needed: Role) -> Caller:
 
 
 def _status_of(app: Conveyor, raw_id: str) -> str:
-    if not raw_id.isdigit() or len(raw_id) > 18:
+    if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:
         return NOT_FOUND  # no request can have it
     try:
         req = app.get(int(raw_id), with_tasks=False)
