@@ -167,3 +167,56 @@ def test_claims_while_every_backend_is_terminated_again_and_again(
     finally:
         watcher.dispose()
         store.close()
+
+
+def _waiting_on_a_lock(conn: sa.Connection) -> list[int]:
+    return [
+        int(pid)
+        for (pid,) in conn.exec_driver_sql(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        )
+    ]
+
+
+def test_a_cancel_that_deadlocks_with_a_finishing_worker_is_run_again(pg_url: str) -> None:
+    """A finish locks a task, then its request; a cancel locks the request, then its
+    tasks. Crossed, PostgreSQL aborts one of them: the cancel, which waited first. It is
+    run again, and the request ends cancelled, not with a 503 the caller must retry."""
+    store = open_store(pg_url)
+    store.upgrade()
+    other = sa.create_engine(sqlalchemy_url(pg_url))
+    watcher = sa.create_engine(sqlalchemy_url(pg_url), isolation_level="AUTOCOMMIT")
+    try:
+        rid = submit(store, items=["a", "b"])
+        (task, _) = claim(store, "w1", n=2)
+        result: dict[str, Any] = {}
+        with other.connect() as finishing:
+            # the finish's first half: the task row is locked
+            finishing.exec_driver_sql(f"UPDATE tasks SET error = 'x' WHERE id = {task.id}")
+
+            def cancel() -> None:
+                try:
+                    result["request"] = store.cancel_request(rid, T0 + 1)
+                except Exception as exc:  # the test asserts on it below
+                    result["error"] = exc
+
+            thread = threading.Thread(target=cancel)
+            thread.start()
+            deadline = time.monotonic() + 10
+            with watcher.connect() as conn:
+                while not _waiting_on_a_lock(conn):  # the cancel waits for the task row
+                    assert time.monotonic() < deadline, "the cancel never waited"
+                    time.sleep(0.02)
+            # the finish's second half: its request, which the cancel holds
+            finishing.exec_driver_sql(f"UPDATE requests SET started_at = 1 WHERE id = {rid}")
+            finishing.commit()
+            thread.join(timeout=20)
+        assert not thread.is_alive()
+        assert "error" not in result, repr(result.get("error"))
+        assert result["request"].status.value == "cancelled"
+        assert {t.status.value for t in result["request"].tasks} == {"cancelled"}
+    finally:
+        other.dispose()
+        watcher.dispose()
+        store.close()

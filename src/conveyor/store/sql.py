@@ -245,87 +245,100 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
             return self._load_request(conn, row), self._artifacts(conn, request_id=request_id)
 
     def cancel_request(self, request_id: int, now: float) -> Request:
-        with self._write() as conn:
-            self._locked_request(conn, request_id)
-            sources = task_sources(TaskAction.CANCEL)
-            rows = conn.execute(
-                sa.text(
-                    f"UPDATE tasks SET status = :target, finished_at = :now, "
-                    f"lease_expires_at = NULL, error = 'cancelled' "
-                    f"WHERE request_id = :rid AND status IN ({in_list(sources)}) "
-                    f"RETURNING id, request_id, pipeline, queue, attempts, status"
-                ),
-                {"target": task_target(TaskAction.CANCEL).value, "now": now, "rid": request_id},
-            ).all()
-            events = [
-                event_row(now, "task.cancelled", r.request_id, r.id, r.pipeline, r.queue)
-                for r in rows
-            ]
-            self._insert_events(conn, events)
-            self._settle_requests(conn, rows, now)
-            if rows:
-                self._notify(conn, "cancel")
-            updated = conn.execute(sa.select(t.requests).where(t.requests.c.id == request_id)).one()
-            return self._load_request(conn, updated)
+        # A deadlock with a writer that takes the same rows the other way round is
+        # rolled back whole: run again.
+        def tx() -> Request:
+            with self._write() as conn:
+                self._locked_request(conn, request_id)
+                sources = task_sources(TaskAction.CANCEL)
+                rows = conn.execute(
+                    sa.text(
+                        f"UPDATE tasks SET status = :target, finished_at = :now, "
+                        f"lease_expires_at = NULL, error = 'cancelled' "
+                        f"WHERE request_id = :rid AND status IN ({in_list(sources)}) "
+                        f"RETURNING id, request_id, pipeline, queue, attempts, status"
+                    ),
+                    {"target": task_target(TaskAction.CANCEL).value, "now": now, "rid": request_id},
+                ).all()
+                events = [
+                    event_row(now, "task.cancelled", r.request_id, r.id, r.pipeline, r.queue)
+                    for r in rows
+                ]
+                self._insert_events(conn, events)
+                self._settle_requests(conn, rows, now)
+                if rows:
+                    self._notify(conn, "cancel")
+                updated = conn.execute(
+                    sa.select(t.requests).where(t.requests.c.id == request_id)
+                ).one()
+                return self._load_request(conn, updated)
+
+        return self._retrying(tx)
 
     def retry_request(self, request_id: int, extra_attempts: int, now: float) -> Request:
-        with self._write() as conn:
-            req = self._locked_request(conn, request_id)
-            status = RequestStatus(req.status)
-            if status not in (RequestStatus.FAILED, RequestStatus.CANCELLED):
-                raise Conflict(
-                    f"request {request_id} is {status.value}: only a failed or cancelled "
-                    "request can be retried"
+        def tx() -> Request:
+            with self._write() as conn:
+                req = self._locked_request(conn, request_id)
+                status = RequestStatus(req.status)
+                if status not in (RequestStatus.FAILED, RequestStatus.CANCELLED):
+                    raise Conflict(
+                        f"request {request_id} is {status.value}: only a failed or cancelled "
+                        "request can be retried"
+                    )
+                sources = task_sources(TaskAction.REQUEUE)
+                rows = conn.execute(
+                    sa.text(
+                        f"UPDATE tasks SET status = :target, available_at = :now, "
+                        f"finished_at = NULL, error = NULL, result = NULL, "
+                        f"max_attempts = attempts + :extra "
+                        f"WHERE request_id = :rid AND status IN ({in_list(sources)}) "
+                        f"RETURNING id, pipeline, queue, status"
+                    ),
+                    {
+                        "target": task_target(TaskAction.REQUEUE).value,
+                        "now": now,
+                        "rid": request_id,
+                        "extra": max(1, extra_attempts),
+                    },
+                ).all()
+                counts = TaskCounts(total=req.tasks_total, succeeded=req.tasks_succeeded)
+                new_status = derive_request_status(counts, started=req.started_at is not None)
+                check_request_transition(status, new_status)
+                conn.execute(
+                    t.requests.update()
+                    .where(t.requests.c.id == request_id)
+                    .values(
+                        status=new_status.value,
+                        tasks_failed=0,
+                        tasks_cancelled=0,
+                        finished_at=None,
+                    )
                 )
-            sources = task_sources(TaskAction.REQUEUE)
-            rows = conn.execute(
-                sa.text(
-                    f"UPDATE tasks SET status = :target, available_at = :now, "
-                    f"finished_at = NULL, error = NULL, result = NULL, "
-                    f"max_attempts = attempts + :extra "
-                    f"WHERE request_id = :rid AND status IN ({in_list(sources)}) "
-                    f"RETURNING id, pipeline, queue, status"
-                ),
-                {
-                    "target": task_target(TaskAction.REQUEUE).value,
-                    "now": now,
-                    "rid": request_id,
-                    "extra": max(1, extra_attempts),
-                },
-            ).all()
-            counts = TaskCounts(total=req.tasks_total, succeeded=req.tasks_succeeded)
-            new_status = derive_request_status(counts, started=req.started_at is not None)
-            check_request_transition(status, new_status)
-            conn.execute(
-                t.requests.update()
-                .where(t.requests.c.id == request_id)
-                .values(
-                    status=new_status.value,
-                    tasks_failed=0,
-                    tasks_cancelled=0,
-                    finished_at=None,
+                events = [
+                    event_row(now, "task.requeued", request_id, r.id, r.pipeline, r.queue)
+                    for r in rows
+                ]
+                events.append(
+                    event_row(
+                        now,
+                        f"request.{new_status.value}",
+                        request_id,
+                        None,
+                        req.pipeline,
+                        req.queue,
+                        {"retried_tasks": len(rows)},
+                    )
                 )
-            )
-            events = [
-                event_row(now, "task.requeued", request_id, r.id, r.pipeline, r.queue) for r in rows
-            ]
-            events.append(
-                event_row(
-                    now,
-                    f"request.{new_status.value}",
-                    request_id,
-                    None,
-                    req.pipeline,
-                    req.queue,
-                    {"retried_tasks": len(rows)},
-                )
-            )
-            self._insert_events(conn, events)
-            self._notify(conn, f"queue:{req.queue}")
-            updated = conn.execute(sa.select(t.requests).where(t.requests.c.id == request_id)).one()
-            result = self._load_request(conn, updated)
-        self.wakeup.fire()
-        return result
+                self._insert_events(conn, events)
+                self._notify(conn, f"queue:{req.queue}")
+                updated = conn.execute(
+                    sa.select(t.requests).where(t.requests.c.id == request_id)
+                ).one()
+                result = self._load_request(conn, updated)
+            self.wakeup.fire()
+            return result
+
+        return self._retrying(tx)
 
     def _locked_request(self, conn: Connection, request_id: int) -> Row[Any]:
         q = sa.select(t.requests).where(t.requests.c.id == request_id)
@@ -579,49 +592,53 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
             )
 
     def expire_leases(self, now: float, policies: Mapping[str, RetryPolicy]) -> list[int]:
-        with self._write() as conn:
-            lost = conn.execute(
-                sa.text(
-                    "SELECT id, attempts, max_attempts, pipeline, lease_owner, lease_expires_at "
-                    "FROM tasks WHERE status = 'running' AND lease_expires_at < :now "
-                    "ORDER BY id LIMIT 1000"
-                ),
-                {"now": now},
-            ).all()
-            if not lost:
-                return []
-            changes = []
-            for r in lost:
-                decision = decide_retry(
-                    r.attempts, r.max_attempts, policies.get(r.pipeline, RetryPolicy())
-                )
-                target = task_target(decision.action)
-                changes.append(
-                    {
-                        "id": r.id,
-                        "status": target.value,
-                        "result": None,
-                        "error": f"lease expired: worker {r.lease_owner} stopped answering",
-                        "available_at": now + decision.delay if not target.terminal else None,
-                        "finished_at": now if target.terminal else None,
-                        "delta": 0,
-                        "owner": r.lease_owner,
-                        "expires": r.lease_expires_at,
-                        "attempt": r.attempts,
-                        "kind": "task.lease_expired",
-                        "data": dumps(
-                            {
-                                "attempt": r.attempts,
-                                "then": decision.action.value,
-                                "delay": round(decision.delay, 3),
-                                "worker": r.lease_owner,
-                            }
-                        ),
-                    }
-                )
-            rows, counters = self._apply_changes(conn, changes, now)
-            self._advance_requests(conn, counters, now)
-            for q in sorted({r.queue for r in rows}):
-                self._notify(conn, f"queue:{q}")
-        self.wakeup.fire()
-        return [r.id for r in rows]
+        def tx() -> list[int]:
+            with self._write() as conn:
+                lost = conn.execute(
+                    sa.text(
+                        "SELECT id, attempts, max_attempts, pipeline, lease_owner, "
+                        "lease_expires_at FROM tasks WHERE status = 'running' "
+                        "AND lease_expires_at < :now "
+                        "ORDER BY id LIMIT 1000"
+                    ),
+                    {"now": now},
+                ).all()
+                if not lost:
+                    return []
+                changes = []
+                for r in lost:
+                    decision = decide_retry(
+                        r.attempts, r.max_attempts, policies.get(r.pipeline, RetryPolicy())
+                    )
+                    target = task_target(decision.action)
+                    changes.append(
+                        {
+                            "id": r.id,
+                            "status": target.value,
+                            "result": None,
+                            "error": f"lease expired: worker {r.lease_owner} stopped answering",
+                            "available_at": now + decision.delay if not target.terminal else None,
+                            "finished_at": now if target.terminal else None,
+                            "delta": 0,
+                            "owner": r.lease_owner,
+                            "expires": r.lease_expires_at,
+                            "attempt": r.attempts,
+                            "kind": "task.lease_expired",
+                            "data": dumps(
+                                {
+                                    "attempt": r.attempts,
+                                    "then": decision.action.value,
+                                    "delay": round(decision.delay, 3),
+                                    "worker": r.lease_owner,
+                                }
+                            ),
+                        }
+                    )
+                rows, counters = self._apply_changes(conn, changes, now)
+                self._advance_requests(conn, counters, now)
+                for q in sorted({r.queue for r in rows}):
+                    self._notify(conn, f"queue:{q}")
+            self.wakeup.fire()
+            return [r.id for r in rows]
+
+        return self._retrying(tx)
