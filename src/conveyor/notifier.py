@@ -259,16 +259,20 @@ class Notifier:
         if secret is not None:
             headers[SIGNATURE_HEADER] = sign(body, secret)
         try:
-            answer = self._http.post(
-                n.url, content=body, headers=headers, timeout=httpx.Timeout(cfg.timeout)
-            )
+            # Only the status line and headers are read: the answer's body, which a
+            # receiver could trickle a byte at a time (each read within the time limit),
+            # is not waited for; the connection is closed instead.
+            with self._http.stream(
+                "POST", n.url, content=body, headers=headers, timeout=httpx.Timeout(cfg.timeout)
+            ) as answer:
+                status = answer.status_code
         except httpx.TimeoutException:
             return f"the receiver did not answer within {cfg.timeout:g}s"
         except httpx.HTTPError as exc:
             return f"cannot reach the receiver: {type(exc).__name__}: {exc}"
-        if 200 <= answer.status_code < 300:
+        if 200 <= status < 300:
             return None
-        return f"the receiver answered HTTP {answer.status_code}"
+        return f"the receiver answered HTTP {status}"
 
 
 def _host(url: str) -> str:

@@ -29,7 +29,8 @@ SECRET = "hook-secret-for-tests"
 
 @dataclass
 class Receiver:
-    """A webhook receiver: records what it gets; `mode` is ok, fail (HTTP 503) or hang."""
+    """A webhook receiver: records what it gets; `mode` is ok, fail (HTTP 503), hang, or
+    trickle (a 200 whose body never ends)."""
 
     port: int = 0
     mode: str = "ok"
@@ -49,6 +50,15 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if owner.mode == "hang":
                     owner.release.wait(30)
+                    return
+                if owner.mode == "trickle":  # a 200, then a long body a byte at a time
+                    owner.got.append((dict(self.headers.items()), body))
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000000")
+                    self.end_headers()
+                    while not owner.release.wait(0.3):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
                     return
                 if owner.mode == "fail":
                     self.send_response(503)
@@ -243,6 +253,29 @@ def test_a_hanging_receiver_never_holds_up_the_worker(
     finally:
         receiver.release.set()
         notifier.stop(timeout=3)
+
+
+def test_an_answer_whose_body_trickles_is_taken_at_its_status_line(
+    make_notifying: Any, receiver: Receiver
+) -> None:
+    # Each byte comes within the 1 s time limit; the body would take days.
+    receiver.mode = "trickle"
+    app, notifier = make_notifying(notify_toml(receiver.url))
+    notifier.fill()
+    rid = app.submit("ranks", {"items": [{"name": "a", "code": 0}]}).request.id
+    run_worker(app)
+    started = time.monotonic()
+    try:
+
+        def sent() -> bool:
+            found = app.store.list_notifications(request_id=rid)
+            return bool(found) and all(n.state == "sent" for n in found)
+
+        pump(notifier, sent, timeout=10)
+    finally:
+        receiver.release.set()
+    assert time.monotonic() - started < 5
+    assert len(receiver.got) == len(app.store.list_notifications(request_id=rid))  # once each
 
 
 def test_it_gives_up_after_its_attempts_visibly(make_notifying: Any, receiver: Receiver) -> None:
