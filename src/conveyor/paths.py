@@ -192,14 +192,26 @@ def _strip(prefix: str) -> str:
 def _prefix_match(path: str, prefix: str) -> str | None:
     """The rest of `path` after `prefix` (a whole-component match), or None."""
     base = _strip(prefix)
+    if not base:  # the root, `/`: every absolute path, and nothing else
+        return path if path.startswith("/") else None
     head = path[: len(base)]
     same = head.lower() == base.lower() if _is_windows_prefix(base) else head == base
     if not same:
         return None
     rest = path[len(base) :]
-    if rest and not rest.startswith("/") and base:
+    if rest and not rest.startswith("/"):
         return None
     return rest
+
+
+def _join(target: str, rest: str) -> str:
+    """`rest` (after a matched prefix: empty or from a slash on) under `target`; the
+    target itself when `rest` is empty, as a root (`P:/`, `/`) where it is a bare drive
+    or the root (`P:` alone would be the current folder of drive P)."""
+    joined = _strip(target) + rest
+    if not joined:
+        return "/"
+    return joined + "/" if _DRIVE.match(joined) and len(joined) == 2 else joined
 
 
 def map_path(value: str, path_map: Sequence[tuple[str, str]]) -> str:
@@ -217,7 +229,7 @@ def map_path(value: str, path_map: Sequence[tuple[str, str]]) -> str:
             raise PathError(f"drive {drive.group(1).upper()}: is not mapped")
         return path
     _, target, rest = best
-    return _strip(target) + (rest if rest.startswith("/") or not rest else "/" + rest)
+    return _join(target, rest)
 
 
 def _inside(path: str, root: str) -> bool:
@@ -301,7 +313,7 @@ def rewrite_prefixes(value: Any, path_map: Sequence[tuple[str, str]]) -> Any:
             rest = _prefix_match(value, source) if source else None
             if rest is not None and (best is None or len(_strip(source)) > best[0]):
                 best = (len(_strip(source)), target, rest)
-        return value if best is None else _strip(best[1]) + best[2]
+        return value if best is None else _join(best[1], best[2])
     if isinstance(value, Mapping):
         return {k: rewrite_prefixes(v, path_map) for k, v in value.items()}
     if isinstance(value, list):

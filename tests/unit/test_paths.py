@@ -207,6 +207,26 @@ def test_request_selectors_reach_a_field_wherever_a_task_may_take_it_from() -> N
     assert request_selectors(sels, None) == sels
 
 
+def test_mapping_back_keeps_roots_as_roots_and_leaves_other_strings_alone() -> None:
+    back = reverse((("P:/", "/mnt/p/"),))
+    assert rewrite_prefixes(["/mnt/p", "/mnt/p/", "/mnt/pp", "mnt/p"], back) == [
+        "P:/",  # the drive's root, not `P:` (its current folder)
+        "P:/",
+        "/mnt/pp",
+        "mnt/p",
+    ]
+    # a rule on the root maps absolute paths only, not every string
+    root = reverse((("P:/", "/"),))
+    assert rewrite_prefixes(["/", "/x/y", "hello", "2022"], root) == [
+        "P:/",
+        "P:/x/y",
+        "hello",
+        "2022",
+    ]
+    assert map_path("P:/", (("P:/", "/"),)) == "/"
+    assert map_path("p:\\a", (("P:/", "/"),)) == "/a"
+
+
 def test_results_are_mapped_back_and_hosts_remap_fields() -> None:
     back = reverse((("P:/", "/mnt/p/"),))
     result = {"db": "/mnt/p/out/spotbot.db", "n": 3, "other": "/tmp/x", "l": ["/mnt/p"]}
@@ -214,7 +234,7 @@ def test_results_are_mapped_back_and_hosts_remap_fields() -> None:
         "db": "P:/out/spotbot.db",
         "n": 3,
         "other": "/tmp/x",
-        "l": ["P:"],
+        "l": ["P:/"],
     }
     params = {"bin": "/mnt/p/a.bin", "note": "/mnt/p/a.bin"}
     host = (("/mnt/p/", "/data/p/"),)
