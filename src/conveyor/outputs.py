@@ -120,8 +120,10 @@ class Publisher:
         kept: list[Artifact] = []
         if result.ok and pipeline.outputs and not ctx.stopping:
             try:
-                kept += self._outputs(pipeline, ctx)
+                self._outputs(pipeline, ctx, kept)
             except (ArtifactError, ArtifactKeyError, OSError) as exc:
+                # What was uploaded is still recorded: with a template without
+                # {attempt}, it replaced an earlier attempt's object under that key.
                 ctx.log(f"conveyor: keeping outputs failed: {exc}")
                 result = ExecResult(ok=False, error=f"keeping outputs failed: {exc}")
         ctx.close()
@@ -141,12 +143,16 @@ class Publisher:
                     result = ExecResult(ok=False, error=f"recording outputs failed: {exc}")
         return result
 
-    def _outputs(self, pipeline: Pipeline, ctx: TaskContext) -> list[Artifact]:
+    def _outputs(self, pipeline: Pipeline, ctx: TaskContext, kept: list[Artifact]) -> None:
+        """Upload the attempt's outputs, each added to `kept` once it is in the store."""
         found = collect_outputs(ctx.work_dir, pipeline.outputs, self.settings.max_files)
         for note in found.skipped:
             ctx.log(f"conveyor: output skipped: {note}")
-        kept = []
+        log_name = f"{LOG_PREFIX}attempt-{ctx.task.attempts}.log"
         for name, path in found.files:
+            if name == log_name and self._upload_logs():
+                ctx.log(f"conveyor: output skipped: {name} is the key of the attempt's log")
+                continue
             if ctx.stopping:
                 raise ArtifactError(f"stopped while uploading ({ctx.stop_reason})")
             artifact = self._put(ctx.task, name, path, ArtifactKind.OUTPUT)
@@ -154,4 +160,3 @@ class Publisher:
             kept.append(artifact)
         if not found.files:
             ctx.log(f"conveyor: no file matched the outputs {list(pipeline.outputs)}")
-        return kept

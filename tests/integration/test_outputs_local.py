@@ -156,3 +156,51 @@ def test_an_attempt_keeps_only_what_it_wrote(make_app: Any) -> None:
     assert task.status.value == "succeeded" and task.attempts == 2
     assert app.task_artifacts(task.id) == []
     assert "removed stale.csv, left by an earlier attempt" in app.log_path(task.id).read_text()
+
+
+WRITE_THREE = (
+    "import os\n"
+    "for name in ('a.txt', 'b/c.txt', 'logs/attempt-1.log'):\n"
+    "    os.makedirs(os.path.dirname(name) or '.', exist_ok=True)\n"
+    "    open(name, 'w').write(name)\n"
+)
+TWO_FILES = f"""
+[pipelines.two]
+executor = "command"
+command = ["{{conveyor.python}}", "-c", {WRITE_THREE!r}]
+outputs = ["**/*.txt", "**/*.log"]
+
+[artifacts]
+key = "{{task_id}}/{{name}}"
+upload_logs = true
+"""
+
+
+def test_what_was_uploaded_before_an_upload_failed_is_recorded(make_app: Any) -> None:
+    # The second output cannot be stored (a file stands where its folder must go): the
+    # attempt fails, and the first output, which is in the store, is recorded with it.
+    app = make_app(TWO_FILES)
+    rid = app.submit("two", {}).request.id
+    root = Path(app.config.artifacts.url.removeprefix("file://"))
+    (root / "1").mkdir(parents=True)
+    (root / "1" / "b").write_text("in the way")
+    run_worker(app)
+    (task,) = app.get(rid).tasks
+    assert task.status.value == "failed" and "keeping outputs failed" in (task.error or "")
+    kept = {a.name: a for a in app.task_artifacts(task.id)}
+    assert set(kept) == {"a.txt", "attempt-1.log"}
+    stored = (root / kept["a.txt"].key).read_bytes()
+    assert stored == b"a.txt" and hashlib.sha256(stored).hexdigest() == kept["a.txt"].sha256
+
+
+def test_an_output_named_as_the_attempts_log_does_not_replace_it(make_app: Any) -> None:
+    app = make_app(TWO_FILES)
+    rid = app.submit("two", {}).request.id
+    run_worker(app)
+    (task,) = app.get(rid).tasks
+    assert task.status.value == "succeeded"
+    root = Path(app.config.artifacts.url.removeprefix("file://"))
+    logs = [a for a in app.task_artifacts(task.id) if a.kind.value == "log"]
+    assert [a.name for a in logs] == ["attempt-1.log"]
+    assert (root / logs[0].key).read_bytes() == app.log_path(task.id).read_bytes()
+    assert "logs/attempt-1.log is the key of the attempt's log" in app.log_path(task.id).read_text()

@@ -36,10 +36,15 @@ def test_the_default_template_renders_date_pipeline_ids_and_name() -> None:
     [
         ("{date}/{bogus}/{name}", "{bogus}"),
         ("{date}/{task_id}", "{name}"),
-        ("/abs/{name}", "absolute"),
-        ("../{name}", "'..'"),
+        ("/abs/{task_id}/{name}", "absolute"),
+        ("../{task_id}/{name}", "'..'"),
         ("{name:>10}", "format"),
         ("{name", "key template"),
+        # two tasks' outputs of one name would share a key
+        ("{date}/{pipeline}/{name}", "{task_id} as a segment of its own"),
+        ("{request_id}{task_id}/{name}", "{task_id} as a segment of its own"),
+        ("{request_id}/{task_id}-{name}", "{task_id} as a segment of its own"),
+        ("{name}/{task_id}", "{task_id} as a segment of its own"),
     ],
 )
 def test_bad_templates_are_refused_naming_the_problem(template: str, named: str) -> None:

@@ -35,8 +35,31 @@ def check_template(template: str) -> None:
         seen.add(field)
     if "name" not in seen:
         raise ArtifactKeyError(f"key template {template!r} must contain {{name}}")
+    if not _task_segment_before_name(parts):
+        # else two tasks' outputs of one name could share a key (`{pipeline}/{name}`,
+        # or `{request_id}{task_id}` for request 1 task 23 and request 12 task 3), and
+        # pruning one task would delete the other's
+        raise ArtifactKeyError(
+            f"key template {template!r} must hold {{task_id}} as a segment of its own "
+            "(between slashes), before {name}"
+        )
     sample = template.format(**{f: "x" for f in KEY_FIELDS})
     check_key(sample, what=f"key template {template!r}")
+
+
+def _task_segment_before_name(parts: list[tuple[str, str | None, str | None, str | None]]) -> bool:
+    """Whether `{task_id}` is a whole segment (its neighbours in the template are `/`
+    or its start) and comes before `{name}`; the fields before it hold no slash, so it
+    is always the same segment of a key, and no two tasks' keys are the same."""
+    for i, (literal, field, _spec, _conv) in enumerate(parts):
+        if field == "name":
+            return False
+        if field != "task_id":
+            continue
+        after = parts[i + 1][0] if i + 1 < len(parts) else ""
+        opened = literal.endswith("/") or (not literal and i == 0)
+        return opened and after.startswith("/")
+    return False
 
 
 def check_key(key: str, what: str = "artifact key") -> str:
