@@ -164,7 +164,7 @@ class Worker:
         self._todo: queue.SimpleQueue[_Running | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[tuple[_Running, ExecResult] | None] = queue.SimpleQueue()
         self._recorded: queue.SimpleQueue[list[_Running]] = queue.SimpleQueue()
-        self._lost: queue.SimpleQueue[set[int]] = queue.SimpleQueue()
+        self._lost: queue.SimpleQueue[list[_Running]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._hard_stop = threading.Event()
@@ -605,7 +605,8 @@ class Worker:
                 log.warning("cannot record outcomes (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-            except Exception as exc:  # one the database refuses costs the others nothing
+            except (ValueError, TypeError) as exc:  # a value the database cannot hold
+                # (`Refused`, or refused before it is sent): it costs the others nothing
                 if len(outcomes) > 1:
                     for one in outcomes:
                         self._record([one])
@@ -615,6 +616,10 @@ class Worker:
                 if instead is None:
                     return
                 outcomes = [instead]
+            except Exception:  # anything else may pass: kept, and tried again
+                log.exception("cannot record outcomes; retrying in %.1fs", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
         for o in outcomes:
             if o.task_id not in applied:
                 self.stats.lost += 1  # cancelled or expired meanwhile: not ours any more
@@ -649,10 +654,8 @@ class Worker:
 
     def _handle_lost(self) -> None:
         while not self._lost.empty():
-            for task_id in self._lost.get():
-                run = self._running.get(task_id)
-                if run is not None:
-                    self._stop_lost(run)
+            for run in self._lost.get():
+                self._stop_lost(run)
 
     def _stop_lost(self, run: _Running) -> None:
         """Stop an attempt the store no longer has this worker on; its outcome is not
@@ -713,18 +716,22 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         interval = max(0.2, min(self.lease / 3, 2.0))
         while not self._hard_stop.wait(interval):
-            held = [(tid, r) for tid, r in list(self._running.items()) if not r.finished]
-            snapshot = {tid for tid, r in held if not r.settled}
-            running = sum(1 for _, r in held if r.started and not r.settled)
+            runs = [r for r in list(self._running.values()) if not r.settled]
+            running = sum(1 for r in runs if r.started and not r.finished)
             try:
-                owned = self.store.heartbeat(self.id, self.lease, self.app.clock(), running)
+                # Only what this worker still holds (an attempt whose outcome is not yet
+                # recorded included): a task it lost track of must not be kept alive.
+                held = {r.task.id for r in runs}
+                owned = self.store.heartbeat(self.id, self.lease, self.app.clock(), running, held)
             except Unavailable as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
             except Exception:  # the heartbeat must outlive any one failure
                 log.exception("heartbeat failed")
                 continue
-            lost = snapshot - owned
+            # The attempts themselves, not task ids: a task claimed again meanwhile is on
+            # a new attempt, which is not lost.
+            lost = [r for r in runs if r.task.id not in owned and not r.finished]
             if lost:
                 self._lost.put(lost)
                 self._wake.set()

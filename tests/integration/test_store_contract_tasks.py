@@ -414,6 +414,16 @@ def test_heartbeat_extends_the_workers_leases(store: Store) -> None:
     assert store.heartbeat("nobody", 10, T0 + 12, running=0) == set()
 
 
+def test_heartbeat_renews_only_the_tasks_the_worker_still_holds(store: Store) -> None:
+    submit(store, items=["a", "b", "c"], max_attempts=2)
+    a, b, c = claim(store, "w1", n=3, now=T0, lease=10)
+    assert store.heartbeat("w1", 10, T0 + 8, running=1, held=[a.id, c.id, 999]) == {a.id, c.id}
+    got = store.get_task(b.id)
+    assert got is not None and got.lease_expires_at == T0 + 10  # left to expire
+    assert store.heartbeat("w1", 10, T0 + 9, running=0, held=[]) == set()
+    assert store.expire_leases(T0 + 11, {}) == [b.id]
+
+
 # ---------------------------------------------------------------------- lease expiry
 
 RETRY_SLOWLY = {"p": RetryPolicy(retries=5, backoff_base=10.0, jitter=0.0)}

@@ -292,3 +292,23 @@ def test_an_outcome_the_store_refuses_is_recorded_as_a_failure_and_costs_no_othe
     assert got[two.id].error == (
         "its outcome could not be recorded: Out of range float values are not JSON compliant"
     )
+
+
+def test_a_task_its_worker_lost_track_of_is_not_kept_alive_by_its_heartbeat(
+    make_app: Any,
+) -> None:
+    # Leased to this worker's id, but not among its attempts (its outcome could not be
+    # recorded, say): its lease runs out, and the pipeline's policy decides (no retries).
+    app = make_app(PIPELINES)
+    rid = app.submit("short", {"items": [{"n": 1}]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=2, lease=1.0, poll_interval=0.05))
+    (forgotten,) = app.store.claim(worker.id, ["default"], 1, 1.0, app.clock())
+    thread, _ = start(worker)
+    try:
+        done = app.wait(rid, timeout=20)
+    finally:
+        worker.stop(hard=True)
+        thread.join(15)
+    (task,) = done.tasks
+    assert (task.id, task.status) == (forgotten.id, TaskStatus.FAILED)
+    assert "lease expired" in (task.error or "")

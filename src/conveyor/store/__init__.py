@@ -5,6 +5,7 @@ from __future__ import annotations
 from conveyor.store.base import (
     Conflict,
     NotFound,
+    Refused,
     RequestFilter,
     Store,
     StoreError,
@@ -32,6 +33,7 @@ def open_store(url: str) -> Store:
 __all__ = [
     "Conflict",
     "NotFound",
+    "Refused",
     "RequestFilter",
     "Store",
     "StoreError",

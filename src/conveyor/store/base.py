@@ -3,7 +3,7 @@ and queues. Dialect differences stay behind it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +33,10 @@ class Conflict(StoreError):
 
 class Unavailable(StoreError):
     """The database cannot be reached."""
+
+
+class Refused(StoreError, ValueError):
+    """The database refused a value it cannot hold: sent again, it is refused again."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,18 @@ class Store(Protocol):
     def next_available(self, queues: Sequence[str]) -> float | None:
         """The earliest time a queued task of these (unpaused) queues becomes claimable."""
 
-    def heartbeat(self, worker_id: str, lease: float, now: float, running: int) -> set[int]: ...
+    def heartbeat(
+        self,
+        worker_id: str,
+        lease: float,
+        now: float,
+        running: int,
+        held: Collection[int] | None = None,
+    ) -> set[int]:
+        """Renew the leases of the worker's running tasks (only those in `held`, the
+        tasks it still holds, when given: one it has lost track of then expires and is
+        retried); the ids renewed."""
+        ...
 
     def finish(self, worker_id: str, outcomes: Sequence[Outcome], now: float) -> list[int]: ...
 

@@ -4,7 +4,7 @@ share. The dialect modules supply the claim, the bulk writes and the wake-ups.""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -503,20 +503,31 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
     # two writers of the same rows queue instead of deadlocking.
     _lock_in_order = ""
 
-    def heartbeat(self, worker_id: str, lease: float, now: float, running: int) -> set[int]:
+    def heartbeat(
+        self,
+        worker_id: str,
+        lease: float,
+        now: float,
+        running: int,
+        held: Collection[int] | None = None,
+    ) -> set[int]:
+        only, binds = "", {}
+        if held is not None:
+            only = "AND id IN :held "
+            binds["held"] = sorted(held)
+
         def tx() -> set[int]:
             with self._write() as conn:
+                renew = sa.text(
+                    "UPDATE tasks SET lease_expires_at = :exp WHERE id IN ("
+                    f"SELECT id FROM tasks WHERE lease_owner = :w AND status = 'running' {only}"
+                    f"ORDER BY id{self._lock_in_order}) "
+                    "AND lease_owner = :w AND status = 'running' RETURNING id"
+                )
+                if held is not None:
+                    renew = renew.bindparams(sa.bindparam("held", expanding=True))
                 owned = {
-                    r[0]
-                    for r in conn.execute(
-                        sa.text(
-                            "UPDATE tasks SET lease_expires_at = :exp WHERE id IN ("
-                            "SELECT id FROM tasks WHERE lease_owner = :w AND status = 'running' "
-                            f"ORDER BY id{self._lock_in_order}) "
-                            "AND lease_owner = :w AND status = 'running' RETURNING id"
-                        ),
-                        {"exp": now + lease, "w": worker_id},
-                    )
+                    r[0] for r in conn.execute(renew, {"exp": now + lease, "w": worker_id, **binds})
                 }
                 conn.execute(
                     t.workers.update()

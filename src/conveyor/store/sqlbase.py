@@ -28,6 +28,7 @@ from conveyor.store import schema as t
 from conveyor.store import tokens as token_sql
 from conveyor.store.base import (
     Listener,
+    Refused,
     RequestFilter,
     Unavailable,
     WorkerInfo,
@@ -50,6 +51,7 @@ from conveyor.tokens import NewToken, Token
 
 _T = TypeVar("_T")
 _RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+_READ_ONLY = "25006"  # read_only_sql_transaction
 _COUNTER_OF = {
     TaskStatus.SUCCEEDED.value: 0,
     TaskStatus.FAILED.value: 1,
@@ -94,6 +96,12 @@ class SQLBase:
             if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
                 raise _Retryable(str(exc.orig)) from exc
             raise Unavailable(describe_error(exc)) from exc
+        except sa.exc.DataError as exc:
+            raise Refused(describe_error(exc)) from exc
+        except sa.exc.InternalError as exc:
+            if getattr(exc.orig, "sqlstate", None) == _READ_ONLY:  # a standby, after failover
+                raise Unavailable(describe_error(exc)) from exc
+            raise
 
     def _retrying(self, tx: Callable[[], _T]) -> _T:
         """Run a transaction again when the database aborted it for a deadlock or a
