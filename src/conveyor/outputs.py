@@ -7,6 +7,7 @@ keeps failing fails the attempt (retried per the pipeline's policy) with the rea
 from __future__ import annotations
 
 import mimetypes
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,10 @@ from conveyor.store import Store, Unavailable
 from conveyor.tasks import Task
 
 LOG_PREFIX = "logs/"  # where logs go in the key's {name}, apart from the outputs
+
+
+# an attempt's log, kept beside the outputs (`LOG_PREFIX`): no output may take its key
+_LOG_NAME = re.compile(re.escape(LOG_PREFIX) + r"attempt-[0-9]+\.log")
 
 
 @dataclass(frozen=True)
@@ -148,10 +153,9 @@ class Publisher:
         found = collect_outputs(ctx.work_dir, pipeline.outputs, self.settings.max_files)
         for note in found.skipped:
             ctx.log(f"conveyor: output skipped: {note}")
-        log_name = f"{LOG_PREFIX}attempt-{ctx.task.attempts}.log"
         for name, path in found.files:
-            if name == log_name and self._upload_logs():
-                ctx.log(f"conveyor: output skipped: {name} is the key of the attempt's log")
+            if _LOG_NAME.fullmatch(name) and self._upload_logs():
+                ctx.log(f"conveyor: output skipped: {name} is where an attempt's log is kept")
                 continue
             if ctx.stopping:
                 raise ArtifactError(f"stopped while uploading ({ctx.stop_reason})")

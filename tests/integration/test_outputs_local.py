@@ -160,7 +160,7 @@ def test_an_attempt_keeps_only_what_it_wrote(make_app: Any) -> None:
 
 WRITE_THREE = (
     "import os\n"
-    "for name in ('a.txt', 'b/c.txt', 'logs/attempt-1.log'):\n"
+    "for name in ('a.txt', 'b/c.txt', 'logs/attempt-1.log', 'logs/attempt-2.log'):\n"
     "    os.makedirs(os.path.dirname(name) or '.', exist_ok=True)\n"
     "    open(name, 'w').write(name)\n"
 )
@@ -203,4 +203,6 @@ def test_an_output_named_as_the_attempts_log_does_not_replace_it(make_app: Any) 
     logs = [a for a in app.task_artifacts(task.id) if a.kind.value == "log"]
     assert [a.name for a in logs] == ["attempt-1.log"]
     assert (root / logs[0].key).read_bytes() == app.log_path(task.id).read_bytes()
-    assert "logs/attempt-1.log is the key of the attempt's log" in app.log_path(task.id).read_text()
+    log = app.log_path(task.id).read_text()
+    for name in ("logs/attempt-1.log", "logs/attempt-2.log"):  # a later attempt's too
+        assert f"{name} is where an attempt's log is kept" in log

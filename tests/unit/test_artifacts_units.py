@@ -41,15 +41,29 @@ def test_the_default_template_renders_date_pipeline_ids_and_name() -> None:
         ("{name:>10}", "format"),
         ("{name", "key template"),
         # two tasks' outputs of one name would share a key
-        ("{date}/{pipeline}/{name}", "{task_id} as a segment of its own"),
-        ("{request_id}{task_id}/{name}", "{task_id} as a segment of its own"),
-        ("{request_id}/{task_id}-{name}", "{task_id} as a segment of its own"),
-        ("{name}/{task_id}", "{task_id} as a segment of its own"),
+        ("{date}/{pipeline}/{name}", "{task_id}, set apart"),
+        ("{request_id}{task_id}/{name}", "{task_id}, set apart"),
+        ("{task_id}{name}", "{task_id}, set apart"),
+        ("r1{task_id}/{name}", "{task_id}, set apart"),
     ],
 )
 def test_bad_templates_are_refused_naming_the_problem(template: str, named: str) -> None:
     with pytest.raises(ArtifactKeyError, match=named.replace("{", r"\{").replace("}", r"\}")):
         check_template(template)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{date}/{pipeline}/{request_id}/{task_id}/{name}",
+        "{request_id}-{task_id}/{name}",
+        "{pipeline}/{task_id}-{attempt}/{name}",
+        "{task_id}_{name}",
+        "{name}/{task_id}",
+    ],
+)
+def test_templates_that_keep_each_tasks_keys_apart_are_accepted(template: str) -> None:
+    check_template(template)
 
 
 def test_an_unknown_template_field_is_a_config_error_naming_it() -> None:

@@ -35,30 +35,29 @@ def check_template(template: str) -> None:
         seen.add(field)
     if "name" not in seen:
         raise ArtifactKeyError(f"key template {template!r} must contain {{name}}")
-    if not _task_segment_before_name(parts):
-        # else two tasks' outputs of one name could share a key (`{pipeline}/{name}`,
-        # or `{request_id}{task_id}` for request 1 task 23 and request 12 task 3), and
-        # pruning one task would delete the other's
+    if not _task_id_apart(parts):
+        # else two tasks' outputs of one name could share a key, and pruning one task
+        # would delete the other's
         raise ArtifactKeyError(
-            f"key template {template!r} must hold {{task_id}} as a segment of its own "
-            "(between slashes), before {name}"
+            f"key template {template!r} must hold {{task_id}}, set apart from other fields "
+            "and digits (by '/', '-' or the like), so no two tasks share a key"
         )
     sample = template.format(**{f: "x" for f in KEY_FIELDS})
     check_key(sample, what=f"key template {template!r}")
 
 
-def _task_segment_before_name(parts: list[tuple[str, str | None, str | None, str | None]]) -> bool:
-    """Whether `{task_id}` is a whole segment (its neighbours in the template are `/`
-    or its start) and comes before `{name}`; the fields before it hold no slash, so it
-    is always the same segment of a key, and no two tasks' keys are the same."""
+def _task_id_apart(parts: list[tuple[str, str | None, str | None, str | None]]) -> bool:
+    """Whether `{task_id}` is in the template, set apart from its neighbours: not next
+    to another field, nor to a digit, so a key shows where the task id begins and ends
+    (`{request_id}{task_id}` gives `123` for request 1 task 23 and request 12 task 3)."""
     for i, (literal, field, _spec, _conv) in enumerate(parts):
-        if field == "name":
-            return False
         if field != "task_id":
             continue
-        after = parts[i + 1][0] if i + 1 < len(parts) else ""
-        opened = literal.endswith("/") or (not literal and i == 0)
-        return opened and after.startswith("/")
+        follows_field = i > 0 and parts[i - 1][1] is not None
+        if (follows_field and not literal) or literal[-1:].isdigit():
+            return False
+        after, then = parts[i + 1][:2] if i + 1 < len(parts) else ("", None)
+        return not ((then is not None and not after) or after[:1].isdigit())
     return False
 
 
