@@ -1,13 +1,16 @@
 """The JSON values Conveyor keeps: what both databases store and give back exactly.
 
-JSON itself sets no limits; the stores do. Integers beyond 64 bits come back from SQLite
-as floats (rounded, or infinite); NaN and infinities are not JSON; a lone surrogate is not
-text; and values nested hundreds deep break whoever walks them next (a validator, a
-serialiser, a reader's parser). Each is refused where it enters, naming where it is.
+JSON itself sets no limits; the stores do. NaN and infinities are not JSON; a lone
+surrogate is not text; a value nested hundreds deep breaks whoever walks it next (a
+validator, a serialiser, a reader's parser); and SQLite takes a value that is a bare
+number as a number (its JSON column has numeric affinity), so an integer beyond 64 bits
+on its own comes back rounded, or infinite. Each is refused where it enters, naming
+where it is.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -17,23 +20,37 @@ MAX_DEPTH = 200  # arrays and objects inside one another
 
 def problem_in(value: Any) -> tuple[list[Any], str] | None:
     """Where in `value` (a path of keys and indexes) the first value no store keeps is,
-    and what is wrong with it; None when all is well. Iterative: a deep value must not
-    exhaust the stack that is checking it."""
+    and what is wrong with it; None when all is well. The usual case, all well, costs
+    one serialisation in C; the value is walked only when something is wrong, or when
+    it may be nested too deep."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not INT_MIN <= value <= INT_MAX:
+            return [], "a number beyond 64 bits on its own is not kept exactly: send a string"
+        return None
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode()
+    except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
+        return _walk(value) or ([], "not a JSON value")
+    if text.count("[") + text.count("{") >= MAX_DEPTH:  # brackets in strings count too
+        return _walk(value)
+    return None
+
+
+def _walk(value: Any) -> tuple[list[Any], str] | None:
+    """Iterative: a deep value must not exhaust the stack that is checking it."""
     todo: list[tuple[Any, list[Any]]] = [(value, [])]
     while todo:
         node, path = todo.pop()
-        if isinstance(node, bool) or node is None:
+        if isinstance(node, bool | int) or node is None:
             continue
-        if isinstance(node, int):
-            if not INT_MIN <= node <= INT_MAX:
-                return path, "an integer beyond 64 bits is not kept exactly: send it as a string"
-        elif isinstance(node, float):
+        if isinstance(node, float):
             if not math.isfinite(node):
                 return path, f"{node} is not a JSON number"
         elif isinstance(node, str):
             if not _is_text(node):
                 return path, "a string holds a lone surrogate, which is not Unicode text"
-        elif isinstance(node, dict | list):
+        elif isinstance(node, dict | list | tuple):
             if len(path) >= MAX_DEPTH:
                 return path, f"nested deeper than {MAX_DEPTH} levels"
             items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))

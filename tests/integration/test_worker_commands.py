@@ -269,7 +269,7 @@ def test_values_a_database_cannot_keep_fail_the_task_with_a_clear_error(make_app
         thread.join(15)
     assert done.status.value == "failed"
     nan, nul = sorted(done.tasks, key=lambda t: t.params["what"])
-    assert nan.error == "result is not JSON: Out of range float values are not JSON compliant"
+    assert nan.error == "result is not JSON: $.x: nan is not a JSON number"
     assert nul.error == "RuntimeError: a\ufffdb"
 
 

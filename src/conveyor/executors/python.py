@@ -5,14 +5,14 @@ attempt, and `NonRetryable` fails the task at once."""
 from __future__ import annotations
 
 import importlib
-import json
 import traceback
 from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 from conveyor.executors import ExecResult, TaskContext
-from conveyor.pipelines import Pipeline
+from conveyor.jsonvalues import problem_in
+from conveyor.pipelines import Pipeline, json_path
 
 
 class NonRetryable(Exception):
@@ -56,9 +56,9 @@ class PythonExecutor:
         except Exception as exc:
             ctx.log(traceback.format_exc())
             return ExecResult(ok=False, error=f"{type(exc).__name__}: {exc}")
-        if value is not None:
-            try:
-                json.dumps(value, allow_nan=False)  # as the store keeps it
-            except (TypeError, ValueError) as exc:
-                return ExecResult(ok=False, error=f"result is not JSON: {exc}", retryable=False)
+        found = None if value is None else problem_in(value)  # as the store keeps it
+        if found is not None:
+            where = json_path(found[0])
+            detail = found[1] if where == "$" else f"{where}: {found[1]}"
+            return ExecResult(ok=False, error=f"result is not JSON: {detail}", retryable=False)
         return ExecResult(ok=True, result=value)
