@@ -210,6 +210,10 @@ def test_params_must_be_json() -> None:
         (-(2**63) - 1, "$", "beyond 64 bits"),
         ({"deep": deep(250)}, "$.deep" + "[0]" * 199, "deeper than 200"),
         ({"s": "[" * 300}, None, None),  # brackets in a string are no nesting
+        ({"wide": [{"k": [1]} for _ in range(500)]}, None, None),
+        # nor do they hide nesting: strings opening and closing at each level
+        ({"x": deep_hidden(201)}, "$.x" + "[1]" * 199, "deeper than 200"),
+        ({"x": deep_hidden(199)}, None, None),
         ({"when": {1, 2}}, "$.when", "a set is not a JSON value"),
     ]:
         if path is None:
@@ -218,6 +222,13 @@ def test_params_must_be_json() -> None:
         with pytest.raises(ParamsError) as err:
             check_json(bad)
         assert (err.value.path, said in str(err.value)) == (path, True), err.value
+
+
+def deep_hidden(levels: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(levels - 1):
+        value = ['x]\\"', value, "\\\\["]
+    return value
 
 
 def deep(levels: int) -> list[object]:
