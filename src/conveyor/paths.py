@@ -146,7 +146,7 @@ def request_selectors(selectors: Sequence[Selector], split: str | None) -> tuple
         return tuple(selectors)
     out = list(selectors)
     for sel in task_selectors(selectors, split):
-        if sel[0] == split:  # the item itself (not an object): the declared selector
+        if sel in ((split,), ("item",)):  # an item that is no object: the declared one
             continue
         for where in (sel, (split, None, *sel)):
             if where not in out:

@@ -205,6 +205,9 @@ def test_request_selectors_reach_a_field_wherever_a_task_may_take_it_from() -> N
         ("logs", None, "out"),  # an item's `out` wins over the shared one
     )
     assert request_selectors(sels, None) == sels
+    # items that are paths themselves: a shared `item` never reaches a task
+    files = (parse_selector("files[*]"),)
+    assert request_selectors(files, "files") == files
 
 
 def test_mapping_back_keeps_roots_as_roots_and_leaves_other_strings_alone() -> None:
