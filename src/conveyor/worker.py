@@ -113,6 +113,7 @@ class _Progressed:
     """Progress a loop's attempt reported, to be written."""
 
     task_id: int
+    attempt: int
     progress: Progress
 
 
@@ -349,7 +350,9 @@ class Worker:
 
         in_loop = self._for_loop(pipeline)
         # a loop's attempts have their progress written by another thread
-        report = partial(self._report_later if in_loop else self._write_progress, task.id)
+        report = partial(
+            self._report_later if in_loop else self._write_progress, task.id, task.attempts
+        )
         ctx = TaskContext(task, paths, report)
         run = _Running(task, ctx, pipeline)
         earlier = self._running.get(task.id)
@@ -367,14 +370,14 @@ class Worker:
         else:
             self._todo.put(run)
 
-    def _write_progress(self, task_id: int, progress: Progress) -> None:
+    def _write_progress(self, task_id: int, attempt: int, progress: Progress) -> None:
         try:
-            self.store.report_progress(self.id, task_id, progress, self.app.clock())
+            self.store.report_progress(self.id, task_id, progress, self.app.clock(), attempt)
         except Unavailable:
             pass  # progress is advisory; the outcome is what must not be lost
 
-    def _report_later(self, task_id: int, progress: Progress) -> None:
-        self._reports.put(_Progressed(task_id, progress))
+    def _report_later(self, task_id: int, attempt: int, progress: Progress) -> None:
+        self._reports.put(_Progressed(task_id, attempt, progress))
 
     def _reporter(self) -> None:
         """Write the progress that the command loop's attempts report (a loop must not
@@ -386,7 +389,7 @@ class Worker:
                 return
             try:
                 if isinstance(item, _Progressed):
-                    self._write_progress(item.task_id, item.progress)
+                    self._write_progress(item.task_id, item.attempt, item.progress)
                 else:
                     self._done.put(item)
             except Exception:  # the thread must outlive any one failure

@@ -479,6 +479,11 @@ def test_an_earlier_attempts_outcome_is_not_recorded_on_the_task_claimed_again(
     assert got is not None and got.status == TaskStatus.RUNNING and got.attempts == 2
     assert task_events(store, first.id, "task.failed") == []
     assert claim(store, "w1", now=T0 + 14) == []  # no third attempt beyond the two allowed
+    # nor does the first attempt's progress land on the second
+    assert not store.report_progress("w1", first.id, Progress(9, 9, "old"), T0 + 14, attempt=1)
+    assert store.report_progress("w1", first.id, Progress(1, 9, "new"), T0 + 14, attempt=2)
+    got = store.get_task(first.id)
+    assert got is not None and got.progress.message == "new"
 
     current = Outcome(second.id, TaskAction.SUCCEED, result={"n": 2}, attempt=second.attempts)
     assert store.finish("w1", [current], T0 + 15) == [second.id]

@@ -150,8 +150,16 @@ class Store(Protocol):
     def finish(self, worker_id: str, outcomes: Sequence[Outcome], now: float) -> list[int]: ...
 
     def report_progress(
-        self, worker_id: str, task_id: int, progress: Progress, now: float
-    ) -> bool: ...
+        self,
+        worker_id: str,
+        task_id: int,
+        progress: Progress,
+        now: float,
+        attempt: int | None = None,
+    ) -> bool:
+        """Store an attempt's progress while the task is still on it (`attempt`, if
+        given) and leased to this worker; whether it was."""
+        ...
 
     def expire_leases(self, now: float, policies: Mapping[str, RetryPolicy]) -> list[int]: ...
 

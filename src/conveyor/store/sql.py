@@ -583,14 +583,21 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
 
         return [r.id for r in self._retrying(tx)]
 
-    def report_progress(self, worker_id: str, task_id: int, progress: Progress, now: float) -> bool:
+    def report_progress(
+        self,
+        worker_id: str,
+        task_id: int,
+        progress: Progress,
+        now: float,
+        attempt: int | None = None,
+    ) -> bool:
         with self._write() as conn:
             return bool(
                 conn.execute(
                     sa.text(
                         "UPDATE tasks SET progress_current = :c, progress_total = :t, "
                         "progress_message = :m WHERE id = :id AND status = 'running' "
-                        "AND lease_owner = :w"
+                        "AND lease_owner = :w" + ("" if attempt is None else " AND attempts = :a")
                     ),
                     {
                         "c": progress.current,
@@ -598,6 +605,7 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
                         "m": stored_text(progress.message),
                         "id": task_id,
                         "w": worker_id,
+                        "a": attempt,
                     },
                 ).rowcount
             )
