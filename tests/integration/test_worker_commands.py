@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from worker_support import start, wait_for
+from worker_support import finish_with, start, wait_for
 
 from conveyor.app import Conveyor
 from conveyor.tasks import Outcome, TaskAction, TaskStatus
@@ -260,13 +260,7 @@ def test_values_a_database_cannot_keep_fail_the_task_with_a_clear_error(make_app
     # from recording this outcome or any other.
     app = make_app(PIPELINES)
     rid = app.submit("odd", {"items": [{"what": "nan"}, {"what": "nul"}]}).request.id
-    worker = Worker(app, WorkerOptions(concurrency=2, poll_interval=0.05))
-    thread, _ = start(worker)
-    try:
-        done = app.wait(rid, timeout=30)
-    finally:
-        worker.stop(hard=True)
-        thread.join(15)
+    done = finish_with(Worker(app, WorkerOptions(concurrency=2, poll_interval=0.05)), app, rid)
     assert done.status.value == "failed"
     nan, nul = sorted(done.tasks, key=lambda t: t.params["what"])
     assert nan.error == "result is not JSON: $.x: nan is not a JSON number"
@@ -303,12 +297,6 @@ def test_a_task_its_worker_lost_track_of_is_not_kept_alive_by_its_heartbeat(
     rid = app.submit("short", {"items": [{"n": 1}]}).request.id
     worker = Worker(app, WorkerOptions(concurrency=2, lease=1.0, poll_interval=0.05))
     (forgotten,) = app.store.claim(worker.id, ["default"], 1, 1.0, app.clock())
-    thread, _ = start(worker)
-    try:
-        done = app.wait(rid, timeout=20)
-    finally:
-        worker.stop(hard=True)
-        thread.join(15)
-    (task,) = done.tasks
+    (task,) = finish_with(worker, app, rid, timeout=20).tasks
     assert (task.id, task.status) == (forgotten.id, TaskStatus.FAILED)
     assert "lease expired" in (task.error or "")

@@ -6,6 +6,8 @@ import threading
 import time
 from typing import Any
 
+from conveyor.app import Conveyor
+from conveyor.requests import Request
 from conveyor.worker import Worker, WorkerStats
 
 
@@ -22,3 +24,13 @@ def wait_for(check: Any, timeout: float = 20.0) -> None:
     while not check():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.02)
+
+
+def finish_with(worker: Worker, app: Conveyor, request_id: int, timeout: float = 30) -> Request:
+    """Run the worker (started now) until the request ends; the request, ended."""
+    thread, _ = start(worker)
+    try:
+        return app.wait(request_id, timeout=timeout)
+    finally:
+        worker.stop(hard=True)
+        thread.join(15)
