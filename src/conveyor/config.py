@@ -70,6 +70,9 @@ class _NotifyModel(BaseModel):
     backoff_max: float = Field(default=600.0, ge=0)
 
 
+_PIPELINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def _check_glob(pattern: str) -> str:
     if not pattern or pattern.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", pattern):
         raise ValueError(f"output glob {pattern!r} must be relative to the work dir")
@@ -245,6 +248,19 @@ class _FileModel(BaseModel):
     spools: dict[str, SpoolModel] = {}
     sinks: dict[str, SinkModel] = {}
     hosts: dict[str, _HostModel] = {}
+
+    @field_validator("pipelines")
+    @classmethod
+    def _pipeline_names(cls, value: dict[str, _PipelineModel]) -> dict[str, _PipelineModel]:
+        # Names go into URLs, metrics labels and artifact keys (`{pipeline}`), where a
+        # slash or a space would change what they say.
+        for name in value:
+            if not _PIPELINE_NAME.fullmatch(name):
+                raise ValueError(
+                    f"pipeline name {name!r}: letters, digits, '_', '-' and '.' only, "
+                    "starting with a letter or digit"
+                )
+        return value
 
 
 @dataclass(frozen=True)

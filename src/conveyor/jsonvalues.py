@@ -38,6 +38,7 @@ def problem_in(value: Any) -> tuple[list[Any], str] | None:
 
 # what serialised JSON holds outside its strings besides brackets
 _NOT_BRACKETS = b"0123456789+-.eE,: truefalsn"
+_ONE_KIND = bytes.maketrans(b"{}", b"[]")
 
 
 def _deeper_than_allowed(data: bytes) -> bool:
@@ -46,11 +47,13 @@ def _deeper_than_allowed(data: bytes) -> bool:
     but its brackets, which then lose one level of pairs a pass: byte operations in C,
     where walking a wide value in Python would cost several times its serialisation."""
     plain = data.replace(b"\\\\", b"").replace(b'\\"', b"")
-    brackets = b"".join(plain.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
+    outside = b"".join(plain.split(b'"')[::2])
+    # one kind of bracket (serialised JSON is well formed): a pass removes one level
+    brackets = outside.translate(_ONE_KIND, _NOT_BRACKETS)
     for _ in range(MAX_DEPTH):
         if not brackets:
             return False
-        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        brackets = brackets.replace(b"[]", b"")
     return bool(brackets)
 
 

@@ -145,8 +145,9 @@ def request_selectors(selectors: Sequence[Selector], split: str | None) -> tuple
     if split is None:
         return tuple(selectors)
     out = list(selectors)
+    scalar = (split, None) in selectors  # items that are no objects: checked as declared
     for sel in task_selectors(selectors, split):
-        if sel in ((split,), ("item",)):  # an item that is no object: the declared one
+        if sel == (split,) or (scalar and sel == ("item",) and sel not in selectors):
             continue
         for where in (sel, (split, None, *sel)):
             if where not in out:

@@ -594,12 +594,16 @@ class Worker:
             slept = True
         return items, False
 
-    def _record(self, outcomes: list[Outcome]) -> None:
+    def _record(self, outcomes: list[Outcome], patient: bool = True) -> None:
         """Write outcomes, retrying while the database is away: an attempt's result is
-        never dropped while the worker lives (if it dies, the lease expires instead)."""
+        never dropped while the worker lives (if it dies, the lease expires instead).
+        One the database refuses for its value (`Refused`, or refused before it is
+        sent), or for any other reason for as long as a lease lasts (`patient`), is
+        recorded as a failure that says why; the others as they are."""
         if not outcomes:
             return
         delay = 0.2
+        began = time.monotonic()
         while True:
             try:
                 applied = set(self.store.finish(self.id, outcomes, self.app.clock()))
@@ -608,21 +612,22 @@ class Worker:
                 log.warning("cannot record outcomes (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-            except (ValueError, TypeError) as exc:  # a value the database cannot hold
-                # (`Refused`, or refused before it is sent): it costs the others nothing
+            except Exception as exc:
+                again = patient and not isinstance(exc, ValueError | TypeError)
+                if again and time.monotonic() - began < self.lease and not self._hard_stop.is_set():
+                    log.exception("cannot record outcomes; retrying in %.1fs", delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
                 if len(outcomes) > 1:
                     for one in outcomes:
-                        self._record([one])
+                        self._record([one], patient=False)
                     return
                 instead = _unrecordable(outcomes[0], exc)
                 log.error("cannot record the outcome of task %s: %s", outcomes[0].task_id, exc)
                 if instead is None:
                     return
                 outcomes = [instead]
-            except Exception:  # anything else may pass: kept, and tried again
-                log.exception("cannot record outcomes; retrying in %.1fs", delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
         for o in outcomes:
             if o.task_id not in applied:
                 self.stats.lost += 1  # cancelled or expired meanwhile: not ours any more
@@ -722,9 +727,9 @@ class Worker:
             runs = [r for r in list(self._running.values()) if not r.settled]
             running = sum(1 for r in runs if r.started and not r.finished)
             try:
-                # Only what this worker still holds (an attempt whose outcome is not yet
-                # recorded included): a task it lost track of must not be kept alive.
-                held = {r.task.id for r in runs}
+                # Only what this worker still holds (attempts whose outcome or release is
+                # not yet recorded included): a task it lost track of is not kept alive.
+                held = set(self._running)
                 owned = self.store.heartbeat(self.id, self.lease, self.app.clock(), running, held)
             except Unavailable as exc:
                 log.warning("heartbeat failed: %s", exc)

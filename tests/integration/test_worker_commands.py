@@ -300,3 +300,33 @@ def test_a_task_its_worker_lost_track_of_is_not_kept_alive_by_its_heartbeat(
     (task,) = finish_with(worker, app, rid, timeout=20).tasks
     assert (task.id, task.status) == (forgotten.id, TaskStatus.FAILED)
     assert "lease expired" in (task.error or "")
+
+
+def test_an_outcome_that_keeps_failing_to_record_holds_up_the_others_one_lease_at_most(
+    make_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fault the worker cannot place (not the database away, not a value it refuses)
+    # is tried again for as long as a lease lasts, then taken for one that repeats.
+    app = make_app(PIPELINES)
+    rid = app.submit("short", {"items": [{"n": 1}, {"n": 2}]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=2, lease=1.0, poll_interval=0.05))
+    one, two = app.store.claim(worker.id, ["default"], 2, 30, app.clock())
+    finish = app.store.finish
+
+    def failing(worker_id: str, outcomes: Any, now: float) -> list[int]:
+        if any(o.task_id == two.id for o in outcomes):
+            raise RuntimeError("a fault of the store's own")
+        return finish(worker_id, outcomes, now)
+
+    monkeypatch.setattr(app.store, "finish", failing)
+    started = time.monotonic()
+    worker._record(
+        [
+            Outcome(one.id, TaskAction.SUCCEED, attempt=one.attempts),
+            Outcome(two.id, TaskAction.SUCCEED, attempt=two.attempts),
+        ]
+    )
+    assert time.monotonic() - started < 5
+    got = {t.id: t for t in app.get(rid).tasks}
+    assert got[one.id].status == TaskStatus.SUCCEEDED
+    assert got[two.id].status == TaskStatus.RUNNING  # its lease, no longer renewed, decides

@@ -214,6 +214,9 @@ def test_params_must_be_json() -> None:
         # nor do they hide nesting: strings opening and closing at each level
         ({"x": deep_hidden(201)}, "$.x" + "[1]" * 199, "deeper than 200"),
         ({"x": deep_hidden(199)}, None, None),
+        # objects and arrays in turn are levels each
+        ({"x": deep_mixed(201)}, "$.x" + ".a[0]" * 99 + ".a", "deeper than 200"),
+        ({"x": deep_mixed(199)}, None, None),
         ({"when": {1, 2}}, "$.when", "a set is not a JSON value"),
     ]:
         if path is None:
@@ -228,6 +231,13 @@ def deep_hidden(levels: int) -> list[object]:
     value: list[object] = []
     for _ in range(levels - 1):
         value = ['x]\\"', value, "\\\\["]
+    return value
+
+
+def deep_mixed(levels: int) -> object:
+    value: object = []
+    for n in range(levels - 1):
+        value = {"a": value} if n % 2 else [value]
     return value
 
 

@@ -45,6 +45,9 @@ def test_the_default_template_renders_date_pipeline_ids_and_name() -> None:
         ("{request_id}{task_id}/{name}", "{task_id}, set apart"),
         ("{task_id}{name}", "{task_id}, set apart"),
         ("r1{task_id}/{name}", "{task_id}, set apart"),
+        # pipeline a_2 task 7, and pipeline a task 2 with an output 7_x
+        ("{pipeline}_{task_id}_{name}", "{task_id}, set apart"),
+        ("{name}/{task_id}", "{task_id}, set apart"),
     ],
 )
 def test_bad_templates_are_refused_naming_the_problem(template: str, named: str) -> None:
@@ -59,7 +62,7 @@ def test_bad_templates_are_refused_naming_the_problem(template: str, named: str)
         "{request_id}-{task_id}/{name}",
         "{pipeline}/{task_id}-{attempt}/{name}",
         "{task_id}_{name}",
-        "{name}/{task_id}",
+        "{date}-{request_id}-{task_id}/{name}",
     ],
 )
 def test_templates_that_keep_each_tasks_keys_apart_are_accepted(template: str) -> None:

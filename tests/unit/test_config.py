@@ -395,3 +395,16 @@ def test_builtin_config_file_loads_when_named(tmp_path):
     config = load_config(builtin_config_path(), env={"CONVEYOR_DATABASE_URL": "sqlite:///x.db"})
     assert {"spotbot", "noop", "sleep"} <= set(config.pipelines)
     assert config.database_url == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize("name", ["a/b", "two words", "", "-lead", "é"])
+def test_a_pipeline_name_that_would_change_a_url_or_a_key_is_refused(name):
+    with pytest.raises(ConfigError) as info:
+        parse({"pipelines": {name: {"executor": "command", "command": ["true"]}}})
+    assert str(info.value).startswith("pipelines:") and repr(name) in str(info.value)
+
+
+def test_pipeline_names_of_letters_digits_dots_dashes_and_underscores_are_fine():
+    names = ["spotbot", "spotbot-remote", "kcidb_v4", "v1.2", "7up"]
+    config = parse({"pipelines": {n: {"executor": "command", "command": ["true"]} for n in names}})
+    assert sorted(config.pipelines) == sorted(names)

@@ -208,6 +208,9 @@ def test_request_selectors_reach_a_field_wherever_a_task_may_take_it_from() -> N
     # items that are paths themselves: a shared `item` never reaches a task
     files = (parse_selector("files[*]"),)
     assert request_selectors(files, "files") == files
+    # a field named `item` in object items is checked wherever it is given
+    item = (parse_selector("item"),)
+    assert request_selectors(item, "files") == (("item",), ("files", None, "item"))
 
 
 def test_mapping_back_keeps_roots_as_roots_and_leaves_other_strings_alone() -> None:

@@ -40,25 +40,40 @@ def check_template(template: str) -> None:
         # would delete the other's
         raise ArtifactKeyError(
             f"key template {template!r} must hold {{task_id}}, set apart from other fields "
-            "and digits (by '/', '-' or the like), so no two tasks share a key"
+            "and digits, with no {name} before it and in its segment only {date}, "
+            "{request_id} or {attempt} before it, so no two tasks share a key"
         )
     sample = template.format(**{f: "x" for f in KEY_FIELDS})
     check_key(sample, what=f"key template {template!r}")
 
 
+# Fields whose values have a fixed shape: digits (or a date of them), never a slash.
+_FIXED = {"request_id", "attempt", "date"}
+
+
 def _task_id_apart(parts: list[tuple[str, str | None, str | None, str | None]]) -> bool:
-    """Whether `{task_id}` is in the template, set apart from its neighbours: not next
-    to another field, nor to a digit, so a key shows where the task id begins and ends
-    (`{request_id}{task_id}` gives `123` for request 1 task 23 and request 12 task 3)."""
-    for i, (literal, field, _spec, _conv) in enumerate(parts):
-        if field != "task_id":
-            continue
-        follows_field = i > 0 and parts[i - 1][1] is not None
-        if (follows_field and not literal) or literal[-1:].isdigit():
+    """Whether a key shows which task it is for. `{task_id}` must be there, with no
+    `{name}` (which may hold slashes) before it; in its own segment (from the slash
+    before it) only fixed-shape fields may come before it; and it is set apart from
+    its neighbours by something that is not a digit. So `{request_id}-{task_id}/{name}`
+    and `{task_id}_{name}` are fine, while `{request_id}{task_id}/...` (request 1 task
+    23, request 12 task 3) and `{pipeline}_{task_id}_{name}` (pipeline `a_2` task 7,
+    pipeline `a` task 2 with an output `7_x`) are not."""
+    fields = [field for _literal, field, _spec, _conv in parts]
+    if "task_id" not in fields or "name" in fields[: fields.index("task_id")]:
+        return False
+    at = fields.index("task_id")
+    before = parts[at][0]
+    if (at > 0 and not before) or before[-1:].isdigit():
+        return False  # run into the field before it, or into a digit
+    for literal, field, _spec, _conv in reversed(parts[:at]):
+        if "/" in before:
+            break  # its segment begins here
+        if field is not None and field not in _FIXED:
             return False
-        after, then = parts[i + 1][:2] if i + 1 < len(parts) else ("", None)
-        return not ((then is not None and not after) or after[:1].isdigit())
-    return False
+        before = literal
+    after, then = parts[at + 1][:2] if at + 1 < len(parts) else ("", None)
+    return not ((then is not None and not after) or after[:1].isdigit())
 
 
 def check_key(key: str, what: str = "artifact key") -> str:

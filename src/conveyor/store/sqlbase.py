@@ -100,6 +100,7 @@ class SQLBase:
             raise Refused(describe_error(exc)) from exc
         except sa.exc.InternalError as exc:
             if getattr(exc.orig, "sqlstate", None) == _READ_ONLY:  # a standby, after failover
+                self.engine.dispose()  # new connections, to wherever the primary is now
                 raise Unavailable(describe_error(exc)) from exc
             raise
 

@@ -224,10 +224,10 @@ class SQLiteStore(SQLStore):
 
         # Migrations that rebuild a table (SQLite's way to change one) drop it while
         # others still refer to it: they run with foreign keys off, and check them
-        # themselves. (An in-memory database, or one named by a `file:` URI, which may be
-        # shared memory, is left to this engine.)
+        # themselves. (An in-memory database is left to this engine: another would see
+        # a database of its own, or one that goes with it.)
         path = self._path or ""
-        file = bool(path) and path != ":memory:" and not path.startswith("file:")
+        file = bool(path) and path != ":memory:" and "mode=memory" not in path
         engine = sqlite_engine(self.url, self._lock_timeout, foreign_keys=False) if file else None
         try:
             upgrade(engine or self.engine)
