@@ -608,14 +608,20 @@ class Worker:
             try:
                 applied = set(self.store.finish(self.id, outcomes, self.app.clock()))
                 break
-            except Unavailable as exc:
-                log.warning("cannot record outcomes (%s); retrying in %.1fs", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
             except Exception as exc:
-                again = patient and not isinstance(exc, ValueError | TypeError)
-                if again and time.monotonic() - began < self.lease and not self._hard_stop.is_set():
-                    log.exception("cannot record outcomes; retrying in %.1fs", delay)
+                away = isinstance(exc, Unavailable)  # tried again for as long as it takes
+                unplaced = patient and not isinstance(exc, Unavailable | ValueError | TypeError)
+                if away or (
+                    unplaced
+                    and time.monotonic() - began < self.lease
+                    and not self._hard_stop.is_set()
+                ):
+                    log.warning(
+                        "cannot record outcomes (%s); retrying in %.1fs",
+                        exc,
+                        delay,
+                        exc_info=unplaced,
+                    )
                     time.sleep(delay)
                     delay = min(delay * 2, 10.0)
                     continue
@@ -724,13 +730,15 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         interval = max(0.2, min(self.lease / 3, 2.0))
         while not self._hard_stop.wait(interval):
-            runs = [r for r in list(self._running.values()) if not r.settled]
+            # One snapshot. Only what this worker still holds is renewed (attempts whose
+            # outcome or release is not yet recorded included): a task it lost track of
+            # is not kept alive.
+            held = list(self._running.values())
+            runs = [r for r in held if not r.settled]
             running = sum(1 for r in runs if r.started and not r.finished)
+            ids = {r.task.id for r in held}
             try:
-                # Only what this worker still holds (attempts whose outcome or release is
-                # not yet recorded included): a task it lost track of is not kept alive.
-                held = set(self._running)
-                owned = self.store.heartbeat(self.id, self.lease, self.app.clock(), running, held)
+                owned = self.store.heartbeat(self.id, self.lease, self.app.clock(), running, ids)
             except Unavailable as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue

@@ -133,9 +133,16 @@ class SQLBase:
         from conveyor.store.migrate import upgrade
 
         try:
-            upgrade(self.engine)
+            with self._migrating() as engine:
+                upgrade(engine)
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             raise Unavailable(describe_error(exc)) from exc
+
+    @contextmanager
+    def _migrating(self) -> Iterator[sa.Engine]:
+        """The engine migrations run on: the store's own, unless a dialect needs other
+        connection settings for them."""
+        yield self.engine
 
     # dialect hooks ------------------------------------------------------------
     def _insert_tasks(self, conn: Connection, rows: list[dict[str, Any]]) -> None:

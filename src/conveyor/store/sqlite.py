@@ -220,22 +220,26 @@ class SQLiteStore(SQLStore):
                 raise Unavailable(describe_error(exc)) from exc
 
     def upgrade(self) -> None:
-        from conveyor.store.migrate import upgrade
+        try:
+            super().upgrade()
+        except sqlite3.OperationalError as exc:  # from BEGIN, run on the driver's connection
+            raise Unavailable(describe_error(exc)) from exc
 
+    @contextmanager
+    def _migrating(self) -> Iterator[sa.Engine]:
         # Migrations that rebuild a table (SQLite's way to change one) drop it while
         # others still refer to it: they run with foreign keys off, and check them
-        # themselves. (An in-memory database is left to this engine: another would see
-        # a database of its own, or one that goes with it.)
+        # themselves. (An in-memory database stays on this engine: another would see a
+        # database of its own, or one that goes with it.)
         path = self._path or ""
-        file = bool(path) and path != ":memory:" and "mode=memory" not in path
-        engine = sqlite_engine(self.url, self._lock_timeout, foreign_keys=False) if file else None
+        if not path or path == ":memory:" or "mode=memory" in path:
+            yield self.engine
+            return
+        engine = sqlite_engine(self.url, self._lock_timeout, foreign_keys=False)
         try:
-            upgrade(engine or self.engine)
-        except (sqlite3.OperationalError, sa.exc.OperationalError) as exc:
-            raise Unavailable(describe_error(exc)) from exc
+            yield engine
         finally:
-            if engine is not None:
-                engine.dispose()
+            engine.dispose()
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
