@@ -181,7 +181,15 @@ def test_wait_polls_when_the_stream_is_refused(served: Served) -> None:
     net = Counting(refuse="/api/v1/events/stream")
     c = served.client("read", transport=net)
     rid = served.api.app.submit("echo", ITEMS).request.id
-    later(0.8, lambda: run_request(served.api.store, rid, TaskAction.FAIL))
+
+    def finish_once_polled() -> None:
+        # ended after the client has looked a few times, however slow the machine
+        deadline = time.monotonic() + 15
+        while net.paths.count(f"/api/v1/requests/{rid}") < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        run_request(served.api.store, rid, TaskAction.FAIL)
+
+    later(0, finish_once_polled)
     done = c.wait(rid, timeout=20, poll=0.3)
     assert done.status == RequestStatus.FAILED
     assert "/api/v1/events/stream" in net.paths  # it tried
