@@ -11,8 +11,10 @@ the database, due again when its lease ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -81,7 +83,13 @@ class Notifier:
         self.settle = settle
         longest = max((c.timeout for c in self.settings.values()), default=10.0)
         self.lease = longest + 30.0  # a send's time limit, and some
-        self._http = httpx.Client(follow_redirects=False, headers={"User-Agent": "conveyor"})
+        # No connection is kept for the next delivery (the answer's body is never read, so
+        # none could be): each delivery connects anew, which `_post`'s deadline needs.
+        self._http = httpx.Client(
+            follow_redirects=False,
+            headers={"User-Agent": "conveyor"},
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
         self._pool = ThreadPoolExecutor(senders, thread_name_prefix="conveyor-notify-send")
         self._inflight: set[Future[None]] = set()
         self._lock = threading.Lock()
@@ -258,21 +266,75 @@ class Notifier:
         secret = self.secrets.get(n.pipeline)
         if secret is not None:
             headers[SIGNATURE_HEADER] = sign(body, secret)
+        deadline = _Deadline(cfg.timeout)
         try:
             # Only the status line and headers are read: the answer's body, which a
             # receiver could trickle a byte at a time (each read within the time limit),
-            # is not waited for; the connection is closed instead.
+            # is not waited for; the connection is closed instead. The time limit holds
+            # for each connect and read, and for the whole delivery (`_Deadline`).
             with self._http.stream(
-                "POST", n.url, content=body, headers=headers, timeout=httpx.Timeout(cfg.timeout)
+                "POST",
+                n.url,
+                content=body,
+                headers=headers,
+                timeout=httpx.Timeout(cfg.timeout),
+                extensions={"trace": deadline.trace},
             ) as answer:
                 status = answer.status_code
         except httpx.TimeoutException:
             return f"the receiver did not answer within {cfg.timeout:g}s"
         except httpx.HTTPError as exc:
+            if deadline.passed:
+                return f"the receiver did not answer within {cfg.timeout:g}s"
             return f"cannot reach the receiver: {type(exc).__name__}: {exc}"
+        finally:
+            deadline.cancel()
         if 200 <= status < 300:
             return None
         return f"the receiver answered HTTP {status}"
+
+
+class _Deadline:
+    """A whole delivery's time limit. httpx's limits hold for each connect, write and
+    read, so a receiver sending its status line and headers a byte at a time, each
+    within the limit, could hold a sender for hours. The connection is taken as it is
+    made (httpcore's `trace` extension), and when the time is up it is shut down,
+    which ends the read waiting on it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.passed = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, name: str, info: Mapping[str, Any]) -> None:
+        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                with self._lock:
+                    self._sock = sock
+                    if self.passed:
+                        _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.passed = True
+            if self._sock is not None:
+                _shut(self._sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut a connection down under whoever is reading it (closing its descriptor
+    would not wake the read). The plain socket's call, also for a TLS socket, whose
+    own would first try to end TLS."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _host(url: str) -> str:

@@ -29,8 +29,9 @@ SECRET = "hook-secret-for-tests"
 
 @dataclass
 class Receiver:
-    """A webhook receiver: records what it gets; `mode` is ok, fail (HTTP 503), hang, or
-    trickle (a 200 whose body never ends)."""
+    """A webhook receiver: records what it gets; `mode` is ok, fail (HTTP 503), hang,
+    trickle (a 200 whose body never ends), or slow-headers (a status line, then headers
+    that never end, a byte at a time)."""
 
     port: int = 0
     mode: str = "ok"
@@ -58,6 +59,14 @@ class Receiver:
                     self.end_headers()
                     while not owner.release.wait(0.3):
                         self.wfile.write(b" ")
+                        self.wfile.flush()
+                    return
+                if owner.mode == "slow-headers":
+                    owner.got.append((dict(self.headers.items()), body))
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    self.wfile.flush()
+                    while not owner.release.wait(0.3):
+                        self.wfile.write(b"x")
                         self.wfile.flush()
                     return
                 if owner.mode == "fail":
@@ -276,6 +285,34 @@ def test_an_answer_whose_body_trickles_is_taken_at_its_status_line(
         receiver.release.set()
     assert time.monotonic() - started < 5
     assert len(receiver.got) == len(app.store.list_notifications(request_id=rid))  # once each
+
+
+def test_headers_that_trickle_end_the_delivery_at_its_time_limit(
+    make_notifying: Any, receiver: Receiver
+) -> None:
+    # Each byte of the headers comes within the 1 s limit on a read; the delivery as a
+    # whole gets 1 s, then it is a failure to retry, and the sender is free again.
+    receiver.mode = "slow-headers"
+    app, notifier = make_notifying(notify_toml(receiver.url, 'on = ["task"]'))
+    notifier.fill()
+    rid = app.submit("ranks", {"items": [{"name": "a", "code": 0}]}).request.id
+    run_worker(app)
+    try:
+        deadline = time.monotonic() + 10
+        while notifier.send_due() == 0:  # due once settled
+            assert time.monotonic() < deadline
+            notifier.fill()
+            time.sleep(0.02)
+        started = time.monotonic()
+        notifier.wait_idle(10)
+        took = time.monotonic() - started
+        (n,) = app.store.list_notifications(request_id=rid)
+        assert n.state == NotificationStatus.PENDING and n.attempts == 1
+        assert n.last_error == "the receiver did not answer within 1s"
+        assert 0.9 < took < 3
+        assert len(receiver.got) == 1
+    finally:
+        receiver.release.set()
 
 
 def test_it_gives_up_after_its_attempts_visibly(make_notifying: Any, receiver: Receiver) -> None:
