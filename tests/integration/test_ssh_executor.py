@@ -129,17 +129,26 @@ def test_a_nonzero_exit_fails_the_task(sshd: Sshd, make) -> None:
 
 
 def test_remote_output_without_newlines_is_logged_in_bounded_pieces(sshd: Sshd, make) -> None:
-    # 1 MB with no newline: all of it reaches the log, in lines of at most LINE_MAX.
+    # 1 MB with no newline: all of it reaches the log, in lines of at most LINE_MAX. The
+    # piece of it that starts with the progress prefix is not a progress report.
     app = make(
         sshd.host_toml()
-        + pipeline_toml(["sh", "-c", "head -c 1000000 /dev/zero | tr '\\0' y; echo; echo end"])
+        + pipeline_toml(
+            [
+                "sh",
+                "-c",
+                "head -c 1000000 /dev/zero | tr '\\0' y; echo; echo end; "
+                f"head -c {LINE_MAX} /dev/zero | tr '\\0' z; echo conveyor:progress 3/4 no",
+            ]
+        )
     )
     task = run_to_end(app, {})
     assert task.status == TaskStatus.SUCCEEDED, task.error
     lines = log_of(app, task.id).splitlines()
     assert max(len(line.encode()) for line in lines) <= LINE_MAX
     assert sum(line.count("y") for line in lines if set(line) == {"y"}) == 1_000_000
-    assert "end" in lines
+    assert "end" in lines and "conveyor:progress 3/4 no" in lines
+    assert task.progress.current == 0 and task.progress.message is None
 
 
 def test_logs_stream_back_while_the_command_runs(sshd: Sshd, make, tmp_path) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from conveyor.executors import ExecResult, TaskContext, executor_for
 from conveyor.executors.command import CommandExecutor
-from conveyor.executors.launcher import LINE_MAX, split_lines, which
+from conveyor.executors.launcher import LINE_MAX, Lines, which
 from conveyor.executors.loop import CommandLoop, Job, Slots
 from conveyor.executors.python import NonRetryable, PythonExecutor
 from conveyor.pipelines import Pipeline
@@ -352,6 +352,23 @@ def test_progress_lines_reach_the_report_callback(tmp_path):
     assert "conveyor:progress 2/3 step 2" in run.log
 
 
+def test_the_rest_of_a_long_line_is_never_taken_as_progress(tmp_path):
+    # A line longer than LINE_MAX is logged in pieces; a piece that happens to start
+    # with the progress prefix is still the middle of a line, not a report.
+    code = f"""
+        import sys
+        sys.stdout.write("x" * {LINE_MAX} + "conveyor:progress 5/6 inside a line\\n")
+        sys.stdout.write("conveyor:progress 1/2 real\\n")
+        sys.stdout.write("y" * {LINE_MAX} + "conveyor:progress 7/8 at the end")
+    """
+    run, result = run_command(tmp_path, code)
+    assert result.ok
+    assert run.reports == [Progress(1, 2, "real")]
+    lines = run.log.splitlines()
+    assert "conveyor:progress 5/6 inside a line" in lines  # logged all the same
+    assert "conveyor:progress 7/8 at the end" in lines
+
+
 def test_large_output_is_not_lost(tmp_path):
     run, result = run_command(tmp_path, "for i in range(20000): print('line', i)")
     assert result.ok
@@ -380,33 +397,55 @@ def test_output_without_newlines_is_logged_whole_in_bounded_pieces(tmp_path):
     assert lines[-2:] == ["after", "exit code 0"]
 
 
-def test_split_lines_holds_at_most_a_piece_and_never_cuts_a_character():
-    lines, rest = split_lines(b"ab", b"c\nde\nf")
-    assert (lines, rest) == ([b"abc", b"de"], b"f")
+def feed(reads: list[bytes]) -> tuple[list[tuple[bytes, bool]], Lines]:
+    lines = Lines()
+    out = []
+    for chunk in reads:
+        out += lines.feed(chunk)
+        assert len(lines.held) <= LINE_MAX
+    return out, lines
+
+
+def test_lines_hold_at_most_a_piece_and_never_cut_a_character():
+    got, lines = feed([b"ab", b"c\nde\nf"])
+    assert (got, lines.end()) == ([(b"abc", True), (b"de", True)], (b"f", True))
     for filler in (b"x", "\u00e9".encode(), "\u20ac".encode(), "\U0001f600".encode()):
         data = filler * (3 * LINE_MAX // len(filler) + 7)
-        pending, pieces = b"", []
-        for at in range(0, len(data), 4096):  # as reads of a pipe would come
-            got, pending = split_lines(pending, data[at : at + 4096])
-            pieces += got
-            assert len(pending) <= LINE_MAX
-        pieces.append(pending)
+        got, lines = feed([data[at : at + 4096] for at in range(0, len(data), 4096)])
+        last = lines.end()
+        assert last is not None
+        pieces = [p for p, _ in got] + [last[0]]
         assert b"".join(pieces) == data
         assert all(0 < len(p) <= LINE_MAX for p in pieces)
         assert all(p.decode() for p in pieces)  # each piece is whole characters
+        # only the first piece starts a line
+        assert [starts for _, starts in [*got, last]] == [True] + [False] * (len(pieces) - 1)
     # a CRLF line end just past LINE_MAX: no piece is only its CR (an empty line)
     long = b"x" * LINE_MAX
     for reads in ([long + b"\r\n"], [long + b"\r", b"\n"], [long, b"\r", b"\n"]):
-        pending, pieces = b"", []
-        for chunk in reads:
-            got, pending = split_lines(pending, chunk)
-            pieces += got
-        assert pending == b""
-        assert [p.rstrip(b"\r") for p in pieces] == [long[:-1], b"x"]
+        got, lines = feed(reads)
+        assert lines.end() is None
+        assert [(p.rstrip(b"\r"), s) for p, s in got] == [(long[:-1], True), (b"x", False)]
     # bytes that are not UTF-8 are cut at LINE_MAX, not lost
     data = b"\x80" * (LINE_MAX + 10)
-    lines, rest = split_lines(b"", data)
-    assert lines == [data[:LINE_MAX]] and rest == data[LINE_MAX:]
+    got, lines = feed([data])
+    assert got == [(data[:LINE_MAX], True)] and lines.end() == (data[LINE_MAX:], False)
+
+
+def test_lines_know_which_start_a_line_across_reads():
+    # the rest of a cut line, ended by a later read, does not start a line; the next does
+    got, _ = feed([b"x" * (LINE_MAX + 5), b"rest\nnext\n"])
+    assert got == [(b"x" * LINE_MAX, True), (b"xxxxxrest", False), (b"next", True)]
+    # a cut line's end coming whole in one read, after lines cut in the same read
+    got, _ = feed([b"a" * (LINE_MAX + 1) + b"\nb\n" + b"c" * (LINE_MAX + 2) + b"\nd\n"])
+    assert got == [
+        (b"a" * LINE_MAX, True),
+        (b"a", False),
+        (b"b", True),
+        (b"c" * LINE_MAX, True),
+        (b"cc", False),
+        (b"d", True),
+    ]
 
 
 # command: arguments, environment, directory ------------------------------------------------------

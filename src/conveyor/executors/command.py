@@ -19,10 +19,10 @@ from conveyor.executors.launcher import (
     LEFTOVER_READS,
     Launcher,
     LauncherGone,
+    Lines,
     cwd_problem,
     fixed_path,
     killpg,
-    split_lines,
     which,
 )
 from conveyor.executors.watchdog import Watchdog
@@ -360,7 +360,7 @@ class Attempt(Running):
         self.pidfd = pidfd
         self._watchdog = watchdog
         self._poller: select.poll | None = None
-        self._buf = b""
+        self._lines = Lines()
         self.eof = False
         self._closed = False  # its descriptors are closed
 
@@ -399,13 +399,12 @@ class Attempt(Running):
             if self._poller is not None:
                 self._poller.unregister(self.fd)
             return
-        lines, self._buf = split_lines(self._buf, chunk)
-        for raw in lines:
-            self._line(raw)
+        for raw, starts in self._lines.feed(chunk):
+            self._line(raw, starts)
 
-    def _line(self, raw: bytes) -> None:
+    def _line(self, raw: bytes, starts: bool) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
-        progress = parse_progress_line(line)
+        progress = parse_progress_line(line) if starts else None
         if progress is not None:
             self.ctx.report(progress)
         self.ctx.log(line)
@@ -420,9 +419,9 @@ class Attempt(Running):
                 if self.eof or not _readable(self.fd):
                     break
                 self._take()
-            if self._buf:
-                self._line(self._buf)
-                self._buf = b""
+            last = self._lines.end()
+            if last is not None:
+                self._line(*last)
         finally:
             self._close()  # tells the watchdog before the reaping frees the process id
         code = self.proc.wait()

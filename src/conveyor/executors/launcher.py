@@ -76,7 +76,7 @@ PROTOCOL = 1  # of the messages; a launcher refuses a worker that speaks another
 
 # the launcher's side ------------------------------------------------------------------
 class _Child:
-    __slots__ = ("buf", "failed", "key", "log", "out", "pid", "pidfd", "reason")
+    __slots__ = ("failed", "key", "lines", "log", "out", "pid", "pidfd", "reason")
 
     def __init__(self, key: int, pid: int, pidfd: int, out: int, log: int) -> None:
         self.key = key
@@ -84,7 +84,7 @@ class _Child:
         self.pidfd = pidfd
         self.out: int | None = out  # the output pipe's read end, until end of file
         self.log = log
-        self.buf = b""  # output after the last newline
+        self.lines = Lines()
         self.reason: str | None = None  # why the worker had it killed
         self.failed: str | None = None  # why its log could not be written
 
@@ -344,15 +344,14 @@ class _Launcher:
             self.forget(child.out)
             child.out = None
             return False
-        lines, child.buf = split_lines(child.buf, chunk)
-        self.lines(child, lines)
+        self.lines(child, child.lines.feed(chunk))
         return True
 
-    def lines(self, child: _Child, lines: list[bytes]) -> None:
+    def lines(self, child: _Child, lines: list[tuple[bytes, bool]]) -> None:
         text = []
-        for raw in lines:
+        for raw, starts in lines:
             line = raw.decode("utf-8", "replace").rstrip("\r")
-            if progress_of(line) is not None:
+            if starts and progress_of(line) is not None:
                 self.send("progress", child.key, line[:PROGRESS_MAX])
             text.append(line + "\n")
         if text and child.failed is None:
@@ -369,8 +368,9 @@ class _Launcher:
         for _ in range(LEFTOVER_READS):
             if child.out is None or not self.output(child):
                 break
-        if child.buf:
-            self.lines(child, [child.buf])
+        last = child.lines.end()
+        if last is not None:
+            self.lines(child, [last])
         code = _exit_code(os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT))
         if child.failed is None:
             end = f"killed: {child.reason}" if child.reason else f"exit code {code}"
@@ -477,36 +477,59 @@ def _drain(sock: socket.socket, buf: bytearray) -> bool:
         buf += data
 
 
-def split_lines(pending: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
-    """The lines that `chunk` completes after `pending` (output after the last newline
-    so far), without their newlines, and the new `pending`. A line is never longer
-    than LINE_MAX bytes: a longer one comes out in pieces of at most that, each cut
-    between UTF-8 characters, so that output which goes on without a newline (binary
-    data, a progress bar redrawn with carriage returns) is not held whole in memory,
-    nor copied again with each read."""
-    data = pending + chunk
-    *lines, rest = data.split(b"\n")
-    if len(data) <= LINE_MAX or (
-        len(rest) <= LINE_MAX and max(map(len, lines), default=0) <= LINE_MAX
-    ):
-        return lines, rest
-    whole: list[bytes] = []
-    for line in lines:
-        whole += _pieces(line)
-    *more, rest = _pieces(rest)
-    return whole + more, rest
+class Lines:
+    """A command's output cut into lines, read by read: `feed` gives the lines that a
+    chunk completes, without their newlines, each with whether it starts a line of the
+    output (only such a one may be a progress line). A line is never longer than
+    LINE_MAX bytes: a longer one comes out in pieces of at most that, each cut between
+    UTF-8 characters, so that output which goes on without a newline (binary data, a
+    progress bar redrawn with carriage returns) is not held whole in memory, nor copied
+    again with each read; the pieces after a line's first do not start a line."""
+
+    __slots__ = ("held", "midline")
+
+    def __init__(self) -> None:
+        self.held = b""  # output after the last newline, at most LINE_MAX bytes
+        self.midline = False  # `held` goes on a line already given in part
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bool]]:
+        data = self.held + chunk
+        *lines, rest = data.split(b"\n")
+        starts = not self.midline  # of the first line here (or of `rest`, if none)
+        if len(data) <= LINE_MAX or (
+            len(rest) <= LINE_MAX and max(map(len, lines), default=0) <= LINE_MAX
+        ):
+            out = [(line, True) for line in lines]
+            if out and not starts:
+                out[0] = (out[0][0], False)
+            self.held, self.midline = rest, not (starts or lines)
+            return out
+        out = []
+        for line in lines:
+            out += _pieces(line, starts)
+            starts = True
+        *more, (self.held, held_starts) = _pieces(rest, starts)
+        self.midline = not held_starts
+        return out + more
+
+    def end(self) -> tuple[bytes, bool] | None:
+        """What is held when the output ends (a last line with no newline), if any."""
+        held, self.held = self.held, b""
+        return (held, not self.midline) if held else None
 
 
-def _pieces(line: bytes) -> list[bytes]:
-    """`line` cut into pieces of at most LINE_MAX bytes, between characters."""
+def _pieces(line: bytes, starts: bool) -> list[tuple[bytes, bool]]:
+    """`line` cut into pieces of at most LINE_MAX bytes, between characters, each with
+    whether it starts a line (the first, if `line` does)."""
     pieces = []
     while len(line) > LINE_MAX:
         cut = _character_start(line, LINE_MAX)
         if line[cut:] == b"\r":  # the CR of a CRLF: it goes with the end of the line
             cut = _character_start(line, cut - 1)
-        pieces.append(line[:cut])
+        pieces.append((line[:cut], starts))
         line = line[cut:]
-    pieces.append(line)
+        starts = False
+    pieces.append((line, starts))
     return pieces
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import asyncssh
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
-from conveyor.executors.launcher import split_lines
+from conveyor.executors.launcher import Lines
 from conveyor.hosts import Host, pick_host
 from conveyor.paths import reverse, rewrite_fields, rewrite_prefixes, task_selectors
 from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
@@ -295,26 +295,26 @@ class SshExecutor:
         pgid: list[int],
         host: str,
     ) -> None:
-        buf = b""
+        lines = Lines()
         try:
             while True:
                 chunk = await proc.stdout.read(65536)
                 if not chunk:
                     break
-                lines, buf = split_lines(buf, chunk)
-                for raw in lines:
+                for raw, starts in lines.feed(chunk):
                     line = raw.decode("utf-8", "replace").rstrip("\r")
                     # The wrapper's first word; a login script may have printed before it.
-                    if not pgid and line.startswith(_PGID_MARK):
+                    if starts and not pgid and line.startswith(_PGID_MARK):
                         try:
                             pgid.append(int(line.split()[1]))
                             continue
                         except (IndexError, ValueError):
                             pass
-                    _line(line, ctx)
+                    _line(line, starts, ctx)
         finally:  # a last line with no newline is logged, also when reading is cut short
-            if buf:
-                _line(buf.decode("utf-8", "replace").rstrip("\r"), ctx)
+            last = lines.end()
+            if last is not None:
+                _line(last[0].decode("utf-8", "replace").rstrip("\r"), last[1], ctx)
         if proc.exit_status is None and proc.exit_signal is None:
             # EOF without an exit status: wait briefly for it, else the link is gone.
             try:
@@ -358,8 +358,10 @@ async def _drain(reader: asyncio.Future[None], within: float = 1.0) -> None:
         await asyncio.wait({reader})  # its last line without a newline is logged first
 
 
-def _line(line: str, ctx: TaskContext) -> None:
-    progress = parse_progress_line(line)
+def _line(line: str, starts: bool, ctx: TaskContext) -> None:
+    """A line of output (`starts`: not the rest of a longer line) into the log, and
+    into the progress if it is a progress line."""
+    progress = parse_progress_line(line) if starts else None
     if progress is not None:
         ctx.report(progress)
     ctx.log(line)
