@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, run_cli, write_config
+from conveyor.executors.watchdog import Watchdog
 from proc_support import alive
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,3 +67,36 @@ def test_commands_die_with_a_worker_killed_by_sigkill(
         for pid in started:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _watchdogs_of_this_process() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        if ppid == os.getpid() and b"watchdog.py" in cmdline and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_closed_watchdog_stops_what_is_listed_and_is_not_started_again() -> None:
+    dog = Watchdog()
+    command = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        dog.started(command.pid)
+        assert len(_watchdogs_of_this_process()) == 1
+        dog.close()  # as a stopping worker does, with this command still listed
+        assert command.wait(10) == -signal.SIGTERM
+        # a command that ends or starts after the close writes nowhere, starts nothing
+        dog.ended(command.pid)
+        dog.started(command.pid)
+        assert _watchdogs_of_this_process() == []
+    finally:
+        command.kill()
+        command.wait()

@@ -87,27 +87,29 @@ class Watchdog:
     def __init__(self) -> None:
         self._fd: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        # Held while the pipe is written, so that `close` never frees its descriptor
+        # (whose number the next file opened would get) under a write.
         self._lock = threading.Lock()
 
     def _start(self) -> int | None:
-        with self._lock:
-            if self._fd is None:
-                read, write = os.pipe()  # both non-inheritable: commands do not get them
-                try:
-                    self._proc = subprocess.Popen(
-                        [sys.executable, "-I", "-S", os.path.abspath(__file__)],
-                        stdin=read,
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
-                except OSError:
-                    os.close(write)
-                    return None
-                finally:
-                    os.close(read)
-                self._fd = write
-            return self._fd
+        """Start the watchdog (the lock held); its pipe, or None if it cannot start."""
+        read, write = os.pipe()  # both non-inheritable: commands do not get them
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__)],
+                stdin=read,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError:
+            os.close(write)
+            return None
+        finally:
+            os.close(read)
+        self._fd = write
+        return write
 
     def started(self, pgid: int) -> None:
         self._send(b"+%d\n" % pgid)
@@ -116,27 +118,31 @@ class Watchdog:
         self._send(b"-%d\n" % pgid)
 
     def _send(self, line: bytes) -> None:
-        fd = self._fd if self._fd is not None else self._start()
-        if fd is None:
-            return
-        try:
-            os.write(fd, line)  # shorter than PIPE_BUF: written whole, no lock needed
-        except OSError:
-            pass  # the watchdog is gone; the commands still run, unguarded
+        with self._lock:
+            if self._closed:
+                return  # the worker is stopping: its commands are its own to kill
+            fd = self._fd if self._fd is not None else self._start()
+            if fd is None:
+                return
+            try:
+                os.write(fd, line)  # shorter than PIPE_BUF: written whole
+            except OSError:
+                pass  # the watchdog is gone; the commands still run, unguarded
 
     def close(self) -> None:
-        """Stop it (the worker has killed its commands itself)."""
+        """Stop it (the worker has killed its commands itself); it is not started again."""
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-            if self._proc is not None:
-                try:
-                    self._proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-                self._proc = None
+            self._closed = True
+            fd, self._fd = self._fd, None
+            proc, self._proc = self._proc, None
+        if fd is not None:
+            os.close(fd)  # its end of file: it stops what is still listed, and exits
+        if proc is not None:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 if __name__ == "__main__":
