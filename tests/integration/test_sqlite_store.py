@@ -345,3 +345,34 @@ def test_an_existing_database_keeps_its_rows_and_indexes_and_never_reuses_an_id(
     assert again.id == 2 and again.tasks[0].id == 4
     store.close()
     db.close()
+
+
+@pytest.mark.parametrize(
+    "database",
+    ["file:{dir}/data%20base/c.db?uri=true", "file://localhost{dir}/data%20base/c.db?uri=true"],
+    ids=["path", "localhost"],
+)
+def test_a_database_named_by_a_file_uri_is_that_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
+) -> None:
+    # The file's folder is made where the URI says, nothing named `file:` beside the
+    # working directory; a change made through another store wakes the listener.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    url = "sqlite:///" + database.format(dir=tmp_path)
+    store = SQLiteStore(url)
+    store.upgrade()
+    other = SQLiteStore(url)
+    listener = store.listener()
+    try:
+        rid = other.submit(new_request(items=[1]), time.time()).request.id
+        assert listener.wait(5)
+        found = store.get_request(rid, with_tasks=False)
+        assert found is not None and found.params == {"items": [1]}
+        assert (tmp_path / "data base" / "c.db").is_file()
+        assert list(cwd.iterdir()) == []
+    finally:
+        listener.close()
+        other.close()
+        store.close()

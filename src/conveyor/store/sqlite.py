@@ -9,6 +9,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,6 +79,26 @@ def _excluded(exclude: list[str]) -> tuple[str, dict[str, Any]]:
     return f" AND pipeline NOT IN ({', '.join(':' + k for k in names)})", names
 
 
+def _file_uri(path: str) -> str:
+    return Path(os.path.realpath(path)).as_uri()
+
+
+def database_file(database: str | None) -> str | None:
+    """The file a SQLite URL's database names: its path, also for a `file:` URI
+    (`sqlite:///file:/srv/c.db?uri=true`: the part before `?`, percent-decoded); None
+    for an in-memory database."""
+    if not database or database == ":memory:":
+        return None
+    if not database.startswith("file:"):
+        return database
+    path, _, query = database.removeprefix("file:").partition("?")
+    if "mode=memory" in query.split("&") or path in ("", ":memory:"):
+        return None
+    if path.startswith("//"):  # file://host/path: only an empty host or localhost is local
+        path = "/" + path[2:].partition("/")[2]
+    return urllib.parse.unquote(path)
+
+
 class _SqliteListener:
     """SQLite has no notifications: watch the file's change counter (`PRAGMA
     data_version`, a read of shared memory in WAL mode) every few milliseconds, and wake
@@ -87,7 +108,7 @@ class _SqliteListener:
 
     def __init__(self, path: str, local: Listener) -> None:
         self._local = local
-        self._db = sqlite3.connect(path, timeout=5, check_same_thread=False)
+        self._db = sqlite3.connect(path, timeout=5, check_same_thread=False, uri=True)
         self._version = self._read()
 
     def _read(self) -> int:
@@ -187,17 +208,20 @@ class SQLiteStore(SQLStore):
     dialect = "sqlite"
 
     def listener(self) -> Listener:
-        if not self._path or self._path == ":memory:":
+        if self._file is None:
             return super().listener()
-        return _SqliteListener(self._path, super().listener())
+        # as a URI: the database's own (a `file:` URI's options hold), or its file's
+        uri = self._path if self._path.startswith("file:") else _file_uri(self._file)
+        return _SqliteListener(uri, super().listener())
 
     def __init__(self, url: str, lock_timeout: float = 60.0) -> None:
         """`lock_timeout`: how long a statement waits for another process's lock before
         the verb fails as unavailable."""
         database = sa.engine.make_url(url).database
-        self._path = database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        self._path = database or ""
+        self._file = database_file(database)
+        if self._file is not None:
+            Path(self._file).parent.mkdir(parents=True, exist_ok=True)
         self._lock_timeout = lock_timeout
         engine = sqlite_engine(url, lock_timeout, foreign_keys=True)
         super().__init__(url, engine)
@@ -231,8 +255,7 @@ class SQLiteStore(SQLStore):
         # others still refer to it: they run with foreign keys off, and check them
         # themselves. (An in-memory database stays on this engine: another would see a
         # database of its own, or one that goes with it.)
-        path = self._path or ""
-        if not path or path == ":memory:" or "mode=memory" in path:
+        if self._file is None:
             yield self.engine
             return
         engine = sqlite_engine(self.url, self._lock_timeout, foreign_keys=False)
