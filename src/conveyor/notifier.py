@@ -284,7 +284,7 @@ class Notifier:
         except httpx.TimeoutException:
             return f"the receiver did not answer within {cfg.timeout:g}s"
         except httpx.HTTPError as exc:
-            if deadline.passed:
+            if deadline.passed and isinstance(exc, _CUT_SHORT):
                 return f"the receiver did not answer within {cfg.timeout:g}s"
             return f"cannot reach the receiver: {type(exc).__name__}: {exc}"
         finally:
@@ -292,6 +292,13 @@ class Notifier:
         if 200 <= status < 300:
             return None
         return f"the receiver answered HTTP {status}"
+
+
+_CONNECTED = (".connect_tcp.complete", ".connect_unix_socket.complete", ".start_tls.complete")
+
+
+# what reading or writing a connection shut down by the deadline raises
+_CUT_SHORT = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 
 class _Deadline:
@@ -310,7 +317,9 @@ class _Deadline:
         self._timer.start()
 
     def trace(self, name: str, info: Mapping[str, Any]) -> None:
-        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+        # "connection.connect_tcp", "proxy.start_tls" (TLS through a proxy's tunnel), ...:
+        # the latest connection made is the one the answer is read from.
+        if name.endswith(_CONNECTED):
             stream = info.get("return_value")
             sock = stream.get_extra_info("socket") if stream is not None else None
             if isinstance(sock, socket.socket):

@@ -6,6 +6,7 @@ after the configured attempts, visibly."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,12 +17,13 @@ from typing import Any
 
 import pytest
 from artifact_support import outputs_pipeline, run_worker
+from httpcore._backends.sync import SyncStream
 
 from conftest import cli_env, make_config, run_cli, write_config
 from conveyor.app import Conveyor
 from conveyor.config import ConfigError
 from conveyor.notifications import NotificationStatus, verify
-from conveyor.notifier import Notifier
+from conveyor.notifier import Notifier, _Deadline
 from conveyor.worker import Worker, WorkerOptions
 
 SECRET = "hook-secret-for-tests"
@@ -359,3 +361,25 @@ def test_a_burst_worker_sends_what_its_tasks_finished(
     missing = run_cli("notify", env=cli_env(sqlite_url, config), cwd=tmp_path, timeout=60)
     assert missing.returncode == 1
     assert "CONVEYOR_TEST_HOOK_SECRET is not set" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "event",
+    ["connection.connect_tcp.complete", "proxy.start_tls.complete"],
+    ids=["direct", "tls-through-a-proxy"],
+)
+def test_the_deadline_shuts_the_latest_connection_made(event: str) -> None:
+    # An https webhook behind a proxy reads its answer from the TLS connection made in
+    # the proxy's tunnel, announced as "proxy.start_tls": the deadline shuts that one.
+    ours, receivers = socket.socketpair()
+    deadline = _Deadline(0.3)
+    try:
+        deadline.trace(event, {"return_value": SyncStream(ours)})
+        started = time.monotonic()
+        receivers.settimeout(5)
+        assert receivers.recv(1) == b""  # shut down under any reader: end of file
+        assert deadline.passed and 0.2 < time.monotonic() - started < 3
+    finally:
+        deadline.cancel()
+        ours.close()
+        receivers.close()
