@@ -348,15 +348,20 @@ def test_an_existing_database_keeps_its_rows_and_indexes_and_never_reuses_an_id(
 
 
 @pytest.mark.parametrize(
-    "database",
-    ["file:{dir}/data%20base/c.db?uri=true", "file://localhost{dir}/data%20base/c.db?uri=true"],
-    ids=["path", "localhost"],
+    ("database", "where"),
+    [
+        ("file:{dir}/data%20base/c.db?uri=true", "data base/c.db"),
+        ("file://localhost{dir}/data%20base/c.db?uri=true&mode=rwc", "data base/c.db"),
+        ("file:rel/c.db?uri=true", "cwd/rel/c.db"),
+        ("file:sub/c.db", "cwd/file:sub/c.db"),  # no uri=true: a file of that very name
+    ],
+    ids=["path", "localhost", "relative", "not-a-uri"],
 )
 def test_a_database_named_by_a_file_uri_is_that_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str, where: str
 ) -> None:
-    # The file's folder is made where the URI says, nothing named `file:` beside the
-    # working directory; a change made through another store wakes the listener.
+    # The file's folder is made where the URL says, and nothing else beside the working
+    # directory; a change made through another store wakes the listener.
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -370,9 +375,26 @@ def test_a_database_named_by_a_file_uri_is_that_file(
         assert listener.wait(5)
         found = store.get_request(rid, with_tasks=False)
         assert found is not None and found.params == {"items": [1]}
-        assert (tmp_path / "data base" / "c.db").is_file()
-        assert list(cwd.iterdir()) == []
+        assert (tmp_path / where).is_file()
+        assert {p.name for p in tmp_path.iterdir()} <= {"cwd", "data base"}
+        assert [p.name for p in cwd.iterdir()] in ([], [where.split("/")[1]])
     finally:
         listener.close()
         other.close()
+        store.close()
+
+
+def test_a_shared_in_memory_uri_makes_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = SQLiteStore("sqlite:///file:memdb-conveyor?mode=memory&cache=shared&uri=true")
+    try:
+        store.upgrade()
+        rid = store.submit(new_request(items=[1]), time.time()).request.id
+        assert store.get_request(rid, with_tasks=False) is not None
+        listener = store.listener()
+        listener.close()
+        assert list(tmp_path.iterdir()) == []
+    finally:
         store.close()

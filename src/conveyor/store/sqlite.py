@@ -79,23 +79,30 @@ def _excluded(exclude: list[str]) -> tuple[str, dict[str, Any]]:
     return f" AND pipeline NOT IN ({', '.join(':' + k for k in names)})", names
 
 
-def _file_uri(path: str) -> str:
-    return Path(os.path.realpath(path)).as_uri()
+def _is_uri(url: sa.URL) -> bool:
+    """Whether the driver takes the URL's database as a SQLite URI (`?uri=true`)."""
+    return bool(sa.util.asbool(url.query.get("uri", False)))
 
 
-def database_file(database: str | None) -> str | None:
-    """The file a SQLite URL's database names: its path, also for a `file:` URI
-    (`sqlite:///file:/srv/c.db?uri=true`: the part before `?`, percent-decoded); None
-    for an in-memory database."""
+def database_file(url: str | sa.URL) -> str | None:
+    """The local file a SQLite URL's database is, None for one in memory (or a URI
+    naming another host). With `uri=true` the database may be a `file:` URI
+    (`sqlite:///file:/srv/c.db?uri=true&mode=rwc`): its path, percent-decoded; without
+    it, `file:x.db` is a file of that name, as the driver takes it."""
+    parsed = sa.engine.make_url(url)
+    database = parsed.database
     if not database or database == ":memory:":
         return None
-    if not database.startswith("file:"):
+    if not (_is_uri(parsed) and database.startswith("file:")):
         return database
-    path, _, query = database.removeprefix("file:").partition("?")
-    if "mode=memory" in query.split("&") or path in ("", ":memory:"):
+    path = database.removeprefix("file:")
+    if parsed.query.get("mode") == "memory" or path in ("", ":memory:"):
         return None
-    if path.startswith("//"):  # file://host/path: only an empty host or localhost is local
-        path = "/" + path[2:].partition("/")[2]
+    if path.startswith("//"):  # file://host/path: a file here only for no host or localhost
+        host, _, rest = path[2:].partition("/")
+        if host not in ("", "localhost"):
+            return None
+        path = "/" + rest
     return urllib.parse.unquote(path)
 
 
@@ -106,9 +113,11 @@ class _SqliteListener:
 
     INTERVAL = 0.01
 
-    def __init__(self, path: str, local: Listener) -> None:
+    def __init__(self, database: tuple[str, bool], local: Listener) -> None:
+        """`database`: the name to open, and whether it is a URI."""
         self._local = local
-        self._db = sqlite3.connect(path, timeout=5, check_same_thread=False, uri=True)
+        name, uri = database
+        self._db = sqlite3.connect(name, timeout=5, check_same_thread=False, uri=uri)
         self._version = self._read()
 
     def _read(self) -> int:
@@ -145,7 +154,7 @@ def sqlite_engine(url: str, lock_timeout: float, foreign_keys: bool) -> sa.Engin
     parsed = sa.engine.make_url(url)
     database = parsed.database
     queue = None
-    if database and database != ":memory:" and not database.startswith("file:"):
+    if database and database != ":memory:" and not _is_uri(parsed):
         # absolute: the pool connects again later, perhaps from another directory
         database = os.path.realpath(database)
         parsed = parsed.set(database=database)
@@ -210,20 +219,20 @@ class SQLiteStore(SQLStore):
     def listener(self) -> Listener:
         if self._file is None:
             return super().listener()
-        # as a URI: the database's own (a `file:` URI's options hold), or its file's
-        uri = self._path if self._path.startswith("file:") else _file_uri(self._file)
-        return _SqliteListener(uri, super().listener())
+        return _SqliteListener(self._connect_to, super().listener())
 
     def __init__(self, url: str, lock_timeout: float = 60.0) -> None:
         """`lock_timeout`: how long a statement waits for another process's lock before
         the verb fails as unavailable."""
-        database = sa.engine.make_url(url).database
-        self._path = database or ""
-        self._file = database_file(database)
+        self._file = database_file(url)
         if self._file is not None:
             Path(self._file).parent.mkdir(parents=True, exist_ok=True)
         self._lock_timeout = lock_timeout
         engine = sqlite_engine(url, lock_timeout, foreign_keys=True)
+        # what the driver opens (a path made absolute, or a URI with its options), as
+        # the listener opens it too
+        (name,), opts = engine.dialect.create_connect_args(engine.url)
+        self._connect_to = (str(name), bool(opts.get("uri", False)))
         super().__init__(url, engine)
         self._writer = threading.RLock()
 
