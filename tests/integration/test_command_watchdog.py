@@ -85,18 +85,26 @@ def _watchdogs_of_this_process() -> list[int]:
     return found
 
 
-def test_a_closed_watchdog_stops_what_is_listed_and_is_not_started_again() -> None:
+def test_a_closed_watchdog_stops_what_is_listed_and_guards_what_starts_after() -> None:
     dog = Watchdog()
-    command = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    first = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    late = None
     try:
-        dog.started(command.pid)
+        dog.started(first.pid)
         assert len(_watchdogs_of_this_process()) == 1
         dog.close()  # as a stopping worker does, with this command still listed
-        assert command.wait(10) == -signal.SIGTERM
-        # a command that ends or starts after the close writes nowhere, starts nothing
-        dog.ended(command.pid)
-        dog.started(command.pid)
+        assert first.wait(10) == -signal.SIGTERM
+        # a command ending after the close starts no watchdog just to say so
+        dog.ended(first.pid)
         assert _watchdogs_of_this_process() == []
+        # a command a stuck runner starts after the close is guarded all the same
+        late = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        dog.started(late.pid)
+        assert len(_watchdogs_of_this_process()) == 1
+        dog.close()
+        assert late.wait(10) == -signal.SIGTERM
     finally:
-        command.kill()
-        command.wait()
+        for proc in (first, late):
+            if proc is not None:
+                proc.kill()
+                proc.wait()

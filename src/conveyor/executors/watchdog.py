@@ -87,7 +87,6 @@ class Watchdog:
     def __init__(self) -> None:
         self._fd: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._closed = False
         # Held while the pipe is written, so that `close` never frees its descriptor
         # (whose number the next file opened would get) under a write.
         self._lock = threading.Lock()
@@ -119,20 +118,21 @@ class Watchdog:
 
     def _send(self, line: bytes) -> None:
         with self._lock:
-            if self._closed:
-                return  # the worker is stopping: its commands are its own to kill
-            fd = self._fd if self._fd is not None else self._start()
+            fd = self._fd
             if fd is None:
-                return
+                if line.startswith(b"-"):
+                    return  # no watchdog (stopped, or never started): nothing listed
+                fd = self._start()  # a command started after `close` is guarded too
+                if fd is None:
+                    return
             try:
                 os.write(fd, line)  # shorter than PIPE_BUF: written whole
             except OSError:
                 pass  # the watchdog is gone; the commands still run, unguarded
 
     def close(self) -> None:
-        """Stop it (the worker has killed its commands itself); it is not started again."""
+        """Stop it (the worker has killed its commands itself)."""
         with self._lock:
-            self._closed = True
             fd, self._fd = self._fd, None
             proc, self._proc = self._proc, None
         if fd is not None:
