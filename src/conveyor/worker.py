@@ -375,6 +375,8 @@ class Worker:
             self.store.report_progress(self.id, task_id, progress, self.app.clock(), attempt)
         except Unavailable:
             pass  # progress is advisory; the outcome is what must not be lost
+        except Exception:  # nor may a report the database refuses stop the attempt
+            log.exception("task %s: its progress could not be written", task_id)
 
     def _report_later(self, task_id: int, attempt: int, progress: Progress) -> None:
         self._reports.put(_Progressed(task_id, attempt, progress))
@@ -424,7 +426,12 @@ class Worker:
             self._slots.take()
             try:
                 if self._begin(run, i):
-                    self._end(run, self._attempt(run), i)
+                    try:
+                        result = self._attempt(run)
+                    except Exception as exc:  # its result must be recorded all the same
+                        log.exception("running task %s failed", run.task.id)
+                        result = ExecResult(ok=False, error=f"worker error: {exc}")
+                    self._end(run, result, i)
             finally:
                 self._slots.give()
 

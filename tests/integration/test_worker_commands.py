@@ -259,12 +259,14 @@ def test_values_a_database_cannot_keep_fail_the_task_with_a_clear_error(make_app
     # PostgreSQL's json has no NaN and its text no NUL: neither may stop the worker
     # from recording this outcome or any other.
     app = make_app(PIPELINES)
-    rid = app.submit("odd", {"items": [{"what": "nan"}, {"what": "nul"}]}).request.id
+    items = [{"what": "nan"}, {"what": "nul"}, {"what": "nan-progress"}]
+    rid = app.submit("odd", {"items": items}).request.id
     done = finish_with(Worker(app, WorkerOptions(concurrency=2, poll_interval=0.05)), app, rid)
     assert done.status.value == "failed"
-    nan, nul = sorted(done.tasks, key=lambda t: t.params["what"])
+    nan, nan_progress, nul = sorted(done.tasks, key=lambda t: t.params["what"])
     assert nan.error == "result is not JSON: $.x: nan is not a JSON number"
     assert nul.error == "RuntimeError: a\ufffdb"
+    assert nan_progress.error == "ValueError: progress current must be a finite number, not nan"
 
 
 def test_an_outcome_the_store_refuses_is_recorded_as_a_failure_and_costs_no_other(

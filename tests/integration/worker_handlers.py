@@ -15,7 +15,10 @@ def timed(ctx: TaskContext) -> dict[str, float]:
 
 
 def odd(ctx: TaskContext) -> object:
-    """What a database cannot keep as given: a NaN in the result, a NUL in the error."""
+    """What a database cannot keep as given: a NaN in the result or the progress, a NUL
+    in the error."""
     if ctx.params["what"] == "nan":
         return {"x": float("nan")}
+    if ctx.params["what"] == "nan-progress":
+        ctx.progress(float("nan"), 10)
     raise RuntimeError("a\x00b")

@@ -352,6 +352,18 @@ def test_progress_lines_reach_the_report_callback(tmp_path):
     assert "conveyor:progress 2/3 step 2" in run.log
 
 
+def test_progress_that_is_not_a_finite_number_is_only_logged(tmp_path):
+    # nan and infinities are no progress (and SQLite would refuse to store a NaN)
+    code = """
+        for line in ("nan/10", "1/inf", "1e999", "-inf/3", "2/4 fine"):
+            print("conveyor:progress " + line)
+    """
+    run, result = run_command(tmp_path, code)
+    assert result.ok
+    assert run.reports == [Progress(2, 4, "fine")]
+    assert "conveyor:progress 1e999" in run.log.splitlines()
+
+
 def test_the_rest_of_a_long_line_is_never_taken_as_progress(tmp_path):
     # A line longer than LINE_MAX is logged in pieces; a piece that happens to start
     # with the progress prefix is still the middle of a line, not a report.

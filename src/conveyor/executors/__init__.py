@@ -3,6 +3,7 @@ decides what it means for the task."""
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -108,6 +109,10 @@ class TaskContext:
         self.report(Progress(current, total, message))
 
     def report(self, progress: Progress) -> None:
+        for name in ("current", "total"):
+            value = getattr(progress, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"progress {name} must be a finite number, not {value}")
         self.reported = True
         now = time.monotonic()
         # Stored at most every `_interval` seconds; the last value is flushed at the end.

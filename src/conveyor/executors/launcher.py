@@ -47,6 +47,7 @@ import contextlib
 import errno
 import itertools
 import marshal
+import math
 import os
 import select
 import shutil
@@ -551,9 +552,12 @@ def progress_of(line: str) -> tuple[float, float | None, str | None] | None:
     count, _, message = line[len(PROGRESS_PREFIX) :].strip().partition(" ")
     current, _, total = count.partition("/")
     try:
-        return float(current), float(total) if total else None, message.strip() or None
+        numbers = float(current), float(total) if total else None
     except ValueError:
         return None
+    if not all(math.isfinite(n) for n in numbers if n is not None):
+        return None  # nan, inf, 1e999: not a report (a database may not hold it)
+    return numbers[0], numbers[1], message.strip() or None
 
 
 def which(found: dict[tuple[str, str | None], str], name: str, path: str | None) -> str | None:
