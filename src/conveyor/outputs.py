@@ -123,7 +123,13 @@ class Publisher:
         """Keep the attempt's outputs and log; the result, or why keeping them failed."""
         task = ctx.task
         kept: list[Artifact] = []
-        if result.ok and pipeline.outputs and not ctx.stopping:
+        if result.ok and pipeline.outputs and ctx.stopping:
+            # stopped (its time up, say) after its command succeeded, before its
+            # outputs were kept: not a success without them
+            why = f"stopped before its outputs were kept ({ctx.stop_reason})"
+            ctx.log(f"conveyor: {why}")
+            result = ExecResult(ok=False, error=why)
+        elif result.ok and pipeline.outputs:
             try:
                 self._outputs(pipeline, ctx, kept)
             except (ArtifactError, ArtifactKeyError, OSError) as exc:

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from artifact_support import expected_db, outputs_pipeline, run_worker
+from artifact_support import expected_db, outputs_pipeline, run_worker, work_dir
 
 from api_support import make_env
 from conftest import cli_env, run_cli, write_config
 from conveyor.artifacts import ArtifactError, ArtifactMissing
 from conveyor.artifacts.local import LocalStore
+from conveyor.executors import ExecResult, TaskContext
+from conveyor.worker import Worker, WorkerOptions
 
 pytestmark = pytest.mark.anyio
 
@@ -206,3 +208,24 @@ def test_an_output_named_as_the_attempts_log_does_not_replace_it(make_app: Any) 
     log = app.log_path(task.id).read_text()
     for name in ("logs/attempt-1.log", "logs/attempt-2.log"):  # a later attempt's too
         assert f"{name} is where an attempt's log is kept" in log
+
+
+def test_an_attempt_stopped_before_its_outputs_are_kept_is_no_success(make_app: Any) -> None:
+    # Its time ran out after its command succeeded and before its outputs were kept:
+    # the attempt fails, saying so, rather than succeeding with none of its outputs.
+    app = make_app(outputs_pipeline())
+    rid = app.submit("ranks", {"items": [{"name": "a", "code": 0}]}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=1, poll_interval=0.05))
+    (task,) = app.store.claim(worker.id, ["default"], 1, 30, app.clock())
+    work = work_dir(app, rid, task.id)
+    work.mkdir(parents=True)
+    (work / "a.csv").write_text("1,2\n")
+    log_file = app.artifacts.attempt_paths(rid, task.id, task.attempts)[0]
+    ctx = TaskContext(task, lambda: (Path(log_file), work), lambda _: None)
+    ctx.stop("timed out")
+    pipeline = app.config.pipelines["ranks"]
+    result = worker.publisher.after_attempt(pipeline, ctx, ExecResult(ok=True))
+    assert not result.ok and result.retryable
+    assert result.error == "stopped before its outputs were kept (timed out)"
+    assert app.task_artifacts(task.id) == []
+    assert "stopped before its outputs were kept" in Path(log_file).read_text()
