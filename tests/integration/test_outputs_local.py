@@ -133,6 +133,16 @@ def test_cli_lists_and_downloads_outputs(tmp_path: Path, db_url: str) -> None:
     missing = run_cli("download", "1", "nope.csv", env=env, cwd=tmp_path)
     assert missing.returncode == 1
     assert missing.stderr.strip() == "conveyor: task 1 has no artifact 'nope.csv'"
+    # an object changed in the store since it was recorded: refused to a file, and an
+    # error after the bytes when they go to stdout
+    stored = next((tmp_path / "artifacts").rglob("gamma.db"))
+    stored.write_bytes(b"not what was kept")
+    for target in ("again.db", "-"):
+        bad = run_cli("download", "1", "out/deep/gamma.db", "-o", target, env=env, cwd=tmp_path)
+        assert bad.returncode == 1
+        assert "is not the recorded" in bad.stderr
+        assert bad.stderr.strip().endswith("not kept" if target != "-" else "written out")
+    assert not (tmp_path / "again.db").exists()
 
 
 # Attempt 1 writes an output and fails; attempt 2 writes nothing and succeeds.

@@ -6,13 +6,14 @@ import hashlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from conveyor.artifacts import ArtifactError
+from conveyor.artifacts import ArtifactError, Readable
 from conveyor.cli.common import CliError, JsonOption, app_of, cli, err, out, ts
 from conveyor.views import artifact_view
 
@@ -67,32 +68,49 @@ def download(
         ),
     ] = None,
 ) -> None:
-    """Fetch one of a task's artifacts; its sha256 is checked before the file is kept."""
+    """Fetch one of a task's artifacts; its sha256 is checked before the file is kept
+    (with `-o -`, after it is written out: a mismatch is an error all the same)."""
     app = app_of(ctx)
     artifact = app.artifact(task_id, name)
     target = output or artifact.name.rsplit("/", 1)[-1]
     digest = hashlib.sha256()
+
+    def chunks(body: Readable) -> Iterator[bytes]:
+        """The artifact's bytes, hashed as they come; a failed read is the store's."""
+        while True:
+            try:
+                chunk = body.read(CHUNK)
+            except Exception as exc:  # a stalled or cut stream: the store's error
+                raise ArtifactError(f"{artifact.url}: reading failed: {exc}") from exc
+            if not chunk:
+                return
+            digest.update(chunk)
+            yield chunk
+
+    def check() -> None:
+        if digest.hexdigest() != artifact.sha256:
+            kept = "written out" if target == "-" else "not kept"
+            raise CliError(
+                f"{artifact.url}: sha256 {digest.hexdigest()} is not the recorded "
+                f"{artifact.sha256}; {kept}"
+            )
+
     try:
         body = app.open_artifact(artifact)
         try:
             if target == "-":
-                while chunk := body.read(CHUNK):
-                    digest.update(chunk)
+                for chunk in chunks(body):
                     sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
+                check()
             else:
                 dest = Path(target)
                 fd, tmp = tempfile.mkstemp(dir=dest.resolve().parent, prefix=".download-")
                 try:
                     with os.fdopen(fd, "wb") as f:
-                        while chunk := body.read(CHUNK):
-                            digest.update(chunk)
+                        for chunk in chunks(body):
                             f.write(chunk)
-                    if digest.hexdigest() != artifact.sha256:
-                        raise CliError(
-                            f"{artifact.url}: sha256 {digest.hexdigest()} is not the recorded "
-                            f"{artifact.sha256}; not kept"
-                        )
+                    check()
                     os.replace(tmp, dest)
                 finally:
                     if os.path.exists(tmp):
