@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -336,6 +337,44 @@ def test_an_unreachable_host_is_a_retryable_failure(sshd: Sshd, make, tmp_path) 
     assert task.status == TaskStatus.FAILED
     assert task.attempts == 2  # retried on the pipeline's policy
     assert "cannot connect" in (task.error or "")
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_a_host_that_never_answers_the_connect_holds_up_no_timeout_or_cancel(
+    sshd: Sshd, make, how: str
+) -> None:
+    # A listener that takes the connection and says nothing: the connect time-out is
+    # 30 s, the task's 1 s (or it is cancelled after 1 s); it ends then, not after 30.
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    app = make(
+        sshd.host_toml(port=silent.getsockname()[1], connect_timeout=30)
+        + pipeline_toml(["true"], **({"timeout": 1} if how == "timeout" else {}))
+    )
+    started = time.monotonic()
+    req = app.submit("remote", {})
+    worker = Running(app)
+    try:
+        if how == "cancel":
+            wait_for(lambda: bool(accepted))
+            time.sleep(0.5)
+            app.cancel(req.request.id)
+        task_id = req.request.tasks[0].id
+        wait_for(lambda: app.task(task_id).status.terminal, within=10)
+        took = time.monotonic() - started
+    finally:
+        worker.stop()
+        silent.close()
+        for conn in accepted:
+            conn.close()
+    task = app.task(task_id)
+    if how == "timeout":
+        assert task.status == TaskStatus.FAILED and "timed out" in (task.error or "")
+    else:
+        assert task.status == TaskStatus.CANCELLED
+    assert took < 8
+    assert "stopped before the command ran" in log_of(app, task_id)
 
 
 # ------------------------------------------------------------- refused set-ups

@@ -36,8 +36,8 @@ import logging
 import shlex
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 import asyncssh
 
@@ -67,10 +67,15 @@ _WRAPPER = (
     'exec "$@" </dev/null 3<&- 2>&1'
 )
 _TICK = 0.2
+T = TypeVar("T")
 
 
 class _Retryable(Exception):
     pass
+
+
+class _Stopped(Exception):
+    """The attempt was stopped (cancel, time-out, shutdown) before its command ran."""
 
 
 class _Fatal(Exception):
@@ -177,6 +182,9 @@ class SshExecutor:
             code = await self._session(
                 host, where, remote_command(argv, env, pipeline.cwd), ctx, deadline
             )
+        except _Stopped as exc:
+            ctx.log(f"[{host.name}] stopped before the command ran: {exc}")
+            return ExecResult(ok=False, error=str(exc))
         except _Fatal as exc:
             ctx.log(f"[{host.name}] {exc}")
             return ExecResult(ok=False, error=str(exc), retryable=False)
@@ -239,12 +247,14 @@ class SshExecutor:
         deadline: float | None,
     ) -> int | str:
         """The exit code, or why the remote group was killed."""
-        conn = await self._connect(host, where)
+        conn = await _unless_stopped(self._connect(host, where), ctx, deadline)
         pgid: list[int] = []
         try:
             try:
                 # stdin stays open, unwritten: its end tells the remote side we are gone
-                proc = await conn.create_process(command, encoding=None)
+                proc = await _unless_stopped(
+                    conn.create_process(command, encoding=None), ctx, deadline
+                )
             except (OSError, asyncssh.Error) as exc:
                 raise _Retryable(f"cannot start the command on {where}: {_describe(exc)}") from None
             reader = asyncio.ensure_future(self._pump(proc, ctx, pgid, host.name))
@@ -356,6 +366,29 @@ async def _drain(reader: asyncio.Future[None], within: float = 1.0) -> None:
     except TimeoutError:
         reader.cancel()
         await asyncio.wait({reader})  # its last line without a newline is logged first
+
+
+async def _unless_stopped(step: Awaitable[T], ctx: TaskContext, deadline: float | None) -> T:
+    """`step` (connecting, starting the command), unless the attempt is stopped or its
+    time runs out first: then `step` is cancelled and `_Stopped` says why. A host that
+    takes its connect time-out to answer, or never answers the request to run the
+    command, holds no cancel or time-out up."""
+    waiting = asyncio.ensure_future(step)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=_TICK)
+        if done:
+            return waiting.result()
+        reason = None
+        if ctx.stopping:
+            reason = ctx.stop_reason or "stopped"
+        elif deadline is not None and time.time() >= deadline:
+            ctx.stop("timed out")
+            reason = f"timed out after {ctx.task.timeout:g}s"
+        if reason is not None:
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await waiting
+            raise _Stopped(reason)
 
 
 def _line(line: str, starts: bool, ctx: TaskContext) -> None:
