@@ -5,7 +5,9 @@ streams them, the CLI lists and downloads them."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,29 @@ def test_the_local_store_keeps_objects_inside_its_root(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="outside"):
         store.put_bytes("link/planted", b"no")
     assert not (tmp_path / "planted").exists()
+
+
+def test_local_objects_get_the_usual_file_mode_and_describe_what_was_stored(
+    tmp_path: Path,
+) -> None:
+    # readable by a server running as another user where the umask allows it (a
+    # temporary file is made private), and no missing source passes as stored
+    store = LocalStore(tmp_path / "objects")
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"data")
+    old = os.umask(0o022)
+    try:
+        ref = store.put_file("a/f.bin", src)
+        store.put_bytes("b/g.bin", b"more")
+    finally:
+        os.umask(old)
+    for key in ("a/f.bin", "b/g.bin"):
+        assert stat.S_IMODE((tmp_path / "objects" / key).stat().st_mode) == 0o644
+    assert (ref.size, ref.sha256) == (4, hashlib.sha256(b"data").hexdigest())
+    with pytest.raises(ArtifactError, match=r"reading .*nope"):
+        store.put_file("c/nope", tmp_path / "nope")
+    assert not store.exists("c/nope")
+    assert [p.name for p in (tmp_path / "objects").rglob(".upload-*")] == []
 
 
 async def test_outputs_are_kept_listed_and_streamed(make_app: Any, tmp_path: Path) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
-import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from conveyor.artifacts import ArtifactError, ArtifactMissing, ArtifactRef, Readable
 from conveyor.artifacts.keys import check_key
@@ -31,6 +32,16 @@ def file_digest(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (`os.umask` sets it, for every
+    thread at once): from /proc on Linux, else the usual 022."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 class LocalStore:
     remote = False
 
@@ -45,36 +56,52 @@ class LocalStore:
             raise ArtifactError(f"artifact key {key!r} leads outside {self.root}")
         return path
 
-    def _write(self, key: str, fill: object) -> Path:
-        """Write through a temporary file in the same directory, then rename: a reader
-        never sees half an object."""
+    def _write(self, key: str, fill: bytes | Path) -> tuple[int, str]:
+        """Write through a temporary file in the same directory, synced, then rename: a
+        reader never sees half an object, nor, after a crash, an empty one. The object
+        gets the mode a file made by this process would have (`mkstemp` makes it
+        private), so that an API server running as another user can read it. Returns
+        the size and sha256 of what was written (a file still being written to when it
+        is stored is described as stored)."""
         path = self._path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+        digest = hashlib.sha256()
+        size = 0
+        src: BinaryIO
+        if isinstance(fill, bytes):
+            src = io.BytesIO(fill)
+        else:
             try:
-                with os.fdopen(fd, "wb") as out:
-                    if isinstance(fill, bytes):
-                        out.write(fill)
-                    else:
-                        with Path(str(fill)).open("rb") as src:
-                            shutil.copyfileobj(src, out, CHUNK)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+                src = fill.open("rb")
+            except OSError as exc:
+                raise ArtifactError(f"reading {fill}: {exc.strerror or exc}") from None
+        try:
+            with src:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        while chunk := src.read(CHUNK):
+                            digest.update(chunk)
+                            size += len(chunk)
+                            out.write(chunk)
+                        out.flush()
+                        os.fchmod(out.fileno(), 0o666 & ~_umask())
+                        os.fsync(out.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
         except OSError as exc:
             raise ArtifactError(f"storing {key} in {self.root}: {exc.strerror or exc}") from None
-        return path
+        return size, digest.hexdigest()
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
         self._write(key, data)
         return self.url(key)
 
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> ArtifactRef:
-        size, sha = file_digest(path)
-        self._write(key, path)
+        size, sha = self._write(key, path)
         return ArtifactRef(key=key, url=self.url(key), size=size, sha256=sha)
 
     def exists(self, key: str) -> bool:
