@@ -6,6 +6,7 @@ keeps failing fails the attempt (retried per the pipeline's policy) with the rea
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 import re
 from collections.abc import Callable, Sequence
@@ -19,6 +20,8 @@ from conveyor.executors import ExecResult, TaskContext
 from conveyor.pipelines import Pipeline
 from conveyor.store import Store, Unavailable
 from conveyor.tasks import Task
+
+log = logging.getLogger(__name__)
 
 LOG_PREFIX = "logs/"  # where logs go in the key's {name}, apart from the outputs
 
@@ -138,14 +141,18 @@ class Publisher:
                 ctx.log(f"conveyor: keeping outputs failed: {exc}")
                 result = ExecResult(ok=False, error=f"keeping outputs failed: {exc}")
         ctx.close()
-        log = ctx.log_path
-        if self._upload_logs() and log.is_file() and not ctx.stopping:
+        log_file = ctx.log_path
+        # The log of an attempt that ran out of time is kept too: it is the one most
+        # looked at. (Cancelled, or its worker stopping: not waited for.)
+        if self._upload_logs() and log_file.is_file() and (not ctx.stopping or ctx.timed_out):
             try:
                 name = f"attempt-{task.attempts}.log"  # the file's own name says its task too
-                kept.append(self._put(task, name, log, ArtifactKind.LOG))
+                kept.append(self._put(task, name, log_file, ArtifactKind.LOG))
             except (ArtifactError, ArtifactKeyError) as exc:
                 if result.ok:
                     result = ExecResult(ok=False, error=f"uploading the log failed: {exc}")
+                else:  # the attempt's own failure is what it reports; this is said here
+                    log.warning("task %s: uploading its log failed: %s", task.id, exc)
         if kept:
             try:
                 self.records.record_artifacts(kept)

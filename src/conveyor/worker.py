@@ -30,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 from conveyor.app import Conveyor
-from conveyor.executors import ExecResult, Executors, TaskContext, reported
+from conveyor.executors import TIMED_OUT, ExecResult, Executors, TaskContext, reported
 from conveyor.executors.loop import CommandLoop, Job, Slots, usable
 from conveyor.outputs import Publisher
 from conveyor.pipelines import Pipeline
@@ -667,7 +667,7 @@ class Worker:
                 # A command is killed by its executor; a Python handler cannot be killed,
                 # so it is asked to stop and its attempt is failed now. Its slot stays
                 # taken until its thread returns, so concurrency is honoured.
-                run.ctx.stop("timed out")
+                run.ctx.stop(TIMED_OUT)
                 if run.pipeline.executor == "python":
                     run.settled = True
                     res = ExecResult(ok=False, error=f"timed out after {run.task.timeout:g}s")

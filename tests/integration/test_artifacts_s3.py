@@ -214,6 +214,32 @@ def test_outputs_and_logs_land_under_the_key_template_and_download_through_the_a
     linked.close()
 
 
+SLOW = """
+[pipelines.slow]
+executor = "command"
+command = ["{conveyor.python}", "-c", "import time; print('started', flush=True); time.sleep(30)"]
+timeout = 1
+"""
+
+
+def test_the_log_of_an_attempt_that_timed_out_is_kept(
+    s3_endpoint: str, bucket: str, tmp_path: Path, sqlite_url: str
+) -> None:
+    # the attempt most looked into: its log reaches the store like any other
+    app = _s3_app(tmp_path, sqlite_url, s3_endpoint, bucket, SLOW)
+    rid = app.submit("slow", {}).request.id
+    run_worker(app)
+    (task,) = app.get(rid).tasks
+    assert task.status == TaskStatus.FAILED and "timed out" in (task.error or "")
+    (log,) = app.task_artifacts(task.id)
+    assert log.name == "attempt-1.log" and log.kind.value == "log"
+    body = app.open_artifact(log)
+    text = body.read().decode()
+    body.close()
+    assert "started" in text and "killed: timed out" in text
+    app.close()
+
+
 QUICK = """
 [pipelines.quick]
 executor = "python"

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from conveyor.executors.command import CommandExecutor
 
 
+TIMED_OUT = "timed out"  # the stop reason of an attempt whose time ran out
+
+
 def parse_progress_line(line: str) -> Progress | None:
     """`conveyor:progress 3/10 reading logs` -> Progress(3, 10, 'reading logs')."""
     parsed = progress_of(line)
@@ -159,6 +162,11 @@ class TaskContext:
     @property
     def stopping(self) -> bool:
         return self._stopped
+
+    @property
+    def timed_out(self) -> bool:
+        """Stopped because its time ran out (not cancelled, nor its worker stopping)."""
+        return self._stopped and self.stop_reason == TIMED_OUT
 
     def wait_stop(self, timeout: float) -> bool:
         """Sleep up to `timeout` seconds, waking early if asked to stop; True if asked."""

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from conveyor.executors import ExecResult, TaskContext, parse_progress_line
+from conveyor.executors import TIMED_OUT, ExecResult, TaskContext, parse_progress_line
 from conveyor.executors.launcher import (
     LEFTOVER_READS,
     Launcher,
@@ -243,7 +243,7 @@ class Running:
         if self._killing is None:
             # The deadline first: the worker may have seen it pass and asked for a stop.
             if self.deadline is not None and now >= self.deadline:
-                self.ctx.stop("timed out")
+                self.ctx.stop(TIMED_OUT)
                 self._kill(f"timed out after {self.ctx.task.timeout:g}s")
             elif self.ctx.stopping:
                 self._kill(self.ctx.stop_reason or "stopped")

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from conveyor.executors import ExecResult, TaskContext, parse_progress_line
+from conveyor.executors import TIMED_OUT, ExecResult, TaskContext, parse_progress_line
 from conveyor.executors.launcher import Lines
 from conveyor.hosts import Host, pick_host
 from conveyor.paths import reverse, rewrite_fields, rewrite_prefixes, task_selectors
@@ -267,7 +267,7 @@ class SshExecutor:
                     reason = ctx.stop_reason or "stopped"
                     break
                 if deadline is not None and time.time() >= deadline:
-                    ctx.stop("timed out")
+                    ctx.stop(TIMED_OUT)
                     reason = f"timed out after {ctx.task.timeout:g}s"
                     break
             if reason is not None:
@@ -382,7 +382,7 @@ async def _unless_stopped(step: Awaitable[T], ctx: TaskContext, deadline: float 
         if ctx.stopping:
             reason = ctx.stop_reason or "stopped"
         elif deadline is not None and time.time() >= deadline:
-            ctx.stop("timed out")
+            ctx.stop(TIMED_OUT)
             reason = f"timed out after {ctx.task.timeout:g}s"
         if reason is not None:
             waiting.cancel()
