@@ -36,7 +36,7 @@ import logging
 import shlex
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import asyncssh
@@ -183,7 +183,7 @@ class SshExecutor:
                 host, where, remote_command(argv, env, pipeline.cwd), ctx, deadline
             )
         except _Stopped as exc:
-            ctx.log(f"[{host.name}] stopped before the command ran: {exc}")
+            ctx.log(f"[{host.name}] stopped while connecting or starting the command: {exc}")
             return ExecResult(ok=False, error=str(exc))
         except _Fatal as exc:
             ctx.log(f"[{host.name}] {exc}")
@@ -247,7 +247,9 @@ class SshExecutor:
         deadline: float | None,
     ) -> int | str:
         """The exit code, or why the remote group was killed."""
-        conn = await _unless_stopped(self._connect(host, where), ctx, deadline)
+        conn = await _unless_stopped(
+            self._connect(host, where), ctx, deadline, lambda made: made.close()
+        )
         pgid: list[int] = []
         try:
             try:
@@ -263,12 +265,8 @@ class SshExecutor:
                 done, _ = await asyncio.wait({reader}, timeout=_TICK)
                 if done or proc.exit_status is not None or proc.exit_signal is not None:
                     break
-                if ctx.stopping:
-                    reason = ctx.stop_reason or "stopped"
-                    break
-                if deadline is not None and time.time() >= deadline:
-                    ctx.stop(TIMED_OUT)
-                    reason = f"timed out after {ctx.task.timeout:g}s"
+                reason = _stop_reason(ctx, deadline)
+                if reason is not None:
                     break
             if reason is not None:
                 await self._kill(conn, pgid, host.name, ctx)
@@ -368,9 +366,15 @@ async def _drain(reader: asyncio.Future[None], within: float = 1.0) -> None:
         await asyncio.wait({reader})  # its last line without a newline is logged first
 
 
-async def _unless_stopped(step: Awaitable[T], ctx: TaskContext, deadline: float | None) -> T:
+async def _unless_stopped(
+    step: Awaitable[T],
+    ctx: TaskContext,
+    deadline: float | None,
+    discard: Callable[[T], object] | None = None,
+) -> T:
     """`step` (connecting, starting the command), unless the attempt is stopped or its
-    time runs out first: then `step` is cancelled and `_Stopped` says why. A host that
+    time runs out first: then `step` is cancelled, what it made all the same is given
+    to `discard` (a cancel can come as it ends), and `_Stopped` says why. A host that
     takes its connect time-out to answer, or never answers the request to run the
     command, holds no cancel or time-out up."""
     waiting = asyncio.ensure_future(step)
@@ -378,17 +382,25 @@ async def _unless_stopped(step: Awaitable[T], ctx: TaskContext, deadline: float 
         done, _ = await asyncio.wait({waiting}, timeout=_TICK)
         if done:
             return waiting.result()
-        reason = None
-        if ctx.stopping:
-            reason = ctx.stop_reason or "stopped"
-        elif deadline is not None and time.time() >= deadline:
-            ctx.stop(TIMED_OUT)
-            reason = f"timed out after {ctx.task.timeout:g}s"
+        reason = _stop_reason(ctx, deadline)
         if reason is not None:
             waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await waiting
+                made = await waiting
+                if discard is not None:
+                    discard(made)
             raise _Stopped(reason)
+
+
+def _stop_reason(ctx: TaskContext, deadline: float | None) -> str | None:
+    """Why the attempt is to stop now, or None: its time is up (the deadline has
+    passed, or the worker saw it first), or it was stopped (cancel, shutdown)."""
+    if ctx.timed_out or (deadline is not None and time.time() >= deadline):
+        ctx.stop(TIMED_OUT)
+        return f"timed out after {ctx.task.timeout:g}s"
+    if ctx.stopping:
+        return ctx.stop_reason or "stopped"
+    return None
 
 
 def _line(line: str, starts: bool, ctx: TaskContext) -> None:
