@@ -375,8 +375,8 @@ class Worker:
             self.store.report_progress(self.id, task_id, progress, self.app.clock(), attempt)
         except Unavailable:
             pass  # progress is advisory; the outcome is what must not be lost
-        except Exception:  # nor may a report the database refuses stop the attempt
-            log.exception("task %s: its progress could not be written", task_id)
+        except Exception as exc:  # nor may a report the database refuses stop the attempt
+            log.warning("task %s: its progress could not be written: %s", task_id, exc)
 
     def _report_later(self, task_id: int, attempt: int, progress: Progress) -> None:
         self._reports.put(_Progressed(task_id, attempt, progress))
@@ -441,7 +441,11 @@ class Worker:
                 self.publisher.before_attempt(run.pipeline, run.ctx)
             result = self._executors.run(run.pipeline, run.ctx, run.deadline)
             if result.ok and run.pipeline.load_sqlite is not None:
-                result = self._load_output(run, result)
+                if run.ctx.stopping:  # its time ran out, say: nothing is loaded
+                    why = f"stopped before its result was loaded ({run.ctx.stop_reason})"
+                    result = ExecResult(ok=False, error=why)
+                else:
+                    result = self._load_output(run, result)
         except Exception as exc:  # an executor bug must not lose the task
             log.exception("executor failed on task %s", run.task.id)
             result = ExecResult(ok=False, error=f"executor error: {exc}")
@@ -538,7 +542,9 @@ class Worker:
     def _keep_outputs(self, run: _Running, result: ExecResult) -> ExecResult:
         """Upload the attempt's outputs (and log) here, in the attempt's thread: uploads
         are bounded in time and never hold up claiming; a failed upload fails the attempt."""
-        if run.settled or not self.publisher.wanted(run.pipeline):
+        # A run whose time ran out is settled too; its log is still kept (the one most
+        # looked into), its outcome already recorded.
+        if (run.settled and not run.ctx.timed_out) or not self.publisher.wanted(run.pipeline):
             return result
         try:
             return self.publisher.after_attempt(run.pipeline, run.ctx, result)

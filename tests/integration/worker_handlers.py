@@ -22,3 +22,9 @@ def odd(ctx: TaskContext) -> object:
     if ctx.params["what"] == "nan-progress":
         ctx.progress(float("nan"), 10)
     raise RuntimeError("a\x00b")
+
+
+def slow(ctx: TaskContext) -> None:
+    """Logs a line, then waits to be stopped (for up to 30 s)."""
+    ctx.log("started")
+    ctx.wait_stop(30)

@@ -245,3 +245,23 @@ def test_wait_stop_wakes_when_stopped_from_another_thread(tmp_path):
         timer.cancel()
     assert time.monotonic() - start < 5
     assert ctx.stop_reason == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("current", "total", "named"),
+    [
+        (float("nan"), None, "current"),
+        (1, float("inf"), "total"),
+        (10**400, None, "current"),
+        ("3", None, "current"),
+        (None, 4, "current"),
+    ],
+    ids=["nan", "inf", "huge", "text", "none"],
+)
+def test_progress_must_be_finite_numbers(tmp_path, current, total, named):
+    ctx, rec, _ = make_ctx(tmp_path, interval=0)
+    with pytest.raises(ValueError, match=f"progress {named} must be a finite number"):
+        ctx.progress(current, total)
+    assert rec.reports == []
+    ctx.progress(1, 2)
+    assert rec.reports == [Progress(1, 2, None)]

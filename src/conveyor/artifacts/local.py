@@ -42,6 +42,14 @@ def _umask() -> int:
     return 0o022
 
 
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalStore:
     remote = False
 
@@ -88,6 +96,7 @@ class LocalStore:
                         os.fchmod(out.fileno(), 0o666 & ~_umask())
                         os.fsync(out.fileno())
                     os.replace(tmp, path)
+                    _sync_folder(path.parent)  # the rename, before the object is recorded
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)

@@ -114,8 +114,15 @@ class TaskContext:
     def report(self, progress: Progress) -> None:
         for name in ("current", "total"):
             value = getattr(progress, name)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"progress {name} must be a finite number, not {value}")
+            if value is None and name == "total":
+                continue
+            try:
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                finite = number and math.isfinite(value)
+            except OverflowError:  # an int beyond any float
+                finite = False
+            if not finite:
+                raise ValueError(f"progress {name} must be a finite number, not {value!r}")
         self.reported = True
         now = time.monotonic()
         # Stored at most every `_interval` seconds; the last value is flushed at the end.
