@@ -129,9 +129,7 @@ class Publisher:
         if result.ok and pipeline.outputs and ctx.stopping:
             # stopped (its time up, say) after its command succeeded, before its
             # outputs were kept: not a success without them
-            why = f"stopped before its outputs were kept ({ctx.stop_reason})"
-            ctx.log(f"conveyor: {why}")
-            result = ExecResult(ok=False, error=why)
+            result = ctx.stopped_before("its outputs were kept")
         elif result.ok and pipeline.outputs:
             try:
                 self._outputs(pipeline, ctx, kept)

@@ -30,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 from conveyor.app import Conveyor
-from conveyor.executors import TIMED_OUT, ExecResult, Executors, TaskContext, reported
+from conveyor.executors import ExecResult, Executors, TaskContext, reported
 from conveyor.executors.loop import CommandLoop, Job, Slots, usable
 from conveyor.outputs import Publisher
 from conveyor.pipelines import Pipeline
@@ -442,8 +442,7 @@ class Worker:
             result = self._executors.run(run.pipeline, run.ctx, run.deadline)
             if result.ok and run.pipeline.load_sqlite is not None:
                 if run.ctx.stopping:  # its time ran out, say: nothing is loaded
-                    why = f"stopped before its result was loaded ({run.ctx.stop_reason})"
-                    result = ExecResult(ok=False, error=why)
+                    result = run.ctx.stopped_before("its result was loaded")
                 else:
                     result = self._load_output(run, result)
         except Exception as exc:  # an executor bug must not lose the task
@@ -673,10 +672,10 @@ class Worker:
                 # A command is killed by its executor; a Python handler cannot be killed,
                 # so it is asked to stop and its attempt is failed now. Its slot stays
                 # taken until its thread returns, so concurrency is honoured.
-                run.ctx.stop(TIMED_OUT)
+                why = run.ctx.time_up()
                 if run.pipeline.executor == "python":
                     run.settled = True
-                    res = ExecResult(ok=False, error=f"timed out after {run.task.timeout:g}s")
+                    res = ExecResult(ok=False, error=why)
                     self._record([self._outcome(run, res)])
 
     def _handle_lost(self) -> None:

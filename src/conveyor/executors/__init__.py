@@ -24,6 +24,16 @@ if TYPE_CHECKING:
 TIMED_OUT = "timed out"  # the stop reason of an attempt whose time ran out
 
 
+def _finite(value: object) -> bool:
+    """A real number (not a bool) that a float holds, neither nan nor infinite."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 def parse_progress_line(line: str) -> Progress | None:
     """`conveyor:progress 3/10 reading logs` -> Progress(3, 10, 'reading logs')."""
     parsed = progress_of(line)
@@ -112,16 +122,8 @@ class TaskContext:
         self.report(Progress(current, total, message))
 
     def report(self, progress: Progress) -> None:
-        for name in ("current", "total"):
-            value = getattr(progress, name)
-            if value is None and name == "total":
-                continue
-            try:
-                number = isinstance(value, int | float) and not isinstance(value, bool)
-                finite = number and math.isfinite(value)
-            except OverflowError:  # an int beyond any float
-                finite = False
-            if not finite:
+        for name, value in (("current", progress.current), ("total", progress.total)):
+            if not (_finite(value) or (name == "total" and value is None)):
                 raise ValueError(f"progress {name} must be a finite number, not {value!r}")
         self.reported = True
         now = time.monotonic()
@@ -174,6 +176,26 @@ class TaskContext:
     def timed_out(self) -> bool:
         """Stopped because its time ran out (not cancelled, nor its worker stopping)."""
         return self._stopped and self.stop_reason == TIMED_OUT
+
+    def time_up(self) -> str:
+        """Its time has run out: stopped so, and what to say of it."""
+        self.stop(TIMED_OUT)
+        return f"timed out after {self.task.timeout:g}s"
+
+    def why_stop(self, deadline: float | None, now: float) -> str | None:
+        """Why the attempt is to stop at `now`, or None: its time is up (`deadline` has
+        passed, or the worker saw it pass first), or it was stopped (cancel, shutdown)."""
+        if self.timed_out or (deadline is not None and now >= deadline):
+            return self.time_up()
+        if self._stopped:
+            return self.stop_reason or "stopped"
+        return None
+
+    def stopped_before(self, what: str) -> ExecResult:
+        """The result of an attempt stopped before `what` ("its outputs were kept")."""
+        why = f"stopped before {what} ({self.stop_reason})"
+        self.log(f"conveyor: {why}")
+        return ExecResult(ok=False, error=why)
 
     def wait_stop(self, timeout: float) -> bool:
         """Sleep up to `timeout` seconds, waking early if asked to stop; True if asked."""

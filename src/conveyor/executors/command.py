@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from conveyor.executors import TIMED_OUT, ExecResult, TaskContext, parse_progress_line
+from conveyor.executors import ExecResult, TaskContext, parse_progress_line
 from conveyor.executors.launcher import (
     LEFTOVER_READS,
     Launcher,
@@ -241,12 +241,9 @@ class Running:
         if self.result is not None:
             return
         if self._killing is None:
-            # The deadline first: the worker may have seen it pass and asked for a stop.
-            if self.deadline is not None and now >= self.deadline:
-                self.ctx.stop(TIMED_OUT)
-                self._kill(f"timed out after {self.ctx.task.timeout:g}s")
-            elif self.ctx.stopping:
-                self._kill(self.ctx.stop_reason or "stopped")
+            why = self.ctx.why_stop(self.deadline, now)
+            if why is not None:
+                self._kill(why)
         elif self._sigkill_at is not None and time.monotonic() >= self._sigkill_at:
             self._signal(signal.SIGKILL)
             self._sigkill_at = None  # sent: now only its exit is waited for

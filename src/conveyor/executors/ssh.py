@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from conveyor.executors import TIMED_OUT, ExecResult, TaskContext, parse_progress_line
+from conveyor.executors import ExecResult, TaskContext, parse_progress_line
 from conveyor.executors.launcher import Lines
 from conveyor.hosts import Host, pick_host
 from conveyor.paths import reverse, rewrite_fields, rewrite_prefixes, task_selectors
@@ -265,7 +265,7 @@ class SshExecutor:
                 done, _ = await asyncio.wait({reader}, timeout=_TICK)
                 if done or proc.exit_status is not None or proc.exit_signal is not None:
                     break
-                reason = _stop_reason(ctx, deadline)
+                reason = ctx.why_stop(deadline, time.time())
                 if reason is not None:
                     break
             if reason is not None:
@@ -382,7 +382,7 @@ async def _unless_stopped(
         done, _ = await asyncio.wait({waiting}, timeout=_TICK)
         if done:
             return waiting.result()
-        reason = _stop_reason(ctx, deadline)
+        reason = ctx.why_stop(deadline, time.time())
         if reason is not None:
             waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -390,17 +390,6 @@ async def _unless_stopped(
                 if discard is not None:
                     discard(made)
             raise _Stopped(reason)
-
-
-def _stop_reason(ctx: TaskContext, deadline: float | None) -> str | None:
-    """Why the attempt is to stop now, or None: its time is up (the deadline has
-    passed, or the worker saw it first), or it was stopped (cancel, shutdown)."""
-    if ctx.timed_out or (deadline is not None and time.time() >= deadline):
-        ctx.stop(TIMED_OUT)
-        return f"timed out after {ctx.task.timeout:g}s"
-    if ctx.stopping:
-        return ctx.stop_reason or "stopped"
-    return None
 
 
 def _line(line: str, starts: bool, ctx: TaskContext) -> None:
