@@ -167,3 +167,6 @@ class Outcome:
     # attempt, which lost its lease while the task was claimed again, is not recorded.
     # None: whichever attempt is running.
     attempt: int | None = None
+    # The whole log of a quiet attempt (its command line and how it ended), kept in the
+    # database with the outcome: such an attempt has no log file (see `TaskContext`).
+    log: str | None = None

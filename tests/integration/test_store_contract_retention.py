@@ -7,7 +7,7 @@ from store_helpers import T0, claim, new_request, run_to_success, submit
 
 from conveyor.artifacts import Artifact, ArtifactKind
 from conveyor.store import Store, WorkerInfo
-from conveyor.tasks import Outcome, TaskAction
+from conveyor.tasks import Outcome, Task, TaskAction
 
 DAY = 86400.0
 TTL = 1000 * DAY  # results stay reusable for the whole test
@@ -28,14 +28,26 @@ def _artifact(task_id: int, request_id: int, name: str) -> Artifact:
     )
 
 
-def _finished(store: Store, now: float, fail: bool = False, **kw: object) -> int:
+def _finished(
+    store: Store, now: float, fail: bool = False, quiet_log: str | None = None, **kw: object
+) -> int:
     rid = submit(store, now, items=["a", "b"], **kw)
-    if fail:
+    if fail or quiet_log is not None:
         tasks = claim(store, "w", n=1000, now=now)
-        store.finish("w", [Outcome(t.id, TaskAction.FAIL, error="no") for t in tasks], now)
+        action = TaskAction.FAIL if fail else TaskAction.SUCCEED
+        outcomes = [
+            Outcome(t.id, action, error="no" if fail else None, log=quiet_log) for t in tasks
+        ]
+        store.finish("w", outcomes, now)
     else:
         run_to_success(store, rid, now)
     return rid
+
+
+def _tasks(store: Store, request_id: int) -> list[Task]:
+    req = store.get_request(request_id)
+    assert req is not None
+    return list(req.tasks)
 
 
 def test_prune_deletes_old_finished_requests_with_all_they_hold(store: Store) -> None:
@@ -44,6 +56,9 @@ def test_prune_deletes_old_finished_requests_with_all_they_hold(store: Store) ->
     cancelled = submit(store, T0 + 2)
     store.cancel_request(cancelled, T0 + 2)
     recent = _finished(store, T0 + 10 * DAY)
+    # quiet attempts' logs go with their tasks
+    logged = _finished(store, T0 + 1, quiet_log="$ true\nexit code 0\n")
+    kept = _finished(store, T0 + 10 * DAY, quiet_log="$ true\nexit code 0\n")
     running = submit(store, T0 + 3)
     claim(store, "w2", n=1, now=T0 + 3)
     queued = submit(store, T0 + 4)
@@ -56,23 +71,27 @@ def test_prune_deletes_old_finished_requests_with_all_they_hold(store: Store) ->
 
     cutoff = T0 + 5 * DAY
     would = store.count_prunable(cutoff)
-    assert (would.requests, would.tasks, would.artifacts) == (3, 5, 2)
+    assert (would.requests, would.tasks, would.artifacts) == (4, 7, 2)
     assert would.events > 0
     assert store.get_request(old_ok) is not None, "counting deletes nothing"
 
+    logged_tasks = [t.id for t in _tasks(store, logged)]
+    kept_tasks = [t.id for t in _tasks(store, kept)]
     done = store.prune(cutoff)
-    assert sorted(done.request_ids) == sorted([old_ok, old_failed, cancelled])
-    assert (done.requests, done.tasks, done.artifacts) == (3, 5, 2)
+    assert sorted(done.request_ids) == sorted([old_ok, old_failed, cancelled, logged])
+    assert (done.requests, done.tasks, done.artifacts) == (4, 7, 2)
+    assert all(store.attempt_logs(t) == {} for t in logged_tasks)
+    assert all(store.attempt_logs(t) == {1: "$ true\nexit code 0\n"} for t in kept_tasks)
     assert done.events == would.events
     assert sorted(done.artifact_keys) == sorted(f"k/{old_ok}/{t.id}/out.csv" for t in req.tasks)
     for rid in (old_ok, old_failed, cancelled):
         assert store.get_request(rid) is None
         assert store.events(request_id=rid) == []
         assert store.list_artifacts(request_id=rid) == []
-    for rid in (recent, running, queued):
+    for rid in (recent, running, queued, kept):
         assert store.get_request(rid) is not None
     assert len(store.list_artifacts(request_id=recent)) == 1
-    assert store.count_tasks() == 2 + 1 + 1  # recent (2), running, queued
+    assert store.count_tasks() == 2 + 1 + 1 + 2  # recent (2), running, queued, kept (2)
     assert store.prune(cutoff).requests == 0, "nothing left to prune"
 
 

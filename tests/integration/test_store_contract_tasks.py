@@ -390,6 +390,54 @@ def test_a_queued_task_cannot_be_finished(store: Store) -> None:
     assert got is not None and got.status == TaskStatus.QUEUED
 
 
+# ----------------------------------------------------------------------- quiet logs
+
+
+def test_a_quiet_attempts_log_is_kept_with_its_outcome(store: Store) -> None:
+    submit(store, items=["a", "b"])
+    a, b = claim(store, "w1", n=2, now=T0 + 1)
+    quiet = "$ true\nexit code 0\n"
+    store.finish(
+        "w1",
+        [
+            Outcome(a.id, TaskAction.SUCCEED, attempt=1, log=quiet),
+            Outcome(b.id, TaskAction.RETRY, error="exit code 1", attempt=1, log="$ x\x00\n"),
+        ],
+        T0 + 2,
+    )
+    assert store.attempt_logs(a.id) == {1: quiet}
+    assert store.attempt_logs(b.id) == {1: "$ x\ufffd\n"}  # NUL kept as on every text
+    (again,) = claim(store, "w1", n=1, now=T0 + 10)
+    assert again.id == b.id and again.attempts == 2
+    store.finish("w1", [Outcome(b.id, TaskAction.SUCCEED, log="$ x\nexit code 0\n")], T0 + 11)
+    assert store.attempt_logs(b.id) == {1: "$ x\ufffd\n", 2: "$ x\nexit code 0\n"}
+    assert store.attempt_logs(a.id + b.id + 100) == {}
+
+
+def test_a_quiet_log_of_an_attempt_run_again_is_added_to(store: Store) -> None:
+    submit(store, items=["a"])
+    (task,) = claim(store, "w1", now=T0 + 1)
+    store.finish("w1", [Outcome(task.id, TaskAction.RELEASE, attempt=1, log="first\n")], T0 + 2)
+    (task,) = claim(store, "w1", now=T0 + 3)
+    assert task.attempts == 1  # a released attempt's number comes again
+    store.finish("w1", [Outcome(task.id, TaskAction.SUCCEED, attempt=1, log="then\n")], T0 + 4)
+    assert store.attempt_logs(task.id) == {1: "first\nthen\n"}
+
+
+def test_a_quiet_log_is_kept_even_when_its_outcome_no_longer_applies(store: Store) -> None:
+    """The attempt ran: its log stays, though the task was cancelled meanwhile. A log
+    of a task that is gone is dropped without an error."""
+    rid = submit(store, items=["a"])
+    (task,) = claim(store, "w1", now=T0 + 1)
+    store.cancel_request(rid, T0 + 2)
+    late = Outcome(task.id, TaskAction.SUCCEED, attempt=1, log="$ true\nexit code 0\n")
+    assert store.finish("w1", [late], T0 + 3) == []
+    assert store.attempt_logs(task.id) == {1: "$ true\nexit code 0\n"}
+    gone = Outcome(task.id + 1000, TaskAction.SUCCEED, attempt=1, log="x\n")
+    assert store.finish("w1", [gone], T0 + 4) == []
+    assert store.attempt_logs(task.id + 1000) == {}
+
+
 # -------------------------------------------------------------------------- heartbeat
 
 

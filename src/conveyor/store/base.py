@@ -227,6 +227,11 @@ class Store(Protocol):
         error or the params."""
         ...
 
+    def attempt_logs(self, task_id: int) -> dict[int, str]:
+        """The logs of the task's quiet attempts that the database keeps (see
+        `Outcome.log`), by attempt."""
+        ...
+
     # artifacts
     def record_artifacts(self, artifacts: Sequence[Artifact]) -> None:
         """Record what attempts kept; an attempt's artifact recorded again replaces it."""

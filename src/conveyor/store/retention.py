@@ -20,6 +20,7 @@ _BELONGING = (
     ("notifications", t.notifications),
     ("artifacts", t.artifacts),
     ("events", t.events),
+    ("attempt_logs", t.attempt_logs),
     ("tasks", t.tasks),
 )
 

@@ -178,6 +178,20 @@ artifacts = sa.Table(
     sqlite_autoincrement=True,  # ids never come back (0005)
 )
 
+# The logs of quiet attempts, kept here instead of in a file: an attempt of a command
+# that printed nothing has a log of two lines (its command line, how it ended), which
+# its outcome brings along. Every other attempt's log is a file (`LocalArtifacts`).
+attempt_logs = sa.Table(
+    "attempt_logs",
+    metadata,
+    sa.Column("task_id", BigId, sa.ForeignKey("tasks.id"), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    sa.Column("request_id", BigId, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Index("ix_attempt_logs_request_id", "request_id"),
+)
+
 # The notifications outbox: filled from the events table (one row per completion event
 # that a pipeline wants announced), emptied by delivering with retries.
 notifications = sa.Table(

@@ -52,6 +52,17 @@ from conveyor.tasks import (
     task_target,
 )
 
+# A quiet attempt's log, kept with its outcome whether or not the outcome still applies
+# (the attempt ran all the same), as long as its task is there. The attempt's number,
+# when the outcome names none, is the one the task is on. A log kept already for the
+# same attempt (one that was handed back, then ran again under its number) is added to.
+_KEEP_LOG = sa.text(
+    "INSERT INTO attempt_logs (task_id, attempt, request_id, text, created_at) "
+    "SELECT id, COALESCE(:attempt, attempts), request_id, :text, :now FROM tasks "
+    "WHERE id = :task_id "
+    "ON CONFLICT (task_id, attempt) DO UPDATE SET text = attempt_logs.text || excluded.text"
+)
+
 
 class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
     # ----------------------------------------------------------------- requests
@@ -355,6 +366,14 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
             row = conn.execute(sa.select(t.tasks).where(t.tasks.c.id == task_id)).first()
             return None if row is None else task_from_row(row)
 
+    def attempt_logs(self, task_id: int) -> dict[int, str]:
+        c = t.attempt_logs.c
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(c.attempt, c.text).where(c.task_id == task_id).order_by(c.attempt)
+            ).all()
+            return {r.attempt: r.text for r in rows}
+
     def count_tasks(self, **where: Any) -> int:
         q = sa.select(sa.func.count()).select_from(t.tasks)
         for k, v in where.items():
@@ -570,9 +589,17 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
                 }
             )
 
+        logs = [
+            {"task_id": o.task_id, "attempt": o.attempt, "text": stored_text(o.log), "now": now}
+            for o in outcomes
+            if o.log
+        ]
+
         def tx() -> list[Any]:
             with self._write() as conn:
                 rows, counters = self._apply_changes(conn, changes, now)
+                if logs:
+                    conn.execute(_KEEP_LOG, logs)
                 self._advance_requests(conn, counters, now)
                 requeued = {r.queue for r in rows if r.status == TaskStatus.QUEUED.value}
                 for q in sorted(requeued):
