@@ -38,6 +38,7 @@ from conveyor.ingest.settings import BUILTIN_KCIDB, SinkConfig, SpoolConfig
 from conveyor.ingest.spool import pending_files
 from conveyor.ingest.writer import describe, make_engine
 from conveyor.jsonvalues import problem_in
+from conveyor.logs import AttemptLog
 from conveyor.pipelines import ParamsError, Pipeline, json_path
 from conveyor.queues import ALL_QUEUES, QueueStats
 from conveyor.requests import CachePolicy, NewRequest, Request
@@ -234,19 +235,39 @@ class Conveyor:
         return found
 
     def log_attempts(self, task_id: int) -> tuple[Task, list[int]]:
-        """The task, and the attempts that have a log (oldest first)."""
+        """The task, and the attempts that have a log (oldest first): a file, or for a
+        quiet attempt the text the database keeps."""
         task = self.task(task_id)
-        return task, self.artifacts.attempts_logged(task.request_id, task.id, task.attempts)
+        return task, self._logged(task)[0]
 
-    def log_path(self, task_id: int, attempt: int | None = None) -> Path:
-        task = self.task(task_id)
-        attempts = self.artifacts.attempts_logged(task.request_id, task.id, task.attempts)
+    def _logged(self, task: Task) -> tuple[list[int], dict[int, str]]:
+        """The attempts with a log, and the logs the database keeps."""
+        kept = self.store.attempt_logs(task.id)
+        files = self.artifacts.attempts_logged(task.request_id, task.id, task.attempts)
+        return sorted(set(files).union(kept)), kept
+
+    def attempt_log(self, task: Task, attempt: int) -> AttemptLog:
+        """Where the attempt's log is kept (it may have none yet)."""
+        return self._attempt_log(task, attempt, self.store.attempt_logs(task.id))
+
+    def _attempt_log(self, task: Task, attempt: int, kept: dict[int, str]) -> AttemptLog:
+        text = kept.get(attempt)
+        path = self.artifacts.log_path(task.request_id, task.id, attempt)
+        return AttemptLog(attempt, path, None if text is None else text.encode())
+
+    def log(self, task_id: int, attempt: int | None = None) -> AttemptLog:
+        """An attempt's log (default: the latest attempt's); NotFound if it has none."""
+        return self.task_log(self.task(task_id), attempt)
+
+    def task_log(self, task: Task, attempt: int | None = None) -> AttemptLog:
+        """`log` of a task at hand."""
+        attempts, kept = self._logged(task)
         if not attempts:
-            raise NotFound(f"task {task_id} has no log yet")
+            raise NotFound(f"task {task.id} has no log yet")
         chosen = attempt if attempt is not None else attempts[-1]
         if chosen not in attempts:
-            raise NotFound(f"task {task_id} has no log for attempt {chosen}")
-        return self.artifacts.log_path(task.request_id, task.id, chosen)
+            raise NotFound(f"task {task.id} has no log for attempt {chosen}")
+        return self._attempt_log(task, chosen, kept)
 
     # artifacts --------------------------------------------------------------
     def task_artifacts(self, task_id: int) -> list[Artifact]:

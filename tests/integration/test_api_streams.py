@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from api_support import ApiEnv, claim_all, finish, live_server, problem, run_request
-from conveyor.tasks import Task, TaskAction
+from conveyor.tasks import Outcome, Task, TaskAction
 
 ITEMS = {"items": [{"name": "a"}, {"name": "b"}]}
 
@@ -196,6 +196,37 @@ def test_logs_whole_tail_and_by_attempt(served: tuple[ApiEnv, httpx.Client]) -> 
     assert "attempt 3" in problem(c.get(url, params={"attempt": 3}), 404)["detail"]
     assert problem(c.get(url, params={"tail": -1}), 422)["errors"][0]["path"] == "query.tail"
     problem(c.get("/api/v1/tasks/987654/log"), 404)
+
+
+def test_a_quiet_attempts_log_kept_in_the_database_is_served_like_a_file(
+    served: tuple[ApiEnv, httpx.Client],
+) -> None:
+    api, c = served
+    task = _running_task(api)
+    url = f"/api/v1/tasks/{task.id}/log"
+    quiet = "$ true\nexit code 0\n"
+
+    def finish_quietly() -> None:
+        api.store.finish(
+            "w1", [Outcome(task.id, TaskAction.RETRY, attempt=1, log=quiet)], time.time()
+        )
+
+    # followed while it runs: its log comes with its end
+    worker = later(0.3, finish_quietly)
+    r = c.get(url, params={"follow": "true", "timeout": 10})
+    worker.join()
+    assert r.text == quiet
+    assert c.get(url).text == quiet
+    assert c.get(url, params={"tail": 1}).text == "exit code 0\n"
+    assert c.get(url, params={"tail": 0}).text == ""
+    # a later attempt's file and the quiet attempt's row side by side
+    (again,) = claim_all(api.store, task.request_id)
+    assert again.attempts == 2
+    _log(api, again, 2).write_text("noisy\n")
+    assert c.get(url).text == "noisy\n"
+    assert c.get(url, params={"attempt": 1}).text == quiet
+    assert api.app.log_attempts(task.id)[1] == [1, 2]
+    assert not api.app.artifacts.log_path(task.request_id, task.id, 1).exists()
 
 
 def test_following_a_log_streams_until_the_attempt_ends(

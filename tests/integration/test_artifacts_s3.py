@@ -292,6 +292,6 @@ upload_logs = false
     assert quick_done < task.finished_at
     assert (stats.succeeded, stats.failed, stats.retried) == (6, 1, 1)
     # the log says what happened
-    log = app.log_path(task.id).read_text()
+    log = app.log(task.id).read().decode()
     assert "conveyor: keeping outputs failed" in log
     app.close()

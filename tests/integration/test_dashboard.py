@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from api_support import ApiEnv, run_request, submit
+from api_support import ApiEnv, claim_all, run_request, submit
 from conveyor.store import WorkerInfo
-from conveyor.tasks import TaskAction
+from conveyor.tasks import Outcome, TaskAction
 
 pytestmark = pytest.mark.anyio
 
@@ -90,6 +90,27 @@ async def test_pages_need_a_login_and_show_what_is_stored(api: ApiEnv) -> None:
 
         queues = (await c.get("/queues")).text
         assert "Pause" not in queues.split("</h1>", 1)[1].split("need an admin")[1]
+
+
+async def test_a_quiet_attempts_log_from_the_database_is_shown(api: ApiEnv) -> None:
+    """The log panel, the log as a file and the failed tasks' tails read a quiet
+    attempt's log (kept in the database, not in a file) as they read any other."""
+    async with api.client() as c:
+        rid = (await submit(c, pipeline="plain", params={"items": [{"n": 1}]}))["id"]
+    (task,) = claim_all(api.store, rid)
+    quiet = "$ false\nexit code 1\n"
+    api.store.finish(
+        "w1", [Outcome(task.id, TaskAction.FAIL, error="exit code 1", log=quiet)], time.time()
+    )
+    async with login(api, "read") as c:
+        panel = (await c.get(f"/tasks/{task.id}/log")).text
+        assert "$ false\nexit code 1" in panel
+        assert "exit code 1" in (await c.get(f"/tasks/{task.id}/log", params={"tail": 1})).text
+        whole = await c.get(f"/tasks/{task.id}/log.txt")
+        assert whole.status_code == 200 and whole.text == quiet
+        assert (await c.get(f"/tasks/{task.id}/log.txt", params={"attempt": 2})).status_code == 404
+        failed = (await c.get("/failed")).text
+        assert f"request {rid}" in failed and "$ false" in failed
 
 
 async def test_requests_search_filters_and_pages(api: ApiEnv) -> None:

@@ -192,7 +192,7 @@ def test_an_attempt_keeps_only_what_it_wrote(make_app: Any) -> None:
     (task,) = app.get(rid).tasks
     assert task.status.value == "succeeded" and task.attempts == 2
     assert app.task_artifacts(task.id) == []
-    assert "removed stale.csv, left by an earlier attempt" in app.log_path(task.id).read_text()
+    assert "removed stale.csv, left by an earlier attempt" in app.log(task.id).read().decode()
 
 
 WRITE_THREE = (
@@ -239,8 +239,8 @@ def test_an_output_named_as_the_attempts_log_does_not_replace_it(make_app: Any) 
     root = Path(app.config.artifacts.url.removeprefix("file://"))
     logs = [a for a in app.task_artifacts(task.id) if a.kind.value == "log"]
     assert [a.name for a in logs] == ["attempt-1.log"]
-    assert (root / logs[0].key).read_bytes() == app.log_path(task.id).read_bytes()
-    log = app.log_path(task.id).read_text()
+    assert (root / logs[0].key).read_bytes() == app.log(task.id).read()
+    log = app.log(task.id).read().decode()
     for name in ("logs/attempt-1.log", "logs/attempt-2.log"):  # a later attempt's too
         assert f"{name} is where an attempt's log is kept" in log
 

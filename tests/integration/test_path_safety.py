@@ -91,7 +91,7 @@ async def test_the_api_accepts_paths_inside_the_roots_and_the_task_sees_them_map
     Worker(app, WorkerOptions(concurrency=2, burst=True, poll_interval=0.05)).run()
     done = app.get(rid)
     assert [t.status.value for t in done.tasks] == ["succeeded", "succeeded"]
-    assert "field test data" in app.log_path(done.tasks[1].id).read_text()
+    assert "field test data" in app.log(done.tasks[1].id).read().decode()
 
 
 # A task's params are the shared keys and its item's, an item's key winning: a declared

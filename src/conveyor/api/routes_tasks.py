@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path as FilePath
@@ -18,6 +17,7 @@ from conveyor.api.auth import Reader, conveyor_of
 from conveyor.api.models import ID_MAX
 from conveyor.api.stream import EventHub
 from conveyor.app import Conveyor
+from conveyor.logs import CHUNK, AttemptLog, tail_offset
 from conveyor.store import NotFound
 from conveyor.tasks import Task, TaskStatus
 from conveyor.views import task_view
@@ -25,7 +25,6 @@ from conveyor.views import task_view
 router = APIRouter(tags=["tasks"])
 
 TaskId = Annotated[int, Path(ge=1, le=ID_MAX, description="Task id.")]
-CHUNK = 64 * 1024
 FOLLOW_POLL = 0.2  # seconds between looks at a followed log
 STATUS_POLL = 0.5  # seconds between looks at a followed task's status
 
@@ -59,36 +58,6 @@ def attempt_may_come(task: Task, attempt: int | None) -> bool:
     return attempt is None or not attempt_over(task, attempt)
 
 
-def tail_offset(path: FilePath, lines: int) -> int:
-    """Where the last `lines` lines of a file begin (a last line without a newline
-    counts)."""
-    with path.open("rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        if lines <= 0:
-            return end
-        pos = end
-        found = 0
-        skip_last = True  # a newline ending the file ends the last line, it does not start one
-        while pos > 0:
-            step = min(CHUNK, pos)
-            pos -= step
-            f.seek(pos)
-            block = f.read(step)
-            i = len(block)
-            while True:
-                i = block.rfind(b"\n", 0, i)
-                if i < 0:
-                    break
-                if skip_last and pos + i == end - 1:
-                    skip_last = False
-                    continue
-                skip_last = False
-                found += 1
-                if found == lines:
-                    return pos + i + 1
-        return 0
-
-
 def _read(path: FilePath, pos: int) -> bytes:
     try:
         with path.open("rb") as f:
@@ -96,6 +65,15 @@ def _read(path: FilePath, pos: int) -> bytes:
             return f.read(CHUNK)
     except FileNotFoundError:
         return b""
+
+
+def _find_log(app: Conveyor, task_id: int, attempt: int | None) -> AttemptLog | None:
+    """The log of `attempt` (None: the latest attempt with one), if it has one yet."""
+    task, logged = app.log_attempts(task_id)
+    chosen = attempt if attempt is not None else (logged[-1] if logged else None)
+    if chosen is None or chosen not in logged:
+        return None
+    return app.attempt_log(task, chosen)
 
 
 async def _log_stream(
@@ -113,11 +91,14 @@ async def _log_stream(
     next_look = 0.0  # look at once: a finished attempt needs no waiting
     while True:
         if path is None:
-            _, logged = await run_in_threadpool(app.log_attempts, task.id)
-            chosen = attempt if attempt is not None else (logged[-1] if logged else None)
-            if chosen is not None and chosen in logged:
-                attempt = chosen
-                path = app.artifacts.log_path(task.request_id, task.id, chosen)
+            found = await run_in_threadpool(_find_log, app, task.id, attempt)
+            if found is not None:
+                attempt = found.attempt
+                if found.kept is not None:  # a quiet attempt's, kept whole at its end
+                    if data := found.read(tail):
+                        yield data
+                    return
+                path = found.path
                 pos = tail_offset(path, tail) if tail is not None else 0
         if path is not None:
             chunk = _read(path, pos)
@@ -139,6 +120,10 @@ async def _log_stream(
                     yield chunk
                 return
             if path is None and not attempt_may_come(task, attempt):
+                # A quiet attempt's log comes with its end, maybe since the last look.
+                found = await run_in_threadpool(_find_log, app, task.id, attempt)
+                if found is not None and (data := found.read(tail)):
+                    yield data
                 return
         await asyncio.sleep(FOLLOW_POLL)
 

@@ -249,8 +249,5 @@ def logs(
     tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
 ) -> None:
     """Print a task attempt's log (stdout and stderr)."""
-    path = app_of(ctx).log_path(task_id, attempt)
-    lines = path.read_text(errors="replace").splitlines(keepends=True)
-    if tail is not None:
-        lines = lines[-tail:] if tail > 0 else []
-    sys.stdout.write("".join(lines))
+    data = app_of(ctx).log(task_id, attempt).read(tail)
+    sys.stdout.write(data.decode("utf-8", errors="replace"))

@@ -4,7 +4,6 @@ htmx's `HX-Request` header a page answers with its live fragment only."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -12,9 +11,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from conveyor.api.routes_artifacts import artifact_response
-from conveyor.api.routes_tasks import attempt_over, tail_offset
+from conveyor.api.routes_tasks import attempt_over
 from conveyor.dashboard import charts, views
 from conveyor.dashboard.ui import dashboard_of
+from conveyor.logs import AttemptLog
 from conveyor.queues import ALL_QUEUES
 from conveyor.stats import DAY, HOUR, bars, failure_rate
 from conveyor.store import NotFound, RequestFilter
@@ -203,7 +203,7 @@ def task_log(
     chosen = attempt or (logged[-1] if logged else None)
     text = ""
     if chosen is not None and chosen in logged:
-        text = _tail(ui.app.artifacts.log_path(task.request_id, task.id, chosen), tail)
+        text = _tail(ui.app.attempt_log(task, chosen), tail)
     over = _attempt_over(task, chosen)
     live = follow and not over
     return ui.render(
@@ -243,9 +243,8 @@ def task_log_file(
     ui = dashboard_of(request)
     ui.viewer(request)
     try:
-        path = ui.app.log_path(task_id, attempt)
-        body = path.read_bytes()
-    except (NotFound, FileNotFoundError):
+        body = ui.app.log(task_id, attempt).read()
+    except NotFound:
         return Response("no such log\n", status_code=404, media_type="text/plain")
     name = f"task-{task_id}-attempt-{attempt or 'latest'}.log"
     return Response(
@@ -327,22 +326,16 @@ def workers_page(request: Request) -> Response:
     )
 
 
-def _tail(path: Path, lines: int) -> str:
-    try:
-        start = tail_offset(path, lines)
-        with path.open("rb") as f:
-            f.seek(start)
-            return f.read(256 * 1024).decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
+def _tail(log: AttemptLog, lines: int) -> str:
+    return log.read(lines, 256 * 1024).decode("utf-8", errors="replace")
 
 
 def _latest_tail(request: Request, task: Task) -> str:
     app = dashboard_of(request).app
-    logged = app.artifacts.attempts_logged(task.request_id, task.id, task.attempts)
-    if not logged:
+    try:
+        return _tail(app.task_log(task), LOG_TAIL_FAILED)
+    except NotFound:
         return ""
-    return _tail(app.artifacts.log_path(task.request_id, task.id, logged[-1]), LOG_TAIL_FAILED)
 
 
 def _attempt_over(task: Task, attempt: int | None) -> bool:

@@ -1,0 +1,76 @@
+"""Reading an attempt's log, wherever it is kept: its file (`LocalArtifacts`), or for a
+quiet attempt (a command that printed nothing) the database, which keeps its two lines
+with its outcome (`Outcome.log`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 64 * 1024
+
+
+def tail_offset(path: Path, lines: int) -> int:
+    """Where the last `lines` lines of a file begin (a last line without a newline
+    counts)."""
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        if lines <= 0:
+            return end
+        pos = end
+        found = 0
+        skip_last = True  # a newline ending the file ends the last line, it does not start one
+        while pos > 0:
+            step = min(CHUNK, pos)
+            pos -= step
+            f.seek(pos)
+            block = f.read(step)
+            i = len(block)
+            while True:
+                i = block.rfind(b"\n", 0, i)
+                if i < 0:
+                    break
+                if skip_last and pos + i == end - 1:
+                    skip_last = False
+                    continue
+                skip_last = False
+                found += 1
+                if found == lines:
+                    return pos + i + 1
+        return 0
+
+
+def last_lines(data: bytes, lines: int) -> bytes:
+    """The last `lines` lines of `data`, counted as `tail_offset` counts them."""
+    if lines <= 0:
+        return b""
+    pos = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(lines):
+        pos = data.rfind(b"\n", 0, pos)
+        if pos < 0:
+            return data
+    return data[pos + 1 :]
+
+
+@dataclass(frozen=True)
+class AttemptLog:
+    """One attempt's log: its file, or the text the database keeps (`kept`)."""
+
+    attempt: int
+    path: Path
+    kept: bytes | None = None
+
+    def read(self, tail: int | None = None, most: int = -1) -> bytes:
+        """The log, or its last `tail` lines; at most `most` bytes of it (-1: all).
+        Empty for a file that has gone meanwhile (retention)."""
+        if self.kept is not None:
+            data = self.kept if tail is None else last_lines(self.kept, tail)
+            return data if most < 0 else data[:most]
+        try:
+            start = 0 if tail is None else tail_offset(self.path, tail)
+            with self.path.open("rb") as f:
+                f.seek(start)
+                return f.read(most)
+        except FileNotFoundError:
+            return b""
