@@ -554,12 +554,22 @@ class Worker:
     # recording outcomes ------------------------------------------------------------
     def _outcome(self, run: _Running, res: ExecResult) -> Outcome:
         task = run.task
+        quiet = run.ctx.quiet_log  # a quiet attempt's log goes with its outcome
         if res.ok:
-            return run.outcome(TaskAction.SUCCEED, result=res.result)
+            return run.outcome(TaskAction.SUCCEED, result=res.result, log=quiet)
         if not res.retryable:
-            return run.outcome(TaskAction.FAIL, error=res.error)
+            return run.outcome(TaskAction.FAIL, error=res.error, log=quiet)
         decision = decide_retry(task.attempts, task.max_attempts, run.pipeline.retry)
-        return run.outcome(decision.action, error=res.error, delay=decision.delay)
+        return run.outcome(decision.action, error=res.error, delay=decision.delay, log=quiet)
+
+    @staticmethod
+    def _write_quiet_log(run: _Running) -> None:
+        """A settled attempt's outcome is not recorded here: a quiet log it holds goes
+        to its file after all."""
+        try:
+            run.ctx.write_quiet_log()
+        except OSError as exc:
+            log.warning("cannot write the log of task %s: %s", run.task.id, exc)
 
     def _finisher(self) -> None:
         """Record finished attempts, as many at a time as finish together."""
@@ -569,6 +579,9 @@ class Worker:
             if item is None:
                 return
             items, stop = self._gather(item)
+            for run, _ in items:
+                if run.settled:
+                    self._write_quiet_log(run)
             outcomes = [self._outcome(run, res) for run, res in items if not run.settled]
             self._record(outcomes)
             self._recorded.put([run for run, _ in items])

@@ -112,6 +112,12 @@ def test_command_fan_out_runs_in_parallel(tmp_path: Path, db_url: str) -> None:
         assert task["status"] == "succeeded"
         assert task["attempts"] == 1
         assert set(task["progress"]) >= {"current", "total", "message"}
+    # the commands printed nothing: their logs (kept in the database) are two lines
+    task_id = str(status["tasks"][0]["id"])
+    log = ok(run_cli("logs", task_id, env=env, cwd=tmp_path)).stdout.splitlines()
+    assert log[0].startswith("$ ") and log[0].endswith(".times") and log[1:] == ["exit code 0"]
+    tail = ok(run_cli("logs", task_id, "--tail", "1", env=env, cwd=tmp_path)).stdout
+    assert tail == "exit code 0\n"
 
 
 def test_spotbot_example_end_to_end(tmp_path: Path, sqlite_url: str) -> None:

@@ -115,6 +115,55 @@ def test_many_short_commands_each_succeed_with_its_own_log(make_app: Any) -> Non
         assert flags & TOPDIR_FL or not flags & EXTENTS_FL  # on ext4: marked
 
 
+QUIET = """
+[pipelines.quiet]
+executor = "command"
+command = ["true"]
+split = "items"
+
+[pipelines.quiet-fails]
+executor = "command"
+command = ["false"]
+retries = 1
+backoff = 0
+
+[pipelines.quiet-hangs]
+executor = "command"
+command = ["sleep", "30"]
+timeout = 0.3
+"""
+
+
+def test_a_command_that_prints_nothing_keeps_its_log_in_the_database(make_app: Any) -> None:
+    """No log file is made for it (a file costs as much as a short command's run); its
+    log, the command line and how it ended, is read from the database like any other."""
+    app = make_app(QUIET)
+    ok = app.submit("quiet", {"items": list(range(20))}).request.id
+    bad = app.submit("quiet-fails", {}).request.id
+    hung = app.submit("quiet-hangs", {}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=4, burst=True, poll_interval=0.05))
+    thread, _ = start(worker)
+    thread.join(60)
+    assert not thread.is_alive()
+    assert worker._loop is not None  # these ran in the command loop, through launchers
+    done = app.get(ok)
+    assert done.status.value == "succeeded"
+    for task in done.tasks:
+        assert app.log(task.id).read() == b"$ true\nexit code 0\n"
+    assert not (app.artifacts.root / "logs" / str(ok)).exists()
+    (failed,) = app.get(bad).tasks
+    assert failed.status == TaskStatus.FAILED and failed.attempts == 2
+    assert app.log_attempts(failed.id)[1] == [1, 2]
+    for attempt in (1, 2):
+        assert app.log(failed.id, attempt).read() == b"$ false\nexit code 1\n"
+    # a command killed at its time-out has the reason to say: its log is a file
+    (timed_out,) = app.get(hung).tasks
+    assert timed_out.error == "timed out after 0.3s"
+    path = app.artifacts.log_path(hung, timed_out.id, 1)
+    assert path.read_text().splitlines() == ["$ sleep 30", "killed: timed out after 0.3s"]
+    assert app.log(timed_out.id).read() == path.read_bytes()
+
+
 def test_commands_and_other_attempts_share_the_workers_slots(make_app: Any) -> None:
     app = make_app(PIPELINES)
     # taken in the order submitted: the two kinds by turns

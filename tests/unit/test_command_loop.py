@@ -52,7 +52,10 @@ class Item:
 
     @property
     def log(self) -> str:
-        return self.log_file.read_text() if self.log_file.exists() else ""
+        """Its log: the file, or the quiet log held for the database."""
+        if self.log_file.exists():
+            return self.log_file.read_text()
+        return self.ctx.quiet_log or ""
 
 
 class Harness:
@@ -189,13 +192,50 @@ def test_each_result_and_log_belongs_to_its_own_command(tmp_path, harnesses) -> 
         assert lines[1:] == [f"item {item.n}", f"exit code {item.n % 3}"]
 
 
+def test_a_launched_command_that_prints_nothing_makes_no_log_file(tmp_path: Path) -> None:
+    """Its log, the command line and how it ended, is held for the worker to keep with
+    the outcome. One that prints, one killed and one whose attempt left a log before
+    (run again under the same number) have their files."""
+    with running(made_slots(4)) as h:
+        quiet = Item(tmp_path, 1, script("pass"))
+        failing = Item(tmp_path, 2, script("import sys; sys.exit(4)"))
+        noisy = Item(tmp_path, 3, script("print('hello')"))
+        again = Item(tmp_path, 4, script("pass"))
+        again.log_file.parent.mkdir(parents=True, exist_ok=True)
+        again.log_file.write_text("$ before\nkilled: the worker stopped\n")
+        killed = Item(tmp_path, 5, script("import time; time.sleep(30)"))
+        for item in (quiet, failing, noisy, again, killed):
+            h.loop.submit(item)
+        h.wait_ended(4)
+        killed.ctx.stop("cancelled")
+        h.wait_ended(5)
+        assert not quiet.log_file.exists() and not failing.log_file.exists()
+        assert quiet.ctx.quiet_log == f"$ {sys.executable} -c pass\nexit code 0\n"
+        assert failing.ctx.quiet_log == (
+            f"$ {sys.executable} -c import sys; sys.exit(4)\nexit code 4\n"
+        )
+        assert h.ended[2].error == "exit code 4"
+        assert noisy.ctx.quiet_log is None
+        assert noisy.log_file.read_text().splitlines()[1:] == ["hello", "exit code 0"]
+        assert again.ctx.quiet_log is None
+        assert again.log_file.read_text().splitlines() == [
+            "$ before",
+            "killed: the worker stopped",
+            f"$ {sys.executable} -c pass",
+            "exit code 0",
+        ]
+        assert killed.ctx.quiet_log is None
+        assert killed.log_file.read_text().splitlines()[1:] == ["killed: cancelled"]
+
+
 def test_a_stop_request_kills_only_its_own_command(tmp_path, harnesses) -> None:
     h = harnesses(made_slots(3))
-    items = [Item(tmp_path, n, script("import time; time.sleep(30)")) for n in range(3)]
+    code = "import time; print('up', flush=True); time.sleep(30)"
+    items = [Item(tmp_path, n, script(code)) for n in range(3)]
     for item in items:
         h.loop.submit(item)
     deadline = time.monotonic() + 10
-    while len(h.begun) < 3 or not all(i.log for i in items):
+    while len(h.begun) < 3 or not all("up" in i.log for i in items):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     items[1].ctx.stop("cancelled")
@@ -540,9 +580,10 @@ def test_progress_is_neither_lost_nor_held_up_while_the_loop_is_busy(tmp_path: P
         assert len(reports) < lines / 2  # not every line waited for the worker
 
 
-def test_an_attempt_whose_log_cannot_be_written_fails_before_its_command_runs(
-    tmp_path: Path,
-) -> None:
+def test_an_attempt_whose_log_cannot_be_written_fails(tmp_path: Path) -> None:
+    """The launcher opens a log at the command's first output or its end (a quiet
+    command's log goes to the database), so the command has run; its attempt fails all
+    the same, to be tried again, rather than succeed with its log lost."""
     with running(made_slots(1)) as h:
         ran = tmp_path / "ran"
         item = Item(tmp_path, 1, script(f"open({str(ran)!r}, 'w')"))
@@ -552,6 +593,23 @@ def test_an_attempt_whose_log_cannot_be_written_fails_before_its_command_runs(
         h.wait_ended(1)
         result = h.ended[1]
         assert not result.ok and result.retryable
+        assert "No space left on device" in (result.error or "")
+        assert item.ctx.quiet_log is None
+
+
+def test_an_attempt_whose_log_cannot_be_written_here_fails_before_its_command_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("conveyor.executors.loop.Launcher", no_launcher)
+    with running(made_slots(1)) as h:
+        ran = tmp_path / "ran"
+        item = Item(tmp_path, 1, script(f"open({str(ran)!r}, 'w')"))
+        item.log_file.parent.mkdir(parents=True)
+        item.log_file.symlink_to("/dev/full")
+        h.loop.submit(item)
+        h.wait_ended(1)
+        result = h.ended[1]
+        assert not result.ok
         assert "No space left on device" in (result.error or "")
         assert not ran.exists()
 
@@ -579,7 +637,7 @@ def test_an_attempt_whose_log_fills_up_midway_fails_and_its_command_is_killed(
         assert time.monotonic() - start < 10
         result = h.ended[2]
         assert not result.ok and result.retryable
-        assert "cannot write the log: File too large" in (result.error or "")
+        assert f"cannot write the log {item.log_file}: File too large" == result.error
         assert wait_until(lambda: not alive(pid))
 
 

@@ -841,11 +841,15 @@ def live_children() -> list[int]:
 
 
 def test_a_command_whose_log_cannot_be_written_is_not_left_running(tmp_path):
+    """Alone, it is not started; in a loop, whose launcher opens the log at the first
+    output (a command that prints nothing keeps its log in the database), it is killed
+    then."""
     (tmp_path / "logs").write_text("a file where the log's folder should be")
     before = live_children()
     run = Run(tmp_path)
+    code = "import time; print('started', flush=True); time.sleep(30)"
     try:
-        result = CommandExecutor().run(script("import time; time.sleep(30)"), run.ctx, None)
+        result = CommandExecutor().run(script(code), run.ctx, None)
     except NotADirectoryError:  # alone in its thread: the worker's runner reports it
         pass
     else:  # in a loop, which reports it itself

@@ -141,6 +141,31 @@ def test_log_after_close_reopens(tmp_path):
     assert ctx.log_path.read_text() == "a\nb\n"
 
 
+def test_a_quiet_log_is_held_for_the_outcome_until_something_more_is_logged(tmp_path):
+    ctx, _, _ = make_ctx(tmp_path)
+    ctx.keep_quiet_log("$ true\nexit code 0\n")
+    assert ctx.quiet_log == "$ true\nexit code 0\n"
+    assert not ctx.log_path.exists()  # no file: it goes into the database
+    ctx.log("conveyor: one more line")  # then the file gets it all, in order
+    ctx.close()
+    assert ctx.quiet_log is None
+    assert ctx.log_path.read_text() == "$ true\nexit code 0\nconveyor: one more line\n"
+
+
+def test_a_quiet_log_whose_outcome_is_not_recorded_goes_to_the_file(tmp_path):
+    ctx, _, _ = make_ctx(tmp_path)
+    ctx.write_quiet_log()  # nothing held: nothing made
+    assert not ctx.log_path.exists()
+    ctx.keep_quiet_log("$ true\nexit code 0\n")
+    ctx.write_quiet_log()
+    assert ctx.quiet_log is None
+    assert ctx.log_path.read_text() == "$ true\nexit code 0\n"
+    ctx.write_quiet_log()  # once only
+    ctx.log("after")  # the log is closed in between: it opens again
+    ctx.close()
+    assert ctx.log_path.read_text() == "$ true\nexit code 0\nafter\n"
+
+
 def test_log_from_many_threads_keeps_whole_lines(tmp_path):
     ctx, _, _ = make_ctx(tmp_path)
 

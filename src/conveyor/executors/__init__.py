@@ -73,6 +73,8 @@ class TaskContext:
         self._stopped = False
         self.stop_reason: str | None = None
         self._log: int | None = None  # the log's file descriptor, opened for appending
+        # A quiet attempt's whole log, not written to a file (see `keep_quiet_log`).
+        self._quiet: str | None = None
         # Guards the rare shared moments of this context (opening its log, making its
         # stop event); one per context, so one task's slow file system work never holds
         # up another's.
@@ -143,13 +145,49 @@ class TaskContext:
     # log --------------------------------------------------------------------
     def log(self, message: str) -> None:
         line = message if message.endswith("\n") else message + "\n"
-        data = line.encode("utf-8", "replace")
         with self._lock:
             if self._log is None:
                 self._log = open_log(self._where()[0])
-            # Unbuffered: each line is in the file (for readers following it) once written.
-            while data:
-                data = data[os.write(self._log, data) :]
+            self._write(line)
+
+    def _write(self, text: str) -> None:
+        """Append `text` to the open log, after the quiet log held back (it comes first)."""
+        assert self._log is not None
+        if self._quiet is not None:
+            text, self._quiet = self._quiet + text, None
+        data = text.encode("utf-8", "replace")
+        # Unbuffered: each line is in the file (for readers following it) once written.
+        while data:
+            data = data[os.write(self._log, data) :]
+
+    def keep_quiet_log(self, text: str) -> None:
+        """The attempt's command printed nothing: `text` (its command line and how it
+        ended) is its whole log, which goes with its outcome into the database rather
+        than into a file of its own. Whatever is logged after this goes to the file,
+        `text` first."""
+        with self._lock:
+            self._quiet = text
+
+    @property
+    def quiet_log(self) -> str | None:
+        """The log held back by `keep_quiet_log`, unless it has gone to the file since."""
+        return self._quiet
+
+    def write_quiet_log(self) -> None:
+        """Write the log held back to the file after all (its outcome will not be
+        recorded: the attempt was settled otherwise, a time-out, say)."""
+        with self._lock:
+            if self._quiet is None:
+                return
+            opened = self._log is None
+            if opened:
+                self._log = open_log(self._where()[0])
+            try:
+                self._write("")
+            finally:
+                if opened and self._log is not None:
+                    os.close(self._log)
+                    self._log = None
 
     def close(self) -> None:
         with self._lock:

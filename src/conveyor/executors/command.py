@@ -141,7 +141,7 @@ class CommandExecutor:
         argv, cwd, changes = prepared
         work_dir = changes["CONVEYOR_WORK_DIR"]
         key = launcher.run(argv, cwd, changes, _absolute(ctx.log_file), work_dir)
-        return Launched(launcher, key, ctx, deadline)
+        return Launched(launcher, key, ctx, deadline, f"$ {' '.join(argv)}")
 
     def start(
         self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None
@@ -275,11 +275,17 @@ class Launched(Running):
     when asked."""
 
     def __init__(
-        self, launcher: Launcher, key: int, ctx: TaskContext, deadline: float | None
+        self,
+        launcher: Launcher,
+        key: int,
+        ctx: TaskContext,
+        deadline: float | None,
+        header: str = "",
     ) -> None:
         super().__init__(ctx, deadline)
         self.launcher = launcher
         self.key = key
+        self.header = header  # its log's first line, the command line
         self.pid: int | None = None  # once the launcher has said
 
     def _signal(self, sig: int) -> None:
@@ -299,11 +305,14 @@ class Launched(Running):
         if progress is not None:
             self.ctx.report(progress)
 
-    def exited(self, code: int, killed: str | None) -> None:
+    def exited(self, code: int, killed: str | None, quiet: str | None = None) -> None:
         """It has exited with `code`; `killed`: the reason the launcher logged for the
         kill that ended it, None if it ended before any kill reached it (then its log
-        and result both say how it ended)."""
+        and result both say how it ended); `quiet`: its whole log, which the launcher
+        did not write, as it printed nothing (see `TaskContext.keep_quiet_log`)."""
         self._killing = killed
+        if quiet is not None:
+            self.ctx.keep_quiet_log(quiet)
         self._settle(code)
 
     def failed(self, why: str, retryable: bool) -> None:
@@ -318,6 +327,8 @@ class Launched(Running):
         if self.pid is not None:
             killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
+            if self.header and not os.path.lexists(self.ctx.log_file):
+                self.ctx.log(self.header)  # the launcher opens a log at the first output
             self.ctx.log(f"killed: {why}" if self.pid is not None else why)
         self.result = ExecResult(ok=False, error=why)
 

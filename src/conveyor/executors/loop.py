@@ -339,7 +339,7 @@ class CommandLoop(Generic[T]):
                     self._act(attempt, attempt.progress, rest[0])
                 elif kind == "exit":
                     self._deaths = 0  # launchers do work here
-                    self._act(attempt, attempt.exited, rest[0], rest[1])
+                    self._act(attempt, attempt.exited, *rest)
                 elif kind == "error":
                     self._act(attempt, attempt.failed, rest[0], rest[1])
             except Exception:  # a bug: the other messages are still acted on
