@@ -14,10 +14,12 @@ Everything each task costs is inside: claim, work directory, log, the process, t
 outcome, events and request counters.
 
 A third side, the bare loop with files, runs the same loop with what each attempt has
-on disk besides its process: a work directory of its own (its working directory) and a
-log file taking its output, where a worker puts them. Against the bare loop it shows
-what the file system of the scratch costs; against Conveyor, what the rest does. The
-ratio the target is about stays Conveyor's against the bare loop.
+on disk besides its process, where a worker puts them: a work directory of its own (its
+working directory) and, if the command printed anything, a log file holding its output
+(read through a pipe, as a launcher reads it; a quiet command's log is kept in the
+database). Against the bare loop it shows what the file system of the scratch costs;
+against Conveyor, what the rest does. The ratio the target is about stays Conveyor's
+against the bare loop.
 
 Each round numbers its request from a random point, as a service that has run a while
 does, not from 1 in its fresh database: on ext4 a request's folders are placed by a
@@ -91,8 +93,8 @@ def bare_loop(opts: ExecBenchOptions) -> float:
 def bare_loop_with_files(opts: ExecBenchOptions, folder: Path, request: int) -> float:
     """`bare_loop`, each process with an attempt's files, made as a launcher makes them,
     where a worker keeps them under `folder` for task n of `request`: its work
-    directory (its working directory), and its log, headed by the command line and
-    taking its stdout and stderr."""
+    directory (its working directory), and, if it printed anything, its log, headed by
+    the command line and holding its stdout and stderr."""
     argv = list(opts.command)
     header = ("$ " + " ".join(argv) + "\n").encode()
     files = LocalArtifacts(folder)
@@ -101,21 +103,18 @@ def bare_loop_with_files(opts: ExecBenchOptions, folder: Path, request: int) -> 
     def one(n: int) -> int:
         log_file, cwd = files.attempt_paths(request, n, 1)
         make_dir(cwd)  # as the launcher makes them, with the request's folders if need be
-        log = open_log(log_file)
-        try:
-            os.write(log, header)
-            code = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                check=False,
-            ).returncode
-            os.write(log, f"exit code {code}\n".encode())
-            return code
-        finally:
-            os.close(log)
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            check=False,
+        )
+        if done.stdout:
+            with os.fdopen(open_log(log_file), "ab") as log:
+                log.write(header + done.stdout + f"exit code {done.returncode}\n".encode())
+        return done.returncode
 
     return _timed(opts, one)
 

@@ -72,7 +72,9 @@ def test_bench_exec_with_worker_processes(
     assert "cannot be shared evenly" in capsys.readouterr().err
 
 
-def test_the_bare_loop_with_files_gives_each_process_a_work_dir_and_a_log(tmp_path: Path) -> None:
+def test_the_bare_loop_with_files_gives_each_process_a_work_dir_and_a_log_if_it_prints(
+    tmp_path: Path,
+) -> None:
     opts = ExecBenchOptions(tasks=6, concurrency=3, command=("sh", "-c", "pwd; echo out >&2"))
     assert bare_loop_with_files(opts, tmp_path, 1234) > 0
     files = LocalArtifacts(tmp_path)
@@ -83,6 +85,12 @@ def test_the_bare_loop_with_files_gives_each_process_a_work_dir_and_a_log(tmp_pa
     assert sorted(p.name for p in (tmp_path / "work" / "1234").iterdir()) == [
         str(n) for n in range(6)
     ]
+    # a command that prints nothing has no log file, as in a worker (its log is kept in
+    # the database)
+    quiet = ExecBenchOptions(tasks=3, concurrency=3, command=("true",))
+    assert bare_loop_with_files(quiet, tmp_path, 99) > 0
+    assert not (tmp_path / "logs" / "99").exists()
+    assert len(list((tmp_path / "work" / "99").iterdir())) == 3
 
 
 def test_a_rounds_requests_are_numbered_from_the_point_given(tmp_path: Path) -> None:
