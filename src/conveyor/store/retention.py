@@ -20,7 +20,6 @@ _BELONGING = (
     ("notifications", t.notifications),
     ("artifacts", t.artifacts),
     ("events", t.events),
-    ("attempt_logs", t.attempt_logs),
     ("tasks", t.tasks),
 )
 
@@ -71,6 +70,10 @@ class RetentionVerbs(SQLBase):
                     .where(r.reused_request_id.in_(ids), r.id.not_in(ids))
                     .values(reused_request_id=None)
                 )
+                # quiet attempts' logs, found by their tasks (they keep no request id)
+                tasks = sa.select(t.tasks.c.id).where(t.tasks.c.request_id.in_(ids))
+                logs = t.attempt_logs
+                conn.execute(logs.delete().where(logs.c.task_id.in_(tasks)))
                 for name, table in _BELONGING:
                     counts[name] = conn.execute(
                         table.delete().where(table.c.request_id.in_(ids))

@@ -181,15 +181,17 @@ artifacts = sa.Table(
 # The logs of quiet attempts, kept here instead of in a file: an attempt of a command
 # that printed nothing has a log of two lines (its command line, how it ended), which
 # its outcome brings along. Every other attempt's log is a file (`LocalArtifacts`).
+# One row is written with every such outcome, so the table is as small as it can be:
+# on SQLite its rows live in its primary key (no rowid, no second B-tree), and no other
+# index is kept (retention finds the rows by their tasks).
 attempt_logs = sa.Table(
     "attempt_logs",
     metadata,
     sa.Column("task_id", BigId, sa.ForeignKey("tasks.id"), primary_key=True),
     sa.Column("attempt", sa.Integer, primary_key=True),
-    sa.Column("request_id", BigId, nullable=False),
     sa.Column("text", sa.Text, nullable=False),
     sa.Column("created_at", Time, nullable=False),
-    sa.Index("ix_attempt_logs_request_id", "request_id"),
+    sqlite_with_rowid=False,
 )
 
 # The notifications outbox: filled from the events table (one row per completion event

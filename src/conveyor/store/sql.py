@@ -52,17 +52,6 @@ from conveyor.tasks import (
     task_target,
 )
 
-# A quiet attempt's log, kept with its outcome whether or not the outcome still applies
-# (the attempt ran all the same), as long as its task is there. The attempt's number,
-# when the outcome names none, is the one the task is on. A log kept already for the
-# same attempt (one that was handed back, then ran again under its number) is added to.
-_KEEP_LOG = sa.text(
-    "INSERT INTO attempt_logs (task_id, attempt, request_id, text, created_at) "
-    "SELECT id, COALESCE(:attempt, attempts), request_id, :text, :now FROM tasks "
-    "WHERE id = :task_id "
-    "ON CONFLICT (task_id, attempt) DO UPDATE SET text = attempt_logs.text || excluded.text"
-)
-
 
 class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
     # ----------------------------------------------------------------- requests
@@ -599,7 +588,7 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
             with self._write() as conn:
                 rows, counters = self._apply_changes(conn, changes, now)
                 if logs:
-                    conn.execute(_KEEP_LOG, logs)
+                    self._keep_logs(conn, logs)
                 self._advance_requests(conn, counters, now)
                 requeued = {r.queue for r in rows if r.status == TaskStatus.QUEUED.value}
                 for q in sorted(requeued):

@@ -70,6 +70,17 @@ def counter_deltas(rows: Sequence[Any]) -> list[tuple[int, int, int, int]]:
     return [(i, d[0], d[1], d[2]) for i, d in sorted(delta.items())]
 
 
+# A quiet attempt's log, kept with its outcome whether or not the outcome still applies
+# (the attempt ran all the same), as long as its task is there. The attempt's number,
+# when the outcome names none, is the one the task is on. A log kept already for the
+# same attempt (one that was handed back, then ran again under its number) is added to.
+KEEP_LOG = (
+    "INSERT INTO attempt_logs (task_id, attempt, text, created_at) "
+    "SELECT id, COALESCE(:attempt, attempts), :text, :now FROM tasks WHERE id = :task_id "
+    "ON CONFLICT (task_id, attempt) DO UPDATE SET text = attempt_logs.text || excluded.text"
+)
+
+
 class _Retryable(Unavailable):
     """The database aborted the transaction for a deadlock or a serialisation conflict;
     it was rolled back whole. Verbs run through `_retrying` run it again; elsewhere it
@@ -186,6 +197,10 @@ class SQLBase:
         that was seen. Returns the rows changed (id, request_id, pipeline, queue,
         attempts, status)."""
         raise NotImplementedError
+
+    def _keep_logs(self, conn: Connection, logs: list[dict[str, Any]]) -> None:
+        """Keep quiet attempts' logs (`task_id`, `attempt`, `text`, `now` each)."""
+        conn.execute(sa.text(KEEP_LOG), logs)
 
     def _apply_changes(
         self, conn: Connection, changes: list[dict[str, Any]], now: float

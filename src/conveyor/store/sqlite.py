@@ -29,7 +29,7 @@ from conveyor.store.rows import (
     dumps,
 )
 from conveyor.store.sql import SQLStore
-from conveyor.store.sqlbase import counter_deltas
+from conveyor.store.sqlbase import KEEP_LOG, counter_deltas
 from conveyor.store.turns import writer_queue
 from conveyor.tasks import Task
 
@@ -392,6 +392,13 @@ class SQLiteStore(SQLStore):
                     for r in rows
                 ],
             )
+        finally:
+            cur.close()
+
+    def _keep_logs(self, conn: Connection, logs: list[dict[str, Any]]) -> None:
+        cur = _cursor(conn)
+        try:
+            cur.executemany(KEEP_LOG, logs)
         finally:
             cur.close()
 

@@ -27,13 +27,12 @@ def upgrade() -> None:
         "attempt_logs",
         sa.Column("task_id", BigId, nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
-        sa.Column("request_id", BigId, nullable=False),
         sa.Column("text", sa.Text(), nullable=False),
         sa.Column("created_at", sa.Double(), nullable=False),
         sa.ForeignKeyConstraint(["task_id"], ["tasks.id"], name="fk_attempt_logs_task_id_tasks"),
         sa.PrimaryKeyConstraint("task_id", "attempt", name="pk_attempt_logs"),
+        sqlite_with_rowid=False,
     )
-    op.create_index("ix_attempt_logs_request_id", "attempt_logs", ["request_id"])
 
 
 def downgrade() -> None:
