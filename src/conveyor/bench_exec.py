@@ -94,29 +94,47 @@ def bare_loop_with_files(opts: ExecBenchOptions, folder: Path, request: int) -> 
     """`bare_loop`, each process with an attempt's files, made as a launcher makes them,
     where a worker keeps them under `folder` for task n of `request`: its work
     directory (its working directory), and, if it printed anything, its log, headed by
-    the command line and holding its stdout and stderr."""
+    the command line and holding its stdout and stderr.
+
+    Output goes to a spool file of the thread's own (made once), not a pipe: reading a
+    pipe in this process would add Python's cost to the loop, which a launcher bears in
+    a process of its own. What a command wrote is moved from the spool to its log."""
     argv = list(opts.command)
     header = ("$ " + " ".join(argv) + "\n").encode()
     files = LocalArtifacts(folder)
     files.prepare()
+    spools = threading.local()
+    opened: list[int] = []
+
+    def spool() -> int:
+        fd: int | None = getattr(spools, "fd", None)
+        if fd is None:
+            fd = spools.fd = os.open(
+                folder / f"spool-{threading.get_ident()}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            )
+            opened.append(fd)
+        return fd
 
     def one(n: int) -> int:
         log_file, cwd = files.attempt_paths(request, n, 1)
         make_dir(cwd)  # as the launcher makes them, with the request's folders if need be
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            check=False,
-        )
-        if done.stdout:
+        out = spool()
+        code = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd, check=False
+        ).returncode
+        size = os.fstat(out).st_size
+        if size:
             with os.fdopen(open_log(log_file), "ab") as log:
-                log.write(header + done.stdout + f"exit code {done.returncode}\n".encode())
-        return done.returncode
+                log.write(header + os.pread(out, size, 0) + f"exit code {code}\n".encode())
+            os.ftruncate(out, 0)
+            os.lseek(out, 0, os.SEEK_SET)
+        return code
 
-    return _timed(opts, one)
+    try:
+        return _timed(opts, one)
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def first_request_id() -> int:
