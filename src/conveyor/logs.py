@@ -55,7 +55,9 @@ def last_lines(data: bytes, lines: int) -> bytes:
 
 @dataclass(frozen=True)
 class AttemptLog:
-    """One attempt's log: its file, or the text the database keeps (`kept`)."""
+    """One attempt's log: its file, or the text the database keeps (`kept`). Where an
+    attempt has both (a quiet run of it, then another under the same number that
+    printed), the log is the kept text, then the file."""
 
     attempt: int
     path: Path
@@ -65,7 +67,13 @@ class AttemptLog:
         """The log, or its last `tail` lines; at most `most` bytes of it (-1: all).
         Empty for a file that has gone meanwhile (retention)."""
         if self.kept is not None:
-            data = self.kept if tail is None else last_lines(self.kept, tail)
+            data = self.kept
+            try:
+                data += self.path.read_bytes()
+            except FileNotFoundError:
+                pass
+            if tail is not None:
+                data = last_lines(data, tail)
             return data if most < 0 else data[:most]
         try:
             start = 0 if tail is None else tail_offset(self.path, tail)

@@ -170,3 +170,6 @@ class Outcome:
     # The whole log of a quiet attempt (its command line and how it ended), kept in the
     # database with the outcome: such an attempt has no log file (see `TaskContext`).
     log: str | None = None
+    # When the log was taken (None: when the outcome is written). The same outcome
+    # written again adds no second copy to a log kept already for its attempt.
+    logged_at: float | None = None

@@ -137,7 +137,12 @@ def _unrecordable(outcome: Outcome, exc: Exception) -> Outcome | None:
     if outcome.action == TaskAction.RELEASE or (outcome.error or "").startswith(_UNRECORDABLE):
         return None
     return dataclasses.replace(
-        outcome, action=TaskAction.FAIL, result=None, delay=0.0, error=f"{_UNRECORDABLE}{exc}"
+        outcome,
+        action=TaskAction.FAIL,
+        result=None,
+        delay=0.0,
+        error=f"{_UNRECORDABLE}{exc}",
+        log=None,  # the log may be what was refused; the error says what happened
     )
 
 
@@ -554,13 +559,16 @@ class Worker:
     # recording outcomes ------------------------------------------------------------
     def _outcome(self, run: _Running, res: ExecResult) -> Outcome:
         task = run.task
-        quiet = run.ctx.quiet_log  # a quiet attempt's log goes with its outcome
+        # A quiet attempt's log goes with its outcome, stamped once: an outcome written
+        # again (its first write's answer lost) does not add it twice.
+        quiet = run.ctx.quiet_log
+        kept: dict[str, Any] = {"log": quiet, "logged_at": self.app.clock()} if quiet else {}
         if res.ok:
-            return run.outcome(TaskAction.SUCCEED, result=res.result, log=quiet)
+            return run.outcome(TaskAction.SUCCEED, result=res.result, **kept)
         if not res.retryable:
-            return run.outcome(TaskAction.FAIL, error=res.error, log=quiet)
+            return run.outcome(TaskAction.FAIL, error=res.error, **kept)
         decision = decide_retry(task.attempts, task.max_attempts, run.pipeline.retry)
-        return run.outcome(decision.action, error=res.error, delay=decision.delay, log=quiet)
+        return run.outcome(decision.action, error=res.error, delay=decision.delay, **kept)
 
     @staticmethod
     def _write_quiet_log(run: _Running) -> None:
@@ -579,10 +587,12 @@ class Worker:
             if item is None:
                 return
             items, stop = self._gather(item)
-            for run, _ in items:
-                if run.settled:
+            outcomes = []
+            for run, res in items:
+                if run.settled:  # read once: what it says decides where a quiet log goes
                     self._write_quiet_log(run)
-            outcomes = [self._outcome(run, res) for run, res in items if not run.settled]
+                else:
+                    outcomes.append(self._outcome(run, res))
             self._record(outcomes)
             self._recorded.put([run for run, _ in items])
             self._wake.set()

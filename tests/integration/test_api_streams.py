@@ -229,6 +229,31 @@ def test_a_quiet_attempts_log_kept_in_the_database_is_served_like_a_file(
     assert not api.app.artifacts.log_path(task.request_id, task.id, 1).exists()
 
 
+def test_following_a_task_follows_its_running_attempt_not_an_earlier_log(
+    served: tuple[ApiEnv, httpx.Client],
+) -> None:
+    """The running attempt of a quiet command has no log until it ends: following the
+    task waits for it rather than ending at the attempt before."""
+    api, c = served
+    task = _running_task(api)
+    first = Outcome(task.id, TaskAction.RETRY, attempt=1, log="$ false\nexit code 1\n")
+    api.store.finish("w1", [first], time.time())
+    (again,) = claim_all(api.store, task.request_id)
+    assert again.attempts == 2
+    second = "$ true\nexit code 0\n"
+
+    def finish_quietly() -> None:
+        done = Outcome(task.id, TaskAction.SUCCEED, attempt=2, log=second)
+        api.store.finish("w1", [done], time.time())
+
+    worker = later(0.5, finish_quietly)
+    url = f"/api/v1/tasks/{task.id}/log"
+    r = c.get(url, params={"follow": "true", "timeout": 10})
+    worker.join()
+    assert r.text == second
+    assert c.get(url).text == second
+
+
 def test_following_a_log_streams_until_the_attempt_ends(
     served: tuple[ApiEnv, httpx.Client],
 ) -> None:

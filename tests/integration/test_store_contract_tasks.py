@@ -424,6 +424,18 @@ def test_a_quiet_log_of_an_attempt_run_again_is_added_to(store: Store) -> None:
     assert store.attempt_logs(task.id) == {1: "first\nthen\n"}
 
 
+def test_an_outcome_written_again_keeps_its_quiet_log_once(store: Store) -> None:
+    """A worker writes an outcome again when the answer to its first write was lost:
+    the log, stamped when it was taken, is not added twice."""
+    submit(store, items=["a"])
+    (task,) = claim(store, "w1", now=T0 + 1)
+    quiet = "$ true\nexit code 0\n"
+    outcome = Outcome(task.id, TaskAction.SUCCEED, attempt=1, log=quiet, logged_at=T0 + 2)
+    assert store.finish("w1", [outcome], T0 + 2) == [task.id]
+    assert store.finish("w1", [outcome], T0 + 3) == []  # not applied again
+    assert store.attempt_logs(task.id) == {1: quiet}
+
+
 def test_a_quiet_log_is_kept_even_when_its_outcome_no_longer_applies(store: Store) -> None:
     """The attempt ran: its log stays, though the task was cancelled meanwhile. A log
     of a task that is gone is dropped without an error."""

@@ -45,8 +45,11 @@ def test_an_attempt_log_reads_its_kept_text_before_any_file(tmp_path: Path) -> N
     path = tmp_path / "log"
     path.write_bytes(b"from the file\n")
     assert AttemptLog(1, path).read() == b"from the file\n"
-    assert AttemptLog(1, path, kept=b"kept\n").read() == b"kept\n"
-    assert AttemptLog(1, path, kept=b"0123456789").read(most=4) == b"0123"
+    # an attempt run again under its number, quiet first, then printing: both, in order
+    assert AttemptLog(1, path, kept=b"kept\n").read() == b"kept\nfrom the file\n"
+    assert AttemptLog(1, path, kept=b"kept\n").read(1) == b"from the file\n"
+    assert AttemptLog(1, tmp_path / "none", kept=b"kept\n").read() == b"kept\n"
+    assert AttemptLog(1, tmp_path / "none", kept=b"0123456789").read(most=4) == b"0123"
     assert AttemptLog(1, path).read(most=4) == b"from"
     assert AttemptLog(1, tmp_path / "gone").read() == b""  # pruned meanwhile
     assert AttemptLog(1, tmp_path / "gone").read(3) == b""

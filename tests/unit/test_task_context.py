@@ -152,6 +152,12 @@ def test_a_quiet_log_is_held_for_the_outcome_until_something_more_is_logged(tmp_
     assert ctx.log_path.read_text() == "$ true\nexit code 0\nconveyor: one more line\n"
 
 
+def test_a_quiet_log_holds_only_what_utf8_can(tmp_path):
+    ctx, _, _ = make_ctx(tmp_path)
+    ctx.keep_quiet_log("$ run \udc80\nexit code 0\n")  # a lone surrogate from JSON params
+    assert ctx.quiet_log == "$ run ?\nexit code 0\n"
+
+
 def test_a_quiet_log_whose_outcome_is_not_recorded_goes_to_the_file(tmp_path):
     ctx, _, _ = make_ctx(tmp_path)
     ctx.write_quiet_log()  # nothing held: nothing made

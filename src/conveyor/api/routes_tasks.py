@@ -51,6 +51,15 @@ def attempt_over(task: Task, attempt: int) -> bool:
     return task.attempts == attempt and task.status != TaskStatus.RUNNING
 
 
+def shown_attempt(task: Task, logged: list[int], follow: bool) -> int | None:
+    """The attempt whose log is shown when none is named: the latest with a log; when
+    following, the running attempt (a command that prints nothing has no log until it
+    ends, when its two lines are kept with its outcome)."""
+    if follow and task.status == TaskStatus.RUNNING and task.attempts:
+        return task.attempts
+    return logged[-1] if logged else None
+
+
 def attempt_may_come(task: Task, attempt: int | None) -> bool:
     """Whether following may yet see a log for this attempt (any attempt: None)."""
     if task.status.terminal:
@@ -89,8 +98,11 @@ async def _log_stream(
     path: FilePath | None = None
     pos = 0
     next_look = 0.0  # look at once: a finished attempt needs no waiting
+    next_find = 0.0
     while True:
-        if path is None:
+        if path is None and time.monotonic() >= next_find:
+            # Looked for as often as the status is: a quiet attempt's log comes at its end.
+            next_find = time.monotonic() + STATUS_POLL
             found = await run_in_threadpool(_find_log, app, task.id, attempt)
             if found is not None:
                 attempt = found.attempt
@@ -164,7 +176,7 @@ async def task_log(
     while the attempt runs (waiting for it to start, if need be) and ends when it ends."""
     app = conveyor_of(request)
     task, logged = await run_in_threadpool(app.log_attempts, task_id)
-    chosen = attempt if attempt is not None else (logged[-1] if logged else None)
+    chosen = attempt if attempt is not None else shown_attempt(task, logged, follow)
     if chosen not in logged and not (follow and attempt_may_come(task, chosen)):
         if chosen is None:
             raise NotFound(f"task {task_id} has no log yet")

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from conveyor.api.routes_artifacts import artifact_response
-from conveyor.api.routes_tasks import attempt_over
+from conveyor.api.routes_tasks import attempt_over, shown_attempt
 from conveyor.dashboard import charts, views
 from conveyor.dashboard.ui import dashboard_of
 from conveyor.logs import AttemptLog
@@ -200,7 +200,7 @@ def task_log(
         return ui.render(
             request, "_log.html", viewer, status_code=404, task=None, missing=f"no task {task_id}"
         )
-    chosen = attempt or (logged[-1] if logged else None)
+    chosen = attempt or shown_attempt(task, logged, follow)
     text = ""
     if chosen is not None and chosen in logged:
         text = _tail(ui.app.attempt_log(task, chosen), tail)

@@ -165,6 +165,9 @@ class TaskContext:
         ended) is its whole log, which goes with its outcome into the database rather
         than into a file of its own. Whatever is logged after this goes to the file,
         `text` first."""
+        # as a file would hold it: the command line may hold what UTF-8 cannot (a lone
+        # surrogate from JSON params), which no database takes
+        text = text.encode("utf-8", "replace").decode("utf-8")
         with self._lock:
             self._quiet = text
 

@@ -579,7 +579,12 @@ class SQLStore(SQLStats, OutboxVerbs, RetentionVerbs):
             )
 
         logs = [
-            {"task_id": o.task_id, "attempt": o.attempt, "text": stored_text(o.log), "now": now}
+            {
+                "task_id": o.task_id,
+                "attempt": o.attempt,
+                "text": stored_text(o.log),
+                "now": now if o.logged_at is None else o.logged_at,
+            }
             for o in outcomes
             if o.log
         ]

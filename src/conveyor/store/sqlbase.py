@@ -73,11 +73,13 @@ def counter_deltas(rows: Sequence[Any]) -> list[tuple[int, int, int, int]]:
 # A quiet attempt's log, kept with its outcome whether or not the outcome still applies
 # (the attempt ran all the same), as long as its task is there. The attempt's number,
 # when the outcome names none, is the one the task is on. A log kept already for the
-# same attempt (one that was handed back, then ran again under its number) is added to.
+# same attempt (one that was handed back, then ran again under its number) is added to,
+# unless it is the same log, taken at the same time (its outcome written again).
 KEEP_LOG = (
     "INSERT INTO attempt_logs (task_id, attempt, text, created_at) "
     "SELECT id, COALESCE(:attempt, attempts), :text, :now FROM tasks WHERE id = :task_id "
-    "ON CONFLICT (task_id, attempt) DO UPDATE SET text = attempt_logs.text || excluded.text"
+    "ON CONFLICT (task_id, attempt) DO UPDATE SET text = attempt_logs.text || excluded.text, "
+    "created_at = excluded.created_at WHERE attempt_logs.created_at <> excluded.created_at"
 )
 
 
