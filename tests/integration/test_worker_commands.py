@@ -135,7 +135,7 @@ timeout = 0.3
 
 
 def test_a_command_that_prints_nothing_keeps_its_log_in_the_database(make_app: Any) -> None:
-    """No log file is made for it (a file costs as much as a short command's run); its
+    """No log file is made for it (an inode and a disk block for two lines); its
     log, the command line and how it ended, is read from the database like any other."""
     app = make_app(QUIET)
     ok = app.submit("quiet", {"items": list(range(20))}).request.id
