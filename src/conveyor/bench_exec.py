@@ -51,7 +51,7 @@ from typing import Any
 from conveyor.app import Conveyor
 from conveyor.artifacts import LocalArtifacts
 from conveyor.config import Config, parse_config
-from conveyor.executors.launcher import make_dir, open_log
+from conveyor.executors.launcher import command_line, make_dir, open_log
 from conveyor.queues import DEFAULT_QUEUE
 from conveyor.requests import Request
 from conveyor.worker import Worker, WorkerOptions
@@ -100,7 +100,7 @@ def bare_loop_with_files(opts: ExecBenchOptions, folder: Path, request: int) -> 
     pipe in this process would add Python's cost to the loop, which a launcher bears in
     a process of its own. What a command wrote is moved from the spool to its log."""
     argv = list(opts.command)
-    header = ("$ " + " ".join(argv) + "\n").encode()
+    header = (command_line(argv) + "\n").encode()
     files = LocalArtifacts(folder)
     files.prepare()
     spools = threading.local()

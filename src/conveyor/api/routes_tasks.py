@@ -78,11 +78,10 @@ def _read(path: FilePath, pos: int) -> bytes:
 
 def _find_log(app: Conveyor, task_id: int, attempt: int | None) -> AttemptLog | None:
     """The log of `attempt` (None: the latest attempt with one), if it has one yet."""
-    task, logged = app.log_attempts(task_id)
-    chosen = attempt if attempt is not None else (logged[-1] if logged else None)
-    if chosen is None or chosen not in logged:
+    try:
+        return app.log(task_id, attempt)
+    except NotFound:  # no log yet (or the task is gone)
         return None
-    return app.attempt_log(task, chosen)
 
 
 async def _log_stream(

@@ -20,6 +20,7 @@ from conveyor.executors.launcher import (
     Launcher,
     LauncherGone,
     Lines,
+    command_line,
     cwd_problem,
     fixed_path,
     killpg,
@@ -141,7 +142,7 @@ class CommandExecutor:
         argv, cwd, changes = prepared
         work_dir = changes["CONVEYOR_WORK_DIR"]
         key = launcher.run(argv, cwd, changes, _absolute(ctx.log_file), work_dir)
-        return Launched(launcher, key, ctx, deadline, f"$ {' '.join(argv)}")
+        return Launched(launcher, key, ctx, deadline, command_line(argv))
 
     def start(
         self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None
@@ -174,7 +175,7 @@ class CommandExecutor:
                 why = f"cannot start {argv[0]}: its working directory {cwd}: {problem}"
             else:
                 why = f"cannot start {argv[0]}: {getattr(exc, 'strerror', None) or exc}"
-            ctx.log(f"$ {' '.join(argv)}")
+            ctx.log(command_line(argv))
             ctx.log(why)
             return ExecResult(ok=False, error=why, retryable=False)
         finally:
@@ -185,7 +186,7 @@ class CommandExecutor:
         try:
             # Logged once the command runs, so opening the log overlaps its start; still
             # the first line, as its output is read only after this.
-            ctx.log(f"$ {' '.join(argv)}")
+            ctx.log(command_line(argv))
         except BaseException:
             attempt.abandon()  # cannot log (the disk is full?): it must not run unseen
             raise

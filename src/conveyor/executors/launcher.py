@@ -255,7 +255,7 @@ class _Launcher:
             why = f"cannot make the work directory {work_dir}: {exc.strerror}"
             self.send("error", key, why, True)
             return
-        header = f"$ {' '.join(argv)}\n"
+        header = command_line(argv) + "\n"
         try:
             pid, out = self.start(argv, cwd, changes)
         except _CannotStart as exc:
@@ -640,6 +640,11 @@ def _not_found(name: str, path: str) -> OSError:
         if os.path.isfile(os.path.join(folder or ".", name)):
             return PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+
+def command_line(argv: list[str]) -> str:
+    """A command's log's first line (without its newline): `$ ` and its arguments."""
+    return "$ " + " ".join(argv)
 
 
 def make_dir(path: str) -> None:
