@@ -97,11 +97,8 @@ async def _log_stream(
     path: FilePath | None = None
     pos = 0
     next_look = 0.0  # look at once: a finished attempt needs no waiting
-    next_find = 0.0
     while True:
-        if path is None and time.monotonic() >= next_find:
-            # Looked for as often as the status is: a quiet attempt's log comes at its end.
-            next_find = time.monotonic() + STATUS_POLL
+        if path is None:
             found = await run_in_threadpool(_find_log, app, task.id, attempt)
             if found is not None:
                 attempt = found.attempt
