@@ -20,6 +20,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from conveyor.artifacts import ArtifactError, local_store_path
 from conveyor.artifacts.keys import DEFAULT_KEY_TEMPLATE, ArtifactKeyError, check_template
 from conveyor.hosts import Host
 from conveyor.ingest.loader import LoadError, SqliteLoad, read_mapping
@@ -506,6 +507,11 @@ def parse_config(
         store_url = str((data_dir / store_url).resolve())
     elif not store_url.startswith(("s3://", "file://")):
         raise ConfigError(f"artifacts.url: use s3://bucket/prefix or a directory, not {store_url}")
+    elif store_url.startswith("file://"):
+        try:
+            local_store_path(store_url)
+        except ArtifactError as exc:
+            raise ConfigError(f"artifacts.url: {exc}") from exc
     return Config(
         database_url=database,
         artifacts_dir=artifacts_dir,

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from conveyor.artifacts import Artifact, ArtifactKind, latest_outputs
+from conveyor.artifacts import (
+    Artifact,
+    ArtifactError,
+    ArtifactKind,
+    latest_outputs,
+    local_store_path,
+    open_artifact_store,
+)
 from conveyor.artifacts.keys import ArtifactKeyError, check_key, check_template, render_key
 from conveyor.config import ConfigError, parse_config
 from conveyor.events import Event
@@ -202,3 +210,46 @@ def test_the_outbox_waits_at_a_young_gap_in_event_ids_only() -> None:
     # once the gap is older than `settle`, it was a rollback: go past it
     assert [e.id for e in settled_prefix(events, 10, now + 10, settle=5)] == [11, 12, 14]
     assert settled_prefix([_event(12, "b", ts=99)], 10, now, settle=5) == []
+
+
+# file: URLs of a local store -----------------------------------------------------------
+@pytest.mark.parametrize("prefix", ["file://", "file://localhost"])
+def test_a_file_url_of_this_host_stores_where_its_path_says(tmp_path: Path, prefix: str) -> None:
+    folder = tmp_path / "my objects"
+    url = prefix + folder.as_uri().removeprefix("file://")  # "my%20objects"
+    assert "%20" in url
+    store = open_artifact_store(url)
+    try:
+        store.put_bytes("a/b.txt", b"kept\n")
+        assert (folder / "a" / "b.txt").read_bytes() == b"kept\n"
+        assert store.url("a/b.txt") == (folder / "a" / "b.txt").as_uri()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("file://otherhost/srv/objects", "names the host 'otherhost'"),
+        ("file://nas.example:445/share", "names the host 'nas.example:445'"),
+        ("file://", "absolute path"),
+        ("file:objects", "absolute path"),
+        ("file:///srv/objects?mode=ro", "takes no ? or #"),
+        ("file:///srv/objects#top", "takes no ? or #"),
+        ("file:///srv/ob%00jects", "NUL"),
+    ],
+)
+def test_a_file_url_that_is_not_a_folder_of_this_host_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, says: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # read as a path, such a URL would land in here
+    with pytest.raises(ArtifactError, match=re.escape(says)):
+        local_store_path(url)
+    with pytest.raises(ArtifactError, match=re.escape(says)):
+        open_artifact_store(url)
+    if "://" in url:  # what a config holds; "file:objects" is a relative folder there
+        with pytest.raises(ConfigError, match=r"^artifacts\.url: .*" + re.escape(says)):
+            parse_config({"artifacts": {"url": url}}, tmp_path, {})
+        with pytest.raises(ConfigError, match=r"^artifacts\.url: .*" + re.escape(says)):
+            parse_config({}, tmp_path, {"CONVEYOR_ARTIFACTS_URL": url})
+    assert list(tmp_path.iterdir()) == []

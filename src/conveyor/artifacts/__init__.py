@@ -14,6 +14,7 @@ import enum
 import fcntl
 import os
 import struct
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +236,34 @@ def open_artifact_store(
         )
     from conveyor.artifacts.local import LocalStore
 
-    return LocalStore(Path(url.removeprefix("file://")))
+    return LocalStore(local_store_path(url))
+
+
+def local_store_path(url: str) -> Path:
+    """The directory of a local store's URL: a path, or a `file:` URL of this host
+    (`file:///srv/objects`, `file://localhost/srv/objects`, percent-escapes decoded).
+    A `file:` URL naming another host, a relative path, a query or a fragment is
+    refused (ArtifactError): read as a path, `file://otherhost/srv` would be the
+    relative folder `otherhost/srv` of whatever directory the process started in."""
+    if not url.startswith("file:"):
+        return Path(url)
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ArtifactError(
+            f"artifact store URL {url!r} names the host {parts.netloc!r}: a file URL "
+            "is a directory of this host (file:///path or file://localhost/path); "
+            "for another host's, use s3:// or a mount of it"
+        )
+    if parts.query or parts.fragment:
+        raise ArtifactError(f"artifact store URL {url!r}: a file URL takes no ? or #")
+    path = urllib.parse.unquote(parts.path)
+    if not path.startswith("/"):
+        raise ArtifactError(
+            f"artifact store URL {url!r}: a file URL holds an absolute path (file:///path)"
+        )
+    if "\0" in path:
+        raise ArtifactError(f"artifact store URL {url!r}: the path holds a NUL")
+    return Path(path)
 
 
 def latest_outputs(artifacts: Sequence[Artifact]) -> list[Artifact]:
@@ -259,6 +287,7 @@ __all__ = [
     "Readable",
     "check_key",
     "latest_outputs",
+    "local_store_path",
     "open_artifact_store",
     "spread_subfolders",
 ]
