@@ -31,7 +31,14 @@ from conveyor.artifacts import (
 from conveyor.config import Config
 from conveyor.events import Event
 from conveyor.group_commit import SubmitBatcher
-from conveyor.ingest.loader import LoadResult, SqliteMapping, file_key, load_sqlite, task_key
+from conveyor.ingest.loader import (
+    LoadError,
+    LoadResult,
+    SqliteMapping,
+    file_key,
+    load_sqlite,
+    task_key,
+)
 from conveyor.ingest.offload import BlobSpec
 from conveyor.ingest.pipeline import Ingester, IngestStats, open_ingester
 from conveyor.ingest.settings import BUILTIN_KCIDB, SinkConfig, SpoolConfig
@@ -473,17 +480,23 @@ class Conveyor:
         request_id: int | None = None,
         task_id: int | None = None,
         database: str | None = None,
+        stop: Callable[[], str | None] | None = None,
     ) -> LoadResult:
         """Load a SQLite result file into the database, all or nothing; loading the same
-        task's (or, with no task, the same file's) output again replaces it."""
+        task's (or, with no task, the same file's) output again replaces it. `stop`:
+        see `ingest.loader.load_sqlite` (LoadStopped)."""
         engine = make_engine(database or self.config.database_url)
         key = task_key(task_id) if task_id is not None else file_key(file)
         try:
-            return load_sqlite(engine, file, mapping, key, self.clock(), request_id, task_id)
+            return load_sqlite(engine, file, mapping, key, self.clock(), request_id, task_id, stop)
         except (sa.exc.OperationalError, sa.exc.InterfaceError, sqlite3.OperationalError) as exc:
             # sqlite3's own come from BEGIN, run on the driver's connection, or from reading
             # the result file: locked, unreadable; worth trying again
             raise Unavailable(describe(exc)) from exc
+        except (sa.exc.DataError, sa.exc.IntegrityError) as exc:
+            # a value the target's columns refuse (too long, out of range, NULL in a NOT
+            # NULL column): the file's fault; said in a line, not with the chunk of rows
+            raise LoadError(f"{file}: the database refused a row: {describe(exc)}") from exc
         finally:
             engine.dispose()
 

@@ -516,7 +516,7 @@ class Worker:
     def _load_output(self, run: _Running, result: ExecResult) -> ExecResult:
         """The pipeline's `load_sqlite`: the task succeeds only once its result file is
         in the database (a failure to load is a failed attempt, retried by policy)."""
-        from conveyor.ingest.loader import LoadError, result_file
+        from conveyor.ingest.loader import LoadError, LoadStopped, result_file
         from conveyor.pipelines import TemplateError, command_values
 
         load = run.pipeline.load_sqlite
@@ -532,8 +532,16 @@ class Worker:
         try:
             path = result_file(load, command_values(task.params, context), run.ctx.work_dir)
             loaded = self.app.load_sqlite(
-                path, load.mapping, task.request_id, task.id, load.database
+                path,
+                load.mapping,
+                task.request_id,
+                task.id,
+                load.database,
+                # an attempt stopped meanwhile (its time ran out, say) keeps nothing
+                stop=lambda: (run.ctx.stop_reason or "stopped") if run.ctx.stopping else None,
             )
+        except LoadStopped:
+            return run.ctx.stopped_before("its result was loaded")
         except (LoadError, TemplateError, Unavailable) as exc:
             run.ctx.log(f"load_sqlite failed: {exc}")
             return ExecResult(ok=False, error=f"load_sqlite: {exc}")

@@ -5,6 +5,7 @@ nothing per file, idempotent on re-load."""
 from __future__ import annotations
 
 import sqlite3
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from conftest import cli_env, run_cli
 from conveyor.config import builtin_config_path
 from conveyor.examples import spotbot
-from conveyor.ingest.loader import LoadError, read_mapping
+from conveyor.ingest.loader import LoadError, LoadStopped, read_mapping
 from conveyor.worker import Worker, WorkerOptions
 from ingest_support import query
 
@@ -65,6 +66,101 @@ def test_a_bad_file_loads_nothing(make_app: Any, db_url: str, tmp_path: Path) ->
     (tmp_path / "empty.db").write_bytes(b"")
     with pytest.raises(LoadError, match="no table 'annotation_header'"):
         app.load_sqlite(tmp_path / "empty.db", read_mapping(MAPPING))
+
+
+def test_a_load_stopped_before_its_commit_keeps_nothing(
+    make_app: Any, db_url: str, tmp_path: Path
+) -> None:
+    """A load asks `stop` as it goes and last in its transaction, just before the
+    commit: an attempt whose time ran out then keeps no rows, and what an earlier load
+    of the same task left stays as it was."""
+    app = make_app()
+    mapping = read_mapping(MAPPING)
+    first = _spotbot_db(tmp_path / "first", 30, seed=1)
+    app.load_sqlite(first, mapping, task_id=7)
+    assert _counts(db_url) == (1, 30)
+    bigger = _spotbot_db(tmp_path / "bigger", 80, seed=2)
+    asked: list[int] = []
+
+    def count() -> str | None:
+        asked.append(1)
+        return None
+
+    app.load_sqlite(bigger, mapping, task_id=8)  # another task's, to count the asks on
+    app.load_sqlite(bigger, mapping, task_id=8, stop=count)
+    checks = len(asked)
+    assert checks >= 3  # after each table's rows, and at the end
+    assert _counts(db_url) == (2, 110)
+
+    def at_the_last(n: int = checks) -> str | None:
+        asked.append(1)
+        return "timed out after 5s" if len(asked) == n else None
+
+    asked.clear()
+    with pytest.raises(LoadStopped, match="timed out after 5s"):
+        app.load_sqlite(bigger, mapping, task_id=7, stop=at_the_last)
+    assert len(asked) == checks  # stopped at the last word
+    assert _counts(db_url) == (2, 110)  # task 7 still has its first load's 30 rows
+    rows = query(db_url, "SELECT count(*) FROM annotation WHERE task_id = 7")
+    assert rows == [(30,)]
+    with pytest.raises(LoadStopped, match="cancelled"):
+        app.load_sqlite(bigger, mapping, task_id=9, stop=lambda: "cancelled")
+    assert _counts(db_url) == (2, 110)
+
+
+def test_a_nul_or_a_refused_value_is_named_and_loads_nothing(
+    make_app: Any, db_url: str, tmp_path: Path
+) -> None:
+    """SQLite keeps a NUL in text and any value in any column; PostgreSQL refuses both.
+    There the load names the table, column and row (a NUL), or says what the database
+    refused in a line, and loads nothing; the task's error is that line, not a dump of
+    the rows sent."""
+    app = make_app()
+    mapping = read_mapping(MAPPING)
+    db = _spotbot_db(tmp_path / "nul", 40)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE annotation SET detail = 'a' || char(0) || 'b' WHERE seq = 6")
+    postgres = db_url.startswith("postgresql")
+    if postgres:
+        with pytest.raises(LoadError) as refused:
+            app.load_sqlite(db, mapping, task_id=1)
+        assert str(refused.value) == (
+            f"{db}: annotation.detail holds a NUL character in the table's row 7, "
+            "which PostgreSQL cannot store in text"
+        )
+        assert _counts(db_url) == (0, 0)
+    else:
+        app.load_sqlite(db, mapping, task_id=1)
+        assert query(db_url, "SELECT detail FROM annotation WHERE seq = 6") == [("a\0b",)]
+
+    bad = _spotbot_db(tmp_path / "typed", 40, seed=3)
+    with sqlite3.connect(bad) as conn:  # SQLite keeps text in an INTEGER column
+        conn.execute("UPDATE annotation SET payload_len = 'many' WHERE seq = 3")
+    if postgres:
+        with pytest.raises(LoadError) as typed:
+            app.load_sqlite(bad, mapping, task_id=2)
+        message = str(typed.value)
+        assert message.startswith(f"{bad}: the database refused a row: ")
+        assert "many" in message and "\n" not in message and "[parameters" not in message
+        assert _counts(db_url) == (0, 0)
+
+
+def test_the_examples_exception_text_loads_into_either_database(
+    make_app: Any, db_url: str, tmp_path: Path
+) -> None:
+    """An exception record's bytes that are not printable ASCII, a NUL among them, are
+    written as \\xNN in its detail, so Spotbot's result files load into PostgreSQL too."""
+    folder = tmp_path / "log"
+    log = spotbot.write_log(folder, 10)
+    payload = b"!boom\x00\x01\xff end"
+    with log.open("ab") as f:
+        f.write(struct.pack(">HH", 1, len(payload)) + payload)
+    with (folder / "rawbinlog.time").open("a") as f:
+        f.write("1670000099.000\n")
+    spotbot.process(log, folder / "rawbinlog.time", folder / "rawbinlog.protocols.xml", folder)
+    make_app().load_sqlite(folder / "spotbot.db", read_mapping(MAPPING), task_id=1)
+    rows = query(db_url, "SELECT kind, detail FROM annotation WHERE seq = 10")
+    assert rows == [("exception", "boom\\x00\\x01\\xff end")]
 
 
 def test_cli_load_sqlite(db_url: str, tmp_path: Path) -> None:

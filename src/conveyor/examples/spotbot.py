@@ -79,7 +79,10 @@ def classify(payload: bytes) -> tuple[str, str]:
     if zeros == len(payload):
         return "dropout", f"{len(payload)} zero bytes"
     if payload[:1] == b"!":
-        return "exception", payload[1:].decode("ascii", "replace").strip()
+        # Its text as it reads: bytes that are not printable ASCII (NULs, which a text
+        # column of PostgreSQL refuses, among them) written as \xNN.
+        text = payload[1:].decode("ascii", "backslashreplace").strip()
+        return "exception", "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
     return "data", f"checksum {sum(payload) & 0xFFFF:04x}"
 
 

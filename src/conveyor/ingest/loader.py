@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,10 @@ _EXTRA = ("load_key", "request_id", "task_id", "loaded_at")  # filled in by the 
 
 class LoadError(ValueError):
     """The file or the mapping is wrong (names the table or column)."""
+
+
+class LoadStopped(Exception):
+    """A load rolled back because it was no longer wanted (the message says why)."""
 
 
 class _ParentModel(BaseModel):
@@ -153,9 +157,12 @@ def load_sqlite(
     now: float,
     request_id: int | None = None,
     task_id: int | None = None,
+    stop: Callable[[], str | None] | None = None,
 ) -> LoadResult:
     """Load one result file in one transaction; raises LoadError (bad file or mapping)
-    or SQLAlchemy's errors (the database)."""
+    or SQLAlchemy's errors (the database). `stop`, asked between chunks and last just
+    before the commit, says why the load is no longer wanted (its attempt's time ran
+    out, say): then it is rolled back, and LoadStopped raised."""
     if not file.is_file():
         raise LoadError(f"no result file {file}")
     try:
@@ -192,6 +199,9 @@ def load_sqlite(
                     raise LoadError(f"table {t.target!r} has no column {d!r}")
             plans.append((t, pairs))
         loaded: dict[str, int] = {}
+        # PostgreSQL's text holds no NUL character: a row with one is named here, rather
+        # than the driver's refusal of a whole chunk of rows.
+        no_nul = engine.dialect.name == "postgresql"
         with engine.begin() as conn:
             for t in reversed(mapping.tables):
                 target = targets[t.target]
@@ -219,9 +229,11 @@ def load_sqlite(
                 pk = list(target.primary_key.columns)
                 count = 0
                 for chunk in _rows(db, t.source, read):
-                    rows = []
+                    rows: list[dict[str, Any]] = []
                     for r in chunk:
                         row = {d: r[pos[s]] for s, d in pairs}
+                        if no_nul:
+                            _refuse_nul(file, t.source, pairs, row, count + len(rows) + 1)
                         row.update(extra)
                         if t.parent is not None:
                             assert parent_ids is not None
@@ -246,10 +258,30 @@ def load_sqlite(
                     else:
                         conn.execute(target.insert(), rows)
                     count += len(rows)
+                    _check(stop)
                 loaded[t.target] = loaded.get(t.target, 0) + count
+            _check(stop)  # the last word, in the transaction: nothing stopped is kept
         return LoadResult(str(file), load_key, loaded)
     finally:
         db.close()
+
+
+def _refuse_nul(
+    file: Path, table: str, pairs: list[tuple[str, str]], row: dict[str, Any], number: int
+) -> None:
+    for source, target in pairs:
+        value = row[target]
+        if isinstance(value, str) and "\0" in value:
+            raise LoadError(
+                f"{file}: {table}.{source} holds a NUL character in the table's row "
+                f"{number}, which PostgreSQL cannot store in text"
+            )
+
+
+def _check(stop: Callable[[], str | None] | None) -> None:
+    why = None if stop is None else stop()
+    if why is not None:
+        raise LoadStopped(why)
 
 
 def file_key(file: Path) -> str:
