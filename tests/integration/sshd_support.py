@@ -4,12 +4,14 @@ as the current user, with a generated host key and client key and a config of it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -160,3 +162,54 @@ LogLevel VERBOSE
         yield server
     finally:
         server.stop()
+
+
+class CuttableLink:
+    """A TCP relay on a loopback port in front of `port`, whose `cut` stops every byte
+    both ways while leaving each connection open: a network cut, which neither end is
+    told of (no FIN, no RST)."""
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._open = threading.Event()
+        self._open.set()
+        self._closed = False
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self._listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", self._target))
+            self._sockets += [near, far]
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                self._open.wait()  # once cut, what came is held, and nothing more read
+                if self._closed or not data:
+                    break
+                dst.sendall(data)
+            except OSError:
+                break
+        if not self._closed:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        self._open.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        self._open.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()

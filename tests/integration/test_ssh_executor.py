@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,11 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sshd_support import Sshd, sshd_server  # noqa: F401  (the `sshd` fixture)
+from sshd_support import CuttableLink, Sshd, sshd_server  # noqa: F401  (the `sshd` fixture)
 
 from conftest import make_config
 from conveyor.app import Conveyor
 from conveyor.executors.launcher import LINE_MAX
+from conveyor.executors.ssh import _WRAPPER
 from conveyor.tasks import Task, TaskStatus
 from conveyor.worker import Worker, WorkerOptions
 from proc_support import alive
@@ -328,6 +330,94 @@ def test_a_host_that_hangs_mid_task_is_noticed_by_keepalives(sshd: Sshd, make, t
     # once the stopped sshd is gone, the command's group goes too
     sleeper = int((tmp_path / "marker").read_text())
     wait_for(lambda: not alive(sleeper), within=10)
+
+
+def test_a_command_cut_off_by_the_network_is_killed_on_the_host(sshd: Sshd, make, tmp_path) -> None:
+    """A network cut closes nothing: the worker gives up on the host after its
+    keepalives, but the host's sshd keeps the session. The dots the worker wrote on the
+    command's stdin stop, and the watcher on the host kills the command's group."""
+    link = CuttableLink(sshd.port)
+    known = tmp_path / "known_hosts_link"
+    known.write_text(sshd.known_hosts.read_text().replace(f"]:{sshd.port} ", f"]:{link.port} "))
+    app = _flaky(
+        sshd,
+        make,
+        tmp_path,
+        retries=0,
+        port=link.port,
+        known_hosts=str(known),
+        keepalive_interval=0.5,
+        keepalive_count_max=2,
+    )
+    req = app.submit("remote", {})
+    task_id = req.request.tasks[0].id
+    worker = Running(app)
+    try:
+        wait_for(lambda: "tick" in log_of(app, task_id).splitlines())
+        sessions = sshd.session_pids()
+        sleeper = int((tmp_path / "marker").read_text())
+        time.sleep(2.5)  # the watcher is fed while the link is up: more than its 2 s
+        assert alive(sleeper)
+        link.cut()
+        done = app.wait(req.request.id, timeout=20)
+        task = done.tasks[0]
+        assert task.status == TaskStatus.FAILED
+        assert "lost" in (task.error or ""), task.error
+        wait_for(lambda: not alive(sleeper), within=10)
+        # killed on the host's side: sshd never learnt that the worker had gone
+        assert sessions and all(alive(pid) for pid in sessions)
+    finally:
+        link.close()
+        worker.stop()
+
+
+def _wrapped_sleep(quiet_after: int, path: str) -> subprocess.Popen[bytes]:
+    """The remote wrapper run here, as sshd runs it: `sleep 30` in a group of its own,
+    its stdin a pipe from us."""
+    proc = subprocess.Popen(
+        [
+            shutil.which("setsid") or "setsid",
+            *("-w", "sh", "-c", _WRAPPER, "conveyor", str(quiet_after), "sleep", "30"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={"PATH": path},
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith(b"__conveyor_pgid__ ")
+    return proc
+
+
+@pytest.mark.parametrize("timeout_there", [True, False])
+def test_the_hosts_watcher_kills_on_silence_or_only_at_the_end_of_stdin(
+    tmp_path, timeout_there: bool
+) -> None:
+    """Fed a dot more often than its silence, the command runs on; then silence kills it.
+    A host without `timeout` falls back to the end of stdin alone: silence harms
+    nothing there."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "cat", "sleep", "head", *(["timeout"] if timeout_there else [])):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    proc = _wrapped_sleep(1, str(bin_dir))
+    assert proc.stdin is not None
+    try:
+        for _ in range(8):  # 2.4 s, fed every 0.3 s
+            proc.stdin.write(b".")
+            proc.stdin.flush()
+            time.sleep(0.3)
+        assert proc.poll() is None
+        if timeout_there:
+            proc.wait(timeout=10)  # a second of silence, then TERM
+        else:
+            time.sleep(2.5)
+            assert proc.poll() is None
+            proc.stdin.close()
+            proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_an_unreachable_host_is_a_retryable_failure(sshd: Sshd, make, tmp_path) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conveyor.config import ConfigError, parse_config
-from conveyor.executors.ssh import _WRAPPER, kill_script, remote_command
+from conveyor.executors.ssh import _WRAPPER, kill_script, remote_command, silence
 from conveyor.hosts import Host, pick_host
 
 HOST = """
@@ -118,13 +118,29 @@ def test_the_least_loaded_host_with_a_free_slot_is_picked() -> None:
     ),
 )
 def test_the_remote_shell_gets_back_exactly_the_argv(argv: list[str], env: dict[str, str]) -> None:
-    line = remote_command(argv, env, "/srv/x y")
+    line = remote_command(argv, env, "/srv/x y", 60)
     words = shlex.split(line)
     assert words[:4] == ["cd", "/srv/x y", "&&", "exec"]
     rest = words[4:]
     assert rest[0] == "env"
     assert rest[1 : 1 + len(env)] == [f"{k}={v}" for k, v in env.items()]
-    assert rest[1 + len(env) :] == ["setsid", "-w", "sh", "-c", _WRAPPER, "conveyor", *argv]
+    assert rest[1 + len(env) :] == ["setsid", "-w", "sh", "-c", _WRAPPER, "conveyor", "60", *argv]
+
+
+def test_the_watcher_waits_a_keepalive_longer_than_conveyor_does() -> None:
+    assert silence(Host(name="h", address="a", user="u")) == 60  # 15 s, 3 unanswered, and one more
+    assert (
+        silence(
+            Host(name="h", address="a", user="u", keepalive_interval=0.5, keepalive_count_max=2)
+        )
+        == 2
+    )
+    assert (
+        silence(
+            Host(name="h", address="a", user="u", keepalive_interval=0.1, keepalive_count_max=1)
+        )
+        == 1
+    )
 
 
 def test_the_kill_script_names_only_the_group() -> None:

@@ -15,8 +15,9 @@ command to a shell, and quoting each item is what keeps request data from ever b
 read as shell syntax. It runs under `setsid -w` in a process group of its own whose id
 it reports first; a timeout or a cancel kills that whole group through a second channel
 (SIGTERM, then SIGKILL after a grace period), so nothing it started keeps running. If
-the connection itself is lost, a watcher in the group sees the session's stdin close and
-kills the group on the host's side.
+the connection itself is lost, a watcher in the group sees the session's stdin close,
+or the dots Conveyor writes on it stop coming (a network cut that sshd does not notice),
+and kills the group on the host's side.
 
 A host that refuses the connection, drops it or stops answering keepalives mid-task
 fails the attempt as retryable, so the pipeline's retry policy applies. A host key that
@@ -33,6 +34,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import shlex
 import threading
 import time
@@ -51,21 +53,31 @@ log = logging.getLogger(__name__)
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of the remote group
 _PGID_MARK = "__conveyor_pgid__"
-# Prints the group id, then becomes the command (stdin closed, stderr on stdout). `$@`
-# is the quoted argv: the script itself holds no request data. A watcher left in the
-# group reads the session's stdin, which Conveyor keeps open and never writes: when the
-# connection is lost, sshd closes it, and the watcher kills the group (TERM, then KILL
-# once the command has gone or after 5 s), so a command cut off from Conveyor does not
-# run on unseen.
+# Prints the group id, then becomes the command (stdin closed, stderr on stdout). `$1`
+# is how many seconds of silence mean Conveyor is gone (0: none); the rest, `$@`, is the
+# quoted argv: the script itself holds no request data. A watcher left in the group
+# reads the session's stdin, on which Conveyor writes a byte every few seconds (see
+# `silence`). When the connection is closed, sshd closes that stdin; when the network
+# is cut, sshd may not notice for hours, but the bytes stop: either way the watcher
+# kills the group (TERM, then KILL once the command has gone or after 5 s), so a command
+# cut off from Conveyor does not run on unseen beside the retry of its task. Waiting
+# with a time limit needs `timeout` and `head` (coreutils, busybox); without them the
+# watcher waits for the end of stdin alone.
 # (`kill -SIG -PGID`, without `--`: the one spelling dash, bash and busybox all take.
-# A background job's stdin is /dev/null in a shell without job control, hence fd 3.)
+# A background job's stdin is /dev/null in a shell without job control, hence fd 3.
+# `$(...)` drops a newline, so the bytes Conveyor writes are dots.)
 _WRAPPER = (
-    f'echo "{_PGID_MARK} $$"; exec 3<&0; '
-    "( trap '' TERM; cat <&3 >/dev/null; kill -TERM -$$; i=0; "
+    f'echo "{_PGID_MARK} $$"; exec 3<&0; s=$1; shift; '
+    "( trap '' TERM; "
+    'if [ "$s" != 0 ] && command -v timeout && command -v head; then '
+    'while [ -n "$(timeout "$s" head -c 1 <&3)" ]; do :; done; '
+    "else cat <&3; fi; "
+    "kill -TERM -$$; i=0; "
     "while [ $i -lt 50 ] && kill -0 $$; do sleep 0.1; i=$((i+1)); done; kill -KILL -$$ ) "
     ">/dev/null 2>&1 & "
     'exec "$@" </dev/null 3<&- 2>&1'
 )
+_BEAT = b"."
 _TICK = 0.2
 T = TypeVar("T")
 
@@ -82,11 +94,23 @@ class _Fatal(Exception):
     pass
 
 
-def remote_command(argv: list[str], env: Mapping[str, str], cwd: str | None) -> str:
-    """The command line the remote shell runs; every variable part is quoted."""
+def silence(host: Host) -> int:
+    """Seconds without a byte from Conveyor after which a host's watcher kills the
+    command: a keepalive interval longer than it takes Conveyor to give up on the host
+    (`keepalive_count_max` unanswered keepalives), whole seconds, as `timeout` takes."""
+    return max(1, math.ceil(host.keepalive_interval * (host.keepalive_count_max + 1)))
+
+
+def remote_command(
+    argv: list[str], env: Mapping[str, str], cwd: str | None, quiet_after: int = 0
+) -> str:
+    """The command line the remote shell runs; every variable part is quoted.
+    `quiet_after`: seconds of silence on stdin after which the watcher kills the
+    command (0: only the end of stdin does)."""
     parts = ["exec", "env"]
     parts += [shlex.quote(f"{k}={v}") for k, v in env.items()]
     parts += ["setsid", "-w", "sh", "-c", shlex.quote(_WRAPPER), "conveyor"]
+    parts += [str(int(quiet_after))]
     parts += [shlex.quote(a) for a in argv]
     line = " ".join(parts)
     if cwd:
@@ -180,7 +204,11 @@ class SshExecutor:
         ctx.log(f"[{host.name}] $ {shlex.join(argv)}")
         try:
             code = await self._session(
-                host, where, remote_command(argv, env, pipeline.cwd), ctx, deadline
+                host,
+                where,
+                remote_command(argv, env, pipeline.cwd, silence(host)),
+                ctx,
+                deadline,
             )
         except _Stopped as exc:
             ctx.log(f"[{host.name}] stopped while connecting or starting the command: {exc}")
@@ -253,7 +281,8 @@ class SshExecutor:
         pgid: list[int] = []
         try:
             try:
-                # stdin stays open, unwritten: its end tells the remote side we are gone
+                # stdin stays open, a dot written on it every few seconds: its end, or
+                # its silence, tells the remote side we are gone (see _WRAPPER)
                 proc = await _unless_stopped(
                     conn.create_process(command, encoding=None), ctx, deadline
                 )
@@ -261,10 +290,16 @@ class SshExecutor:
                 raise _Retryable(f"cannot start the command on {where}: {_describe(exc)}") from None
             reader = asyncio.ensure_future(self._pump(proc, ctx, pgid, host.name))
             reason: str | None = None
+            beat = max(_TICK, silence(host) / 4)
+            next_beat = time.monotonic() + beat
             while True:
                 done, _ = await asyncio.wait({reader}, timeout=_TICK)
                 if done or proc.exit_status is not None or proc.exit_signal is not None:
                     break
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + beat
+                    with contextlib.suppress(OSError, asyncssh.Error):
+                        proc.stdin.write(_BEAT)  # a lost link is the reader's to see
                 reason = ctx.why_stop(deadline, time.time())
                 if reason is not None:
                     break
