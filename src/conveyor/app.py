@@ -494,9 +494,9 @@ class Conveyor:
             # the result file: locked, unreadable; worth trying again
             raise Unavailable(describe(exc)) from exc
         except (sa.exc.DataError, sa.exc.IntegrityError) as exc:
-            # a value the target's columns refuse (too long, out of range, NULL in a NOT
-            # NULL column): the file's fault; said in a line, not with the chunk of rows
-            raise LoadError(f"{file}: the database refused a row: {describe(exc)}") from exc
+            # refused elsewhere than in a table's rows (those say which): in a line, not
+            # with the statement's parameters
+            raise LoadError(f"{file}: the database refused the load: {describe(exc)}") from exc
         finally:
             engine.dispose()
 

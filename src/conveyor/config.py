@@ -503,15 +503,15 @@ def parse_config(
     artifacts_dir = (data_dir / artifacts).resolve()
     a = model.artifacts
     store_url = env.get("CONVEYOR_ARTIFACTS_URL") or a.url or str(artifacts_dir / "objects")
-    if "://" not in store_url:
-        store_url = str((data_dir / store_url).resolve())
-    elif not store_url.startswith(("s3://", "file://")):
-        raise ConfigError(f"artifacts.url: use s3://bucket/prefix or a directory, not {store_url}")
-    elif store_url.startswith("file://"):
+    if store_url.startswith("file:"):
         try:
             local_store_path(store_url)
         except ArtifactError as exc:
             raise ConfigError(f"artifacts.url: {exc}") from exc
+    elif "://" not in store_url:
+        store_url = str((data_dir / store_url).resolve())
+    elif not store_url.startswith("s3://"):
+        raise ConfigError(f"artifacts.url: use s3://bucket/prefix or a directory, not {store_url}")
     return Config(
         database_url=database,
         artifacts_dir=artifacts_dir,

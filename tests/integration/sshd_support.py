@@ -185,7 +185,11 @@ class CuttableLink:
                 near, _ = self._listener.accept()
             except OSError:
                 return
-            far = socket.create_connection(("127.0.0.1", self._target))
+            try:
+                far = socket.create_connection(("127.0.0.1", self._target))
+            except OSError:
+                near.close()
+                continue
             self._sockets += [near, far]
             for a, b in ((near, far), (far, near)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
@@ -211,5 +215,7 @@ class CuttableLink:
         self._closed = True
         self._open.set()
         for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked in recv; sends FIN
             with contextlib.suppress(OSError):
                 sock.close()

@@ -125,8 +125,8 @@ def test_a_nul_or_a_refused_value_is_named_and_loads_nothing(
         with pytest.raises(LoadError) as refused:
             app.load_sqlite(db, mapping, task_id=1)
         assert str(refused.value) == (
-            f"{db}: annotation.detail holds a NUL character in the table's row 7, "
-            "which PostgreSQL cannot store in text"
+            f"{db}: annotation.detail holds a NUL character in the table's row 7 "
+            "(counted in rowid order), which PostgreSQL cannot store in text"
         )
         assert _counts(db_url) == (0, 0)
     else:
@@ -140,7 +140,7 @@ def test_a_nul_or_a_refused_value_is_named_and_loads_nothing(
         with pytest.raises(LoadError) as typed:
             app.load_sqlite(bad, mapping, task_id=2)
         message = str(typed.value)
-        assert message.startswith(f"{bad}: the database refused a row: ")
+        assert message.startswith(f"{bad}: annotation refused a row of annotation (rows 1-40): ")
         assert "many" in message and "\n" not in message and "[parameters" not in message
         assert _counts(db_url) == (0, 0)
 
@@ -148,11 +148,12 @@ def test_a_nul_or_a_refused_value_is_named_and_loads_nothing(
 def test_the_examples_exception_text_loads_into_either_database(
     make_app: Any, db_url: str, tmp_path: Path
 ) -> None:
-    """An exception record's bytes that are not printable ASCII, a NUL among them, are
-    written as \\xNN in its detail, so Spotbot's result files load into PostgreSQL too."""
+    """An exception record's bytes that are not printable ASCII, a NUL among them, and
+    its backslashes are written as \\xNN in its detail, so Spotbot's result files load
+    into PostgreSQL too, and read back unambiguously."""
     folder = tmp_path / "log"
     log = spotbot.write_log(folder, 10)
-    payload = b"!boom\x00\x01\xff end"
+    payload = b"!boom\x00\x01\xff \\x00 end"
     with log.open("ab") as f:
         f.write(struct.pack(">HH", 1, len(payload)) + payload)
     with (folder / "rawbinlog.time").open("a") as f:
@@ -160,7 +161,7 @@ def test_the_examples_exception_text_loads_into_either_database(
     spotbot.process(log, folder / "rawbinlog.time", folder / "rawbinlog.protocols.xml", folder)
     make_app().load_sqlite(folder / "spotbot.db", read_mapping(MAPPING), task_id=1)
     rows = query(db_url, "SELECT kind, detail FROM annotation WHERE seq = 10")
-    assert rows == [("exception", "boom\\x00\\x01\\xff end")]
+    assert rows == [("exception", "boom\\x00\\x01\\xff \\x5cx00 end")]
 
 
 def test_cli_load_sqlite(db_url: str, tmp_path: Path) -> None:

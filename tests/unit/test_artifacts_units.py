@@ -213,7 +213,7 @@ def test_the_outbox_waits_at_a_young_gap_in_event_ids_only() -> None:
 
 
 # file: URLs of a local store -----------------------------------------------------------
-@pytest.mark.parametrize("prefix", ["file://", "file://localhost"])
+@pytest.mark.parametrize("prefix", ["file://", "file://localhost", "file://LocalHost", "file:"])
 def test_a_file_url_of_this_host_stores_where_its_path_says(tmp_path: Path, prefix: str) -> None:
     folder = tmp_path / "my objects"
     url = prefix + folder.as_uri().removeprefix("file://")  # "my%20objects"
@@ -247,9 +247,13 @@ def test_a_file_url_that_is_not_a_folder_of_this_host_is_refused(
         local_store_path(url)
     with pytest.raises(ArtifactError, match=re.escape(says)):
         open_artifact_store(url)
-    if "://" in url:  # what a config holds; "file:objects" is a relative folder there
-        with pytest.raises(ConfigError, match=r"^artifacts\.url: .*" + re.escape(says)):
-            parse_config({"artifacts": {"url": url}}, tmp_path, {})
-        with pytest.raises(ConfigError, match=r"^artifacts\.url: .*" + re.escape(says)):
-            parse_config({}, tmp_path, {"CONVEYOR_ARTIFACTS_URL": url})
+    with pytest.raises(ConfigError, match=r"^artifacts\.url: .*" + re.escape(says)):
+        parse_config({"artifacts": {"url": url}}, tmp_path, {})
+    with pytest.raises(ConfigError, match=r"^artifacts\.url: .*" + re.escape(says)):
+        parse_config({}, tmp_path, {"CONVEYOR_ARTIFACTS_URL": url})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_percent_escape_in_a_file_url_is_the_byte_it_stands_for() -> None:
+    assert local_store_path("file:///srv/a%20b/%C3%A9t%C3%A9") == Path("/srv/a b/été")
+    assert os.fsencode(local_store_path("file:///srv/raw%FF")) == b"/srv/raw\xff"

@@ -241,14 +241,15 @@ def open_artifact_store(
 
 def local_store_path(url: str) -> Path:
     """The directory of a local store's URL: a path, or a `file:` URL of this host
-    (`file:///srv/objects`, `file://localhost/srv/objects`, percent-escapes decoded).
+    (`file:///srv/objects`, `file://localhost/srv/objects`, `file:/srv/objects`;
+    percent-escapes decoded to the bytes they stand for).
     A `file:` URL naming another host, a relative path, a query or a fragment is
     refused (ArtifactError): read as a path, `file://otherhost/srv` would be the
     relative folder `otherhost/srv` of whatever directory the process started in."""
     if not url.startswith("file:"):
         return Path(url)
     parts = urllib.parse.urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
+    if parts.netloc.lower() not in ("", "localhost"):
         raise ArtifactError(
             f"artifact store URL {url!r} names the host {parts.netloc!r}: a file URL "
             "is a directory of this host (file:///path or file://localhost/path); "
@@ -256,7 +257,7 @@ def local_store_path(url: str) -> Path:
         )
     if parts.query or parts.fragment:
         raise ArtifactError(f"artifact store URL {url!r}: a file URL takes no ? or #")
-    path = urllib.parse.unquote(parts.path)
+    path = os.fsdecode(urllib.parse.unquote_to_bytes(parts.path))  # %FF: that byte
     if not path.startswith("/"):
         raise ArtifactError(
             f"artifact store URL {url!r}: a file URL holds an absolute path (file:///path)"

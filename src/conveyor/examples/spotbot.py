@@ -80,9 +80,11 @@ def classify(payload: bytes) -> tuple[str, str]:
         return "dropout", f"{len(payload)} zero bytes"
     if payload[:1] == b"!":
         # Its text as it reads: bytes that are not printable ASCII (NULs, which a text
-        # column of PostgreSQL refuses, among them) written as \xNN.
-        text = payload[1:].decode("ascii", "backslashreplace").strip()
-        return "exception", "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+        # column of PostgreSQL refuses, among them) and backslashes written as \xNN.
+        text = payload[1:].decode("latin-1").strip(" \t\n\r\v\f")
+        return "exception", "".join(
+            c if c.isascii() and c.isprintable() and c != "\\" else f"\\x{ord(c):02x}" for c in text
+        )
     return "data", f"checksum {sum(payload) & 0xFFFF:04x}"
 
 

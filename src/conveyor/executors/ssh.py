@@ -60,17 +60,21 @@ _PGID_MARK = "__conveyor_pgid__"
 # `silence`). When the connection is closed, sshd closes that stdin; when the network
 # is cut, sshd may not notice for hours, but the bytes stop: either way the watcher
 # kills the group (TERM, then KILL once the command has gone or after 5 s), so a command
-# cut off from Conveyor does not run on unseen beside the retry of its task. Waiting
-# with a time limit needs `timeout` and `head` (coreutils, busybox); without them the
-# watcher waits for the end of stdin alone.
+# cut off from Conveyor does not run on unseen beside the retry of its task.
+# Waiting with a time limit takes `timeout -s KILL SECS head -c 1` (GNU coreutils,
+# busybox 1.30 and later, toybox), tried once first: a host where that does not work
+# gets a watcher that waits for the end of stdin alone. (KILL: the watcher ignores TERM,
+# and busybox's `timeout` passes that on to `head`. GNU `timeout` puts itself and
+# `head` in a group of their own: after the command's group is killed they may stay up
+# to SECS seconds, reading nothing but the end of the session's stdin.)
 # (`kill -SIG -PGID`, without `--`: the one spelling dash, bash and busybox all take.
 # A background job's stdin is /dev/null in a shell without job control, hence fd 3.
 # `$(...)` drops a newline, so the bytes Conveyor writes are dots.)
 _WRAPPER = (
     f'echo "{_PGID_MARK} $$"; exec 3<&0; s=$1; shift; '
     "( trap '' TERM; "
-    'if [ "$s" != 0 ] && command -v timeout && command -v head; then '
-    'while [ -n "$(timeout "$s" head -c 1 <&3)" ]; do :; done; '
+    'if [ "$s" != 0 ] && [ "$(printf . | timeout -s KILL 5 head -c 1)" = . ]; then '
+    'while [ -n "$(timeout -s KILL "$s" head -c 1 <&3)" ]; do :; done; '
     "else cat <&3; fi; "
     "kill -TERM -$$; i=0; "
     "while [ $i -lt 50 ] && kill -0 $$; do sleep 0.1; i=$((i+1)); done; kill -KILL -$$ ) "
@@ -94,11 +98,22 @@ class _Fatal(Exception):
     pass
 
 
+SILENCE_MIN = 10  # seconds: a worker that stalls briefly does not lose its commands
+
+
+def beat(host: Host) -> float:
+    """How often the worker writes a byte to a remote command's stdin (seconds)."""
+    return max(_TICK, host.keepalive_interval / 2)
+
+
 def silence(host: Host) -> int:
     """Seconds without a byte from Conveyor after which a host's watcher kills the
-    command: a keepalive interval longer than it takes Conveyor to give up on the host
-    (`keepalive_count_max` unanswered keepalives), whole seconds, as `timeout` takes."""
-    return max(1, math.ceil(host.keepalive_interval * (host.keepalive_count_max + 1)))
+    command, in whole seconds, as `timeout` takes them. The last byte may have come a
+    `beat` before a cut, so that much more than the worker can take to give up on the
+    host (an interval of quiet, then `keepalive_count_max` unanswered keepalives), and
+    never under SILENCE_MIN."""
+    gives_up = host.keepalive_interval * (host.keepalive_count_max + 1)
+    return max(SILENCE_MIN, math.ceil(gives_up + beat(host)))
 
 
 def remote_command(
@@ -120,7 +135,9 @@ def remote_command(
 
 def kill_script(pgid: int, grace: float) -> str:
     """SIGTERM the group, give its leader (the command) `grace` seconds, then SIGKILL
-    the group: what outlives the leader, the connection watcher among them, goes too."""
+    the group: what outlives the leader, the connection watcher among them, goes too.
+    (The watcher's `timeout` and `head`, in a group of their own under GNU coreutils,
+    end with the session's stdin or within the silence.)"""
     g = int(pgid)
     if grace <= 0:
         return f"kill -KILL -{g} 2>/dev/null; exit 0"
@@ -290,14 +307,14 @@ class SshExecutor:
                 raise _Retryable(f"cannot start the command on {where}: {_describe(exc)}") from None
             reader = asyncio.ensure_future(self._pump(proc, ctx, pgid, host.name))
             reason: str | None = None
-            beat = max(_TICK, silence(host) / 4)
-            next_beat = time.monotonic() + beat
+            every = beat(host)
+            next_beat = time.monotonic() + every
             while True:
                 done, _ = await asyncio.wait({reader}, timeout=_TICK)
                 if done or proc.exit_status is not None or proc.exit_signal is not None:
                     break
                 if time.monotonic() >= next_beat:
-                    next_beat = time.monotonic() + beat
+                    next_beat = time.monotonic() + every
                     with contextlib.suppress(OSError, asyncssh.Error):
                         proc.stdin.write(_BEAT)  # a lost link is the reader's to see
                 reason = ctx.why_stop(deadline, time.time())

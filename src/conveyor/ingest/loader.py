@@ -245,18 +245,27 @@ def load_sqlite(
                                 )
                             row[t.parent.target_column] = parent_ids[ref]
                         rows.append(row)
-                    if t.key and len(pk) == 1:
-                        got = (
-                            conn.execute(
-                                target.insert().returning(pk[0], sort_by_parameter_order=True), rows
+                    try:
+                        if t.key and len(pk) == 1:
+                            got = (
+                                conn.execute(
+                                    target.insert().returning(pk[0], sort_by_parameter_order=True),
+                                    rows,
+                                )
+                                .scalars()
+                                .all()
                             )
-                            .scalars()
-                            .all()
-                        )
-                        for r, new_id in zip(chunk, got, strict=True):
-                            ids[t.source][r[pos[t.key]]] = new_id
-                    else:
-                        conn.execute(target.insert(), rows)
+                            for r, new_id in zip(chunk, got, strict=True):
+                                ids[t.source][r[pos[t.key]]] = new_id
+                        else:
+                            conn.execute(target.insert(), rows)
+                    except (sa.exc.DataError, sa.exc.IntegrityError) as exc:
+                        # a value its column refuses (text for a number, a NULL where
+                        # none may be): one line naming the tables, not the rows sent
+                        raise LoadError(
+                            f"{file}: {t.target} refused a row of {t.source} "
+                            f"(rows {count + 1}-{count + len(rows)}): {_first_line(exc)}"
+                        ) from None
                     count += len(rows)
                     _check(stop)
                 loaded[t.target] = loaded.get(t.target, 0) + count
@@ -274,8 +283,14 @@ def _refuse_nul(
         if isinstance(value, str) and "\0" in value:
             raise LoadError(
                 f"{file}: {table}.{source} holds a NUL character in the table's row "
-                f"{number}, which PostgreSQL cannot store in text"
+                f"{number} (counted in rowid order), which PostgreSQL cannot store in text"
             )
+
+
+def _first_line(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None) or exc  # the driver's error
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
 
 
 def _check(stop: Callable[[], str | None] | None) -> None:
