@@ -503,7 +503,7 @@ def parse_config(
     artifacts_dir = (data_dir / artifacts).resolve()
     a = model.artifacts
     store_url = env.get("CONVEYOR_ARTIFACTS_URL") or a.url or str(artifacts_dir / "objects")
-    if store_url.startswith("file:"):
+    if store_url[:5].lower() == "file:":
         try:
             local_store_path(store_url)
         except ArtifactError as exc:

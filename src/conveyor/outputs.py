@@ -79,7 +79,7 @@ class Publisher:
         if self.settings.upload_logs is not None:
             return self.settings.upload_logs
         url = self.settings.url
-        return "://" in url and not url.startswith("file://")  # a remote store
+        return "://" in url and url[:5].lower() != "file:"  # a remote store
 
     def _key(self, task: Task, name: str) -> str:
         return render_key(

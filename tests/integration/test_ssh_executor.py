@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -358,11 +359,12 @@ def test_a_command_cut_off_by_the_network_is_killed_on_the_host(sshd: Sshd, make
         sessions = sshd.session_pids()
         sleeper = int((tmp_path / "marker").read_text())
         link.cut()
+        time.sleep(3)
+        assert alive(sleeper)  # the host waits 10 s from the last dot
         done = app.wait(req.request.id, timeout=20)
         task = done.tasks[0]
         assert task.status == TaskStatus.FAILED
         assert "lost" in (task.error or ""), task.error
-        assert alive(sleeper)  # the worker gave up in a second or two; the host waits 10 s
         wait_for(lambda: not alive(sleeper), within=20)
         # killed on the host's side: sshd never learnt that the worker had gone
         assert sessions and all(alive(pid) for pid in sessions)
@@ -432,9 +434,51 @@ def test_the_hosts_watcher_kills_on_silence_where_it_can_time_its_wait(
             proc.stdin.close()
             proc.wait(timeout=10)
     finally:
+        if not proc.stdin.closed:
+            proc.stdin.close()  # what the watcher left reading it ends too
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_progress_write_kept_waiting_by_the_database_does_not_starve_the_watcher(
+    sshd: Sshd, tmp_path, sqlite_url: str
+) -> None:
+    """The attempt's event loop writes the dots that keep the host's watcher from
+    killing the command; a progress line, written to the database, waits in a thread of
+    its own while the database's write lock is held elsewhere for longer than the
+    silence (10 s here), and the command runs to its end."""
+    app = Conveyor(
+        make_config(
+            tmp_path,
+            sqlite_url,
+            "[conveyor]\nlease = 60\n"
+            + sshd.host_toml(keepalive_interval=0.5, keepalive_count_max=2)
+            + pipeline_toml(
+                ["sh", "-c", "sleep 1; echo 'conveyor:progress 1/2 half'; sleep 14; echo done"]
+            ),
+        )
+    )
+    try:
+        req = app.submit("remote", {})
+        worker = Running(app)
+        try:
+            wait_for(lambda: app.get(req.request.id).tasks[0].status == TaskStatus.RUNNING)
+            with contextlib.closing(
+                sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+            ) as holder:
+                holder.execute("BEGIN IMMEDIATE")  # before the progress line comes
+                time.sleep(12)
+                holder.execute("ROLLBACK")
+            done = app.wait(req.request.id, timeout=30)
+        finally:
+            worker.stop()
+        task = done.tasks[0]
+        assert task.status == TaskStatus.SUCCEEDED, task.error
+        assert "done" in log_of(app, task.id).splitlines()
+        assert (task.progress.current, task.progress.total) == (1, 2)
+    finally:
+        app.close()
 
 
 def test_an_unreachable_host_is_a_retryable_failure(sshd: Sshd, make, tmp_path) -> None:

@@ -213,7 +213,9 @@ def test_the_outbox_waits_at_a_young_gap_in_event_ids_only() -> None:
 
 
 # file: URLs of a local store -----------------------------------------------------------
-@pytest.mark.parametrize("prefix", ["file://", "file://localhost", "file://LocalHost", "file:"])
+@pytest.mark.parametrize(
+    "prefix", ["file://", "file://localhost", "file://LocalHost", "file:", "FILE://"]
+)
 def test_a_file_url_of_this_host_stores_where_its_path_says(tmp_path: Path, prefix: str) -> None:
     folder = tmp_path / "my objects"
     url = prefix + folder.as_uri().removeprefix("file://")  # "my%20objects"

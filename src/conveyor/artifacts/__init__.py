@@ -229,7 +229,7 @@ def open_artifact_store(
             region=region,
             profile=profile,
         )
-    if "://" in url and not url.startswith("file://"):
+    if "://" in url and url[:5].lower() != "file:":
         scheme = url.split("://", 1)[0]
         raise ArtifactError(
             f"unsupported artifact store URL scheme {scheme!r}: use s3:// or a path"
@@ -246,7 +246,7 @@ def local_store_path(url: str) -> Path:
     A `file:` URL naming another host, a relative path, a query or a fragment is
     refused (ArtifactError): read as a path, `file://otherhost/srv` would be the
     relative folder `otherhost/srv` of whatever directory the process started in."""
-    if not url.startswith("file:"):
+    if url[:5].lower() != "file:":
         return Path(url)
     parts = urllib.parse.urlsplit(url)
     if parts.netloc.lower() not in ("", "localhost"):

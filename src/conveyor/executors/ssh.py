@@ -361,6 +361,7 @@ class SshExecutor:
                 chunk = await proc.stdout.read(65536)
                 if not chunk:
                     break
+                todo: list[tuple[str, bool]] = []
                 for raw, starts in lines.feed(chunk):
                     line = raw.decode("utf-8", "replace").rstrip("\r")
                     # The wrapper's first word; a login script may have printed before it.
@@ -370,7 +371,12 @@ class SshExecutor:
                             continue
                         except (IndexError, ValueError):
                             pass
-                    _line(line, starts, ctx)
+                    todo.append((line, starts))
+                if todo:
+                    # In a thread: a progress line is written to the database, which may
+                    # keep it waiting for its lock, and this loop must go on writing the
+                    # dots that keep the host's watcher from killing the command.
+                    await asyncio.to_thread(_lines, todo, ctx)
         finally:  # a last line with no newline is logged, also when reading is cut short
             last = lines.end()
             if last is not None:
@@ -442,6 +448,11 @@ async def _unless_stopped(
                 if discard is not None:
                     discard(made)
             raise _Stopped(reason)
+
+
+def _lines(lines: list[tuple[str, bool]], ctx: TaskContext) -> None:
+    for line, starts in lines:
+        _line(line, starts, ctx)
 
 
 def _line(line: str, starts: bool, ctx: TaskContext) -> None:
