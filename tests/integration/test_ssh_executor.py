@@ -231,6 +231,30 @@ def test_a_cancel_kills_the_remote_process_group(sshd: Sshd, make, tmp_path) -> 
     assert app.task(req.request.tasks[0].id).status == TaskStatus.CANCELLED
 
 
+def test_a_command_killed_by_a_signal_on_the_host_says_so(sshd: Sshd, make, tmp_path) -> None:
+    """Under sshd, `setsid -w` forks, and a signal's death reaches the worker as an exit
+    code (9) with setsid's word on stderr: the task says killed by signal 9, not exit
+    code 9."""
+    marker = tmp_path / "pid"
+    app = make(
+        sshd.host_toml()
+        + pipeline_toml(["sh", "-c", 'echo $$ > "$1"; echo up; sleep 30', "x", str(marker)])
+    )
+    req = app.submit("remote", {})
+    task_id = req.request.tasks[0].id
+    worker = Running(app)
+    try:
+        wait_for(lambda: "up" in log_of(app, task_id).splitlines())
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+        done = app.wait(req.request.id, timeout=20)
+    finally:
+        worker.stop()
+    task = done.tasks[0]
+    assert task.status == TaskStatus.FAILED
+    assert task.error == "killed by signal 9 on lab"
+    assert "did not exit normally" in log_of(app, task_id)
+
+
 def test_a_last_line_is_logged_when_a_process_left_behind_holds_the_output(
     sshd: Sshd, make, tmp_path
 ) -> None:

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conveyor.config import ConfigError, parse_config
-from conveyor.executors.ssh import _WRAPPER, beat, kill_script, remote_command, silence
+from conveyor.executors.ssh import (
+    _WRAPPER,
+    beat,
+    kill_script,
+    remote_command,
+    signalled,
+    silence,
+)
 from conveyor.hosts import Host, pick_host
 
 HOST = """
@@ -141,3 +148,16 @@ def test_the_kill_script_names_only_the_group() -> None:
     script = kill_script(4242, 1.0)
     assert "kill -TERM -4242" in script and "kill -KILL -4242" in script
     assert kill_script(4242, 0) == "kill -KILL -4242 2>/dev/null; exit 0"
+
+
+def test_a_signal_is_told_from_an_exit_code_by_what_setsid_says() -> None:
+    said = "setsid: child 4242 did not exit normally\n"
+    assert signalled(9, said) == 9
+    assert signalled(15, said) == 15
+    assert signalled(0x80 | 11, said) == 11  # with a core dump
+    assert signalled(9, "") is None  # the command's own exit 9: setsid says nothing
+    assert signalled(9, "a login banner\n") is None
+    # setsid's own failure (exit 1) is no signal; another language's wording still is
+    assert signalled(1, "setsid: failed to execute sh: No such file or directory\n") is None
+    assert signalled(1, said) == 1  # SIGHUP
+    assert signalled(15, "setsid: Kindprozess 4242 wurde nicht normal beendet\n") == 15

@@ -306,6 +306,8 @@ class SshExecutor:
             except (OSError, asyncssh.Error) as exc:
                 raise _Retryable(f"cannot start the command on {where}: {_describe(exc)}") from None
             reader = asyncio.ensure_future(self._pump(proc, ctx, pgid, host.name))
+            # stderr holds only what `env` and `setsid` say (the command's goes to stdout)
+            errors = asyncio.ensure_future(_collect(proc.stderr, 4096))
             reason: str | None = None
             every = beat(host)
             next_beat = time.monotonic() + every
@@ -335,8 +337,14 @@ class SshExecutor:
             except (TimeoutError, OSError, asyncssh.Error):
                 pass
             if proc.exit_status is not None and proc.exit_signal is None:
+                said = await _result_of(errors)
+                for line in said.splitlines():
+                    ctx.log(f"[{host.name}] {line}")
                 if pgid:  # anything it left running in its group goes with it
                     await self._kill(conn, pgid, host.name, ctx, grace=0.0)
+                signal_number = signalled(proc.exit_status, said)
+                if signal_number is not None:
+                    return f"killed by signal {signal_number} on {host.name}"
                 return proc.exit_status
             if proc.exit_signal is not None:
                 return f"killed by signal {proc.exit_signal[0]} on {host.name}"
@@ -448,6 +456,37 @@ async def _unless_stopped(
                 if discard is not None:
                     discard(made)
             raise _Stopped(reason)
+
+
+def signalled(code: int, stderr: str) -> int | None:
+    """The signal that killed the remote command, told from `setsid -w`'s exit: under
+    sshd, setsid forks (the session's shell leads its group already), and a child that
+    died by a signal makes it say so on stderr and exit with the raw wait status (the
+    signal, plus 128 with a core dump). None: the command exited with `code`. The
+    message is util-linux's in English; in another language, any `setsid:` line with a
+    code other than 1 (setsid's own failures) counts."""
+    lines = [line for line in stderr.splitlines() if line.startswith("setsid: ")]
+    if not lines or not 0 < code < 256:
+        return None
+    if any("did not exit normally" in line for line in lines) or code != 1:
+        return code & 0x7F
+    return None
+
+
+async def _collect(stream: asyncssh.SSHReader[bytes], most: int) -> str:
+    """A stream's text to its end: its first `most` bytes, the rest read and dropped."""
+    kept = b""
+    while chunk := await stream.read(65536):
+        kept += chunk[: max(0, most - len(kept))]
+    return kept.decode("utf-8", "replace")
+
+
+async def _result_of(task: asyncio.Future[str]) -> str:
+    """What `_collect` read, or "" if it is not done within a second (or failed)."""
+    try:
+        return await asyncio.wait_for(task, timeout=1.0)
+    except (TimeoutError, OSError, asyncssh.Error):
+        return ""
 
 
 def _lines(lines: list[tuple[str, bool]], ctx: TaskContext) -> None:
