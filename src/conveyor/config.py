@@ -20,7 +20,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from conveyor.artifacts import ArtifactError, local_store_path
+from conveyor.artifacts import ArtifactError, is_file_url, local_store_path
 from conveyor.artifacts.keys import DEFAULT_KEY_TEMPLATE, ArtifactKeyError, check_template
 from conveyor.hosts import Host
 from conveyor.ingest.loader import LoadError, SqliteLoad, read_mapping
@@ -503,7 +503,7 @@ def parse_config(
     artifacts_dir = (data_dir / artifacts).resolve()
     a = model.artifacts
     store_url = env.get("CONVEYOR_ARTIFACTS_URL") or a.url or str(artifacts_dir / "objects")
-    if store_url[:5].lower() == "file:":
+    if is_file_url(store_url):
         try:
             local_store_path(store_url)
         except ArtifactError as exc:

@@ -13,7 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from conveyor.artifacts import Artifact, ArtifactError, ArtifactKind, ArtifactRef, ArtifactStore
+from conveyor.artifacts import (
+    Artifact,
+    ArtifactError,
+    ArtifactKind,
+    ArtifactRef,
+    ArtifactStore,
+    is_remote_url,
+)
 from conveyor.artifacts.keys import ArtifactKeyError, render_key
 from conveyor.config import ArtifactSettings
 from conveyor.executors import ExecResult, TaskContext
@@ -79,7 +86,7 @@ class Publisher:
         if self.settings.upload_logs is not None:
             return self.settings.upload_logs
         url = self.settings.url
-        return "://" in url and url[:5].lower() != "file:"  # a remote store
+        return is_remote_url(url)
 
     def _key(self, task: Task, name: str) -> str:
         return render_key(

@@ -229,7 +229,7 @@ def open_artifact_store(
             region=region,
             profile=profile,
         )
-    if "://" in url and url[:5].lower() != "file:":
+    if is_remote_url(url):
         scheme = url.split("://", 1)[0]
         raise ArtifactError(
             f"unsupported artifact store URL scheme {scheme!r}: use s3:// or a path"
@@ -239,6 +239,16 @@ def open_artifact_store(
     return LocalStore(local_store_path(url))
 
 
+def is_file_url(url: str) -> bool:
+    """A `file:` URL (any case), as against a path or another scheme's URL."""
+    return url[:5].lower() == "file:"
+
+
+def is_remote_url(url: str) -> bool:
+    """A store URL that is not a local directory (a path or a `file:` URL)."""
+    return "://" in url and not is_file_url(url)
+
+
 def local_store_path(url: str) -> Path:
     """The directory of a local store's URL: a path, or a `file:` URL of this host
     (`file:///srv/objects`, `file://localhost/srv/objects`, `file:/srv/objects`;
@@ -246,7 +256,7 @@ def local_store_path(url: str) -> Path:
     A `file:` URL naming another host, a relative path, a query or a fragment is
     refused (ArtifactError): read as a path, `file://otherhost/srv` would be the
     relative folder `otherhost/srv` of whatever directory the process started in."""
-    if url[:5].lower() != "file:":
+    if not is_file_url(url):
         return Path(url)
     parts = urllib.parse.urlsplit(url)
     if parts.netloc.lower() not in ("", "localhost"):
@@ -287,6 +297,8 @@ __all__ = [
     "LocalArtifacts",
     "Readable",
     "check_key",
+    "is_file_url",
+    "is_remote_url",
     "latest_outputs",
     "local_store_path",
     "open_artifact_store",

@@ -33,6 +33,8 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from conveyor.ingest.writer import describe
+
 _CHUNK = 5000
 _EXTRA = ("load_key", "request_id", "task_id", "loaded_at")  # filled in by the loader
 
@@ -264,7 +266,7 @@ def load_sqlite(
                         # none may be): one line naming the tables, not the rows sent
                         raise LoadError(
                             f"{file}: {t.target} refused a row of {t.source} "
-                            f"(rows {count + 1}-{count + len(rows)}): {_first_line(exc)}"
+                            f"(rows {count + 1}-{count + len(rows)}): {describe(exc)}"
                         ) from None
                     count += len(rows)
                     _check(stop)
@@ -285,12 +287,6 @@ def _refuse_nul(
                 f"{file}: {table}.{source} holds a NUL character in the table's row "
                 f"{number} (counted in rowid order), which PostgreSQL cannot store in text"
             )
-
-
-def _first_line(exc: Exception) -> str:
-    orig = getattr(exc, "orig", None) or exc  # the driver's error
-    lines = str(orig).strip().splitlines()
-    return lines[0] if lines else type(orig).__name__
 
 
 def _check(stop: Callable[[], str | None] | None) -> None:
