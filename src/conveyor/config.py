@@ -100,6 +100,8 @@ class _PipelineModel(BaseModel):
     cache: float | None = Field(default=None, gt=0)
     env: dict[str, str] = {}
     cwd: str | None = None
+    # false: a command that needs no folder of its own (see Pipeline.work_dir)
+    work_dir: bool = True
     description: str = ""
     outputs: list[str] = []
     notify: _NotifyModel | None = None
@@ -427,6 +429,8 @@ def _pipeline(name: str, m: _PipelineModel, base: Path, hosts: Mapping[str, Host
         raise ConfigError(f"{where}: executor 'python' needs handler = 'module:function'")
     if m.handler is not None and not _HANDLER.fullmatch(m.handler):
         raise ConfigError(f"{where}.handler: expected 'module:function', got {m.handler!r}")
+    if not m.work_dir:
+        _check_no_work_dir(where, m)
     return Pipeline(
         name=name,
         executor=m.executor,
@@ -442,6 +446,7 @@ def _pipeline(name: str, m: _PipelineModel, base: Path, hosts: Mapping[str, Host
         cache=m.cache,
         env=dict(m.env),
         cwd=(m.cwd if m.executor == "ssh" else str((base / m.cwd).resolve())) if m.cwd else None,
+        work_dir=m.work_dir,
         description=m.description,
         outputs=tuple(m.outputs),
         notify=_notify(m.notify),
@@ -449,6 +454,34 @@ def _pipeline(name: str, m: _PipelineModel, base: Path, hosts: Mapping[str, Host
         hosts=tuple(hosts[h] for h in m.hosts),
         paths=_path_rules(where, m),
     )
+
+
+def _check_no_work_dir(where: str, m: _PipelineModel) -> None:
+    """`work_dir = false`: what would need the work directory is refused, by name."""
+    if m.executor != "command":
+        raise ConfigError(
+            f"{where}.work_dir: only executor 'command' can go without a work directory "
+            f"(a 'python' handler makes its own only when it asks for it, and an 'ssh' "
+            f"command has none on the worker)"
+        )
+    if m.outputs:
+        raise ConfigError(
+            f"{where}.outputs: outputs are collected from the task's work directory, "
+            f"and work_dir = false"
+        )
+    named = [("command", item) for item in m.command or ()]
+    if m.load_sqlite is not None:
+        named.append(("load_sqlite.file", m.load_sqlite.file))
+    for key, template in named:
+        try:
+            fields = template_fields(template)
+        except TemplateError:
+            continue  # said when the template itself is checked
+        if "conveyor.work_dir" in fields:
+            raise ConfigError(
+                f"{where}.{key}: {{conveyor.work_dir}} names the task's work directory, "
+                f"and work_dir = false"
+            )
 
 
 def _load_sqlite(

@@ -522,15 +522,17 @@ class Worker:
         load = run.pipeline.load_sqlite
         assert load is not None
         task = run.task
-        context = {
+        context: dict[str, Any] = {
             "request_id": task.request_id,
             "task_id": task.id,
             "attempt": task.attempts,
-            "work_dir": str(run.ctx.work_dir),
             "python": sys.executable,
         }
+        work_dir = run.ctx.work_dir if run.pipeline.work_dir else None
+        if work_dir is not None:
+            context["work_dir"] = str(work_dir)
         try:
-            path = result_file(load, command_values(task.params, context), run.ctx.work_dir)
+            path = result_file(load, command_values(task.params, context), work_dir)
             loaded = self.app.load_sqlite(
                 path,
                 load.mapping,

@@ -247,3 +247,37 @@ def test_a_result_file_outside_the_roots_is_not_loaded(
     assert refused.status.value == "failed"
     assert "outside the task's work directory and the pipeline's roots" in (refused.error or "")
     assert _counts(db_url) == (1, 5)
+
+
+def test_without_a_work_directory_a_result_file_must_be_named_by_its_whole_path(
+    make_app: Any, db_url: str, tmp_path: Path
+) -> None:
+    """A pipeline with `work_dir = false` loads a file its params name in full; a
+    relative name has no folder to be found in, and fails the task saying so (it is
+    not looked for where the worker happens to run)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    _spotbot_db(data, 4)
+    app = make_app(
+        f"""
+        [pipelines.load]
+        executor = "command"
+        command = ["true"]
+        split = "files"
+        work_dir = false
+        load_sqlite = {{ file = "{{file}}", mapping = "{MAPPING}" }}
+        roots = ["{data}"]
+        """
+    )
+    req = app.submit(
+        "load", {"files": [{"file": str(data / "spotbot.db")}, {"file": "spotbot.db"}]}
+    ).request
+    Worker(app, WorkerOptions(burst=True, concurrency=2)).run()
+    ok, relative = sorted(app.get(req.id).tasks, key=lambda t: t.seq)
+    assert ok.status.value == "succeeded"
+    assert relative.status.value == "failed"
+    assert relative.error is not None
+    assert "result file spotbot.db is a relative path" in relative.error
+    assert "work_dir = false" in relative.error
+    assert _counts(db_url) == (1, 4)
+    assert not (app.artifacts.root / "work" / str(req.id)).exists()

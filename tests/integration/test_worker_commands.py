@@ -164,6 +164,61 @@ def test_a_command_that_prints_nothing_keeps_its_log_in_the_database(make_app: A
     assert app.log(timed_out.id).read() == path.read_bytes()
 
 
+NO_WORK_DIR = """
+[pipelines.placed]
+executor = "command"
+command = [
+    "{conveyor.python}", "-c",
+    "import os; print('CWD', os.getcwd()); print('WORK', os.environ.get('CONVEYOR_WORK_DIR'))",
+]
+split = "items"
+work_dir = false
+cwd = "jobs"
+
+[pipelines.unplaced]
+executor = "command"
+command = ["{conveyor.python}", "-c", "import os; print('CWD', os.getcwd())"]
+work_dir = false
+
+[pipelines.quiet]
+executor = "command"
+command = ["true"]
+split = "items"
+work_dir = false
+"""
+
+
+@pytest.mark.parametrize("loop", [True, False], ids=["launchers", "threads"])
+def test_a_pipeline_without_work_directories_runs_its_commands_where_it_says_and_makes_none(
+    make_app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: bool
+) -> None:
+    if not loop:
+        monkeypatch.setattr("conveyor.worker.usable", lambda: False)
+    (tmp_path / "jobs").mkdir()
+    app = make_app(NO_WORK_DIR)
+    placed = app.submit("placed", {"items": list(range(6))}).request.id
+    unplaced = app.submit("unplaced", {}).request.id
+    quiet = app.submit("quiet", {"items": list(range(6))}).request.id
+    worker = Worker(app, WorkerOptions(concurrency=4, burst=True, poll_interval=0.05))
+    thread, _ = start(worker)
+    thread.join(60)
+    assert not thread.is_alive()
+    assert (worker._loop is not None) is loop
+    for task in app.get(placed).tasks:
+        assert task.status == TaskStatus.SUCCEEDED
+        lines = app.log(task.id).read().decode().splitlines()
+        assert lines[1:] == [f"CWD {tmp_path / 'jobs'}", "WORK None", "exit code 0"]
+    (task,) = app.get(unplaced).tasks
+    assert task.status == TaskStatus.SUCCEEDED
+    # no `cwd`: where the worker was started
+    assert app.log(task.id).read().decode().splitlines()[1] == f"CWD {Path.cwd()}"
+    assert app.get(quiet).status.value == "succeeded"
+    for rid in (placed, unplaced, quiet):
+        assert not (app.artifacts.root / "work" / str(rid)).exists()
+    if loop:  # a quiet command run by a launcher makes no file at all
+        assert not (app.artifacts.root / "logs" / str(quiet)).exists()
+
+
 def test_commands_and_other_attempts_share_the_workers_slots(make_app: Any) -> None:
     app = make_app(PIPELINES)
     # taken in the order submitted: the two kinds by turns

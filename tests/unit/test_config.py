@@ -150,6 +150,51 @@ def test_command_becomes_an_argv_tuple_and_cwd_is_relative_to_the_config(tmp_pat
     assert dict(p.env) == {"MODE": "fast"}
 
 
+def test_a_command_pipeline_may_go_without_a_work_directory():
+    config = parse(
+        {"pipelines": {"p": {"executor": "command", "command": ["true"], "work_dir": False}}}
+    )
+    assert config.pipelines["p"].work_dir is False
+    assert parse(MINIMAL).pipelines["echo"].work_dir is True
+
+
+SPOTBOT_MAPPING = str(builtin_config_path().parent / "spotbot.mapping.toml")
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "key", "says"),
+    [
+        ({"executor": "python", "handler": "m:f"}, "work_dir", "only executor 'command'"),
+        ({"executor": "ssh", "command": ["x"], "hosts": ["h"]}, "work_dir", "only executor"),
+        ({"executor": "command", "command": ["x"], "outputs": ["*.csv"]}, "outputs", "collected"),
+        (
+            {"executor": "command", "command": ["x", "--out={conveyor.work_dir}/o"]},
+            "command",
+            "{conveyor.work_dir} names the task's work directory",
+        ),
+        (
+            {
+                "executor": "command",
+                "command": ["x"],
+                "load_sqlite": {"file": "{conveyor.work_dir}/r.db", "mapping": SPOTBOT_MAPPING},
+            },
+            "load_sqlite.file",
+            "{conveyor.work_dir}",
+        ),
+    ],
+)
+def test_what_needs_a_work_directory_is_refused_without_one_by_name(pipeline, key, says):
+    data = {
+        "hosts": {"h": {"address": "127.0.0.1", "user": "u", "key_file": "/k"}},
+        "pipelines": {"p": {**pipeline, "work_dir": False}},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse(data)
+    assert str(info.value).startswith(f"pipelines.p.{key}: ")
+    assert says in str(info.value)
+    assert "work_dir = false" in str(info.value) or key == "work_dir"
+
+
 # schema ----------------------------------------------------------------------------
 
 

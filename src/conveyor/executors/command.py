@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
 from conveyor.executors.launcher import (
@@ -105,31 +106,36 @@ class CommandExecutor:
 
     def _prepare(
         self, pipeline: Pipeline, ctx: TaskContext, make: bool = True
-    ) -> tuple[list[str], str, dict[str, str]] | ExecResult:
-        """An attempt's command line, working directory and additions to the
-        environment; or the result of an attempt whose command line is wrong. `make`:
-        make its work directory (else its launcher does)."""
+    ) -> tuple[list[str], str, dict[str, str], str] | ExecResult:
+        """An attempt's command line, working directory, additions to the environment
+        and work directory ("" for a pipeline with `work_dir = false`); or the result of
+        an attempt whose command line is wrong. `make`: make its work directory (else
+        its launcher does)."""
         task = ctx.task
-        work_dir = _absolute(ctx.make_work_dir(make))
-        context = {
+        context: dict[str, Any] = {
             "request_id": task.request_id,
             "task_id": task.id,
             "attempt": task.attempts,
-            "work_dir": work_dir,
             "python": sys.executable,
         }
-        try:
-            argv = render_argv(pipeline.command, command_values(task.params, context))
-        except TemplateError as exc:
-            return ExecResult(ok=False, error=str(exc), retryable=False)
         changes = dict(pipeline.env)
         changes.update(
             CONVEYOR_REQUEST_ID=str(task.request_id),
             CONVEYOR_TASK_ID=str(task.id),
             CONVEYOR_ATTEMPT=str(task.attempts),
-            CONVEYOR_WORK_DIR=work_dir,
         )
-        return argv, _absolute(pipeline.cwd) if pipeline.cwd else work_dir, changes
+        if pipeline.work_dir:
+            work_dir = _absolute(ctx.make_work_dir(make))
+            context["work_dir"] = changes["CONVEYOR_WORK_DIR"] = work_dir
+            cwd = _absolute(pipeline.cwd) if pipeline.cwd else work_dir
+        else:
+            work_dir = ""
+            cwd = _absolute(pipeline.cwd) if pipeline.cwd else os.getcwd()
+        try:
+            argv = render_argv(pipeline.command, command_values(task.params, context))
+        except TemplateError as exc:
+            return ExecResult(ok=False, error=str(exc), retryable=False)
+        return argv, cwd, changes, work_dir
 
     def launch(
         self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None, launcher: Launcher
@@ -139,8 +145,7 @@ class CommandExecutor:
         prepared = self._prepare(pipeline, ctx, make=False)
         if isinstance(prepared, ExecResult):
             return prepared
-        argv, cwd, changes = prepared
-        work_dir = changes["CONVEYOR_WORK_DIR"]
+        argv, cwd, changes, work_dir = prepared
         key = launcher.run(argv, cwd, changes, _absolute(ctx.log_file), work_dir)
         return Launched(launcher, key, ctx, deadline, command_line(argv))
 
@@ -152,7 +157,7 @@ class CommandExecutor:
         prepared = self._prepare(pipeline, ctx)
         if isinstance(prepared, ExecResult):
             return prepared
-        argv, cwd, changes = prepared
+        argv, cwd, changes, _ = prepared
         env = self.environ.copy()
         env.update(changes)
         program = self._program(argv[0], env.get("PATH"))

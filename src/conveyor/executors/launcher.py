@@ -15,6 +15,7 @@ after its length; each side writes what it has to say in one go, once a turn:
 
     worker -> launcher   ("hello", protocol, environment)   first
                          ("run", key, argv, cwd, env changes, log file, work dir)
+                                                   work dir "": none to make
                          ("kill", key, signal, reason)
     launcher -> worker   ("pid", key, pid)
                          ("progress", key, line)   a `conveyor:progress` line
@@ -249,12 +250,13 @@ class _Launcher:
         log_file: str,
         work_dir: str,
     ) -> None:
-        try:
-            make_dir(work_dir)
-        except OSError as exc:
-            why = f"cannot make the work directory {work_dir}: {exc.strerror}"
-            self.send("error", key, why, True)
-            return
+        if work_dir:  # "": the pipeline's commands go without one
+            try:
+                make_dir(work_dir)
+            except OSError as exc:
+                why = f"cannot make the work directory {work_dir}: {exc.strerror}"
+                self.send("error", key, why, True)
+                return
         header = command_line(argv) + "\n"
         try:
             pid, out = self.start(argv, cwd, changes)
@@ -733,8 +735,8 @@ class Launcher:
         self, argv: list[str], cwd: str, changes: dict[str, str], log_file: str, work_dir: str
     ) -> int:
         """Ask for `argv` to be run in `cwd` (absolute paths), its output going to
-        `log_file`, after making `work_dir`; its key, which the launcher's messages
-        about it carry."""
+        `log_file`, after making `work_dir` (unless ""); its key, which the launcher's
+        messages about it carry."""
         key = next(self._keys)
         self._out += _frame(("run", key, argv, cwd, changes, log_file, work_dir))
         return key

@@ -317,17 +317,28 @@ class SqliteLoad:
     roots: tuple[str, ...] = ()
 
 
-def result_file(load: SqliteLoad, values: Mapping[str, Any], work_dir: Path) -> Path:
+def result_file(load: SqliteLoad, values: Mapping[str, Any], work_dir: Path | None) -> Path:
+    """The result file a task names, relative to its work directory (None: its pipeline
+    has none, so the name must be absolute), checked against the pipeline's roots."""
     from conveyor.pipelines import render_argv
 
     path = Path(render_argv((load.file,), values)[0])
-    path = path if path.is_absolute() else work_dir / path
+    if not path.is_absolute():
+        if work_dir is None:
+            raise LoadError(
+                f"result file {path} is a relative path, and the pipeline has no work "
+                f"directory to find it in (work_dir = false)"
+            )
+        path = work_dir / path
     if load.roots:
         real = os.path.realpath(path)
-        allowed = [os.path.realpath(r) for r in (str(work_dir), *load.roots)]
+        mine = () if work_dir is None else (str(work_dir),)
+        allowed = [os.path.realpath(r) for r in (*mine, *load.roots)]
         if not any(real == a or real.startswith(a.rstrip("/") + "/") for a in allowed):
-            raise LoadError(
-                f"result file {path} is outside the task's work directory and the "
-                f"pipeline's roots ({', '.join(load.roots)})"
+            where = (
+                "the pipeline's roots"
+                if work_dir is None
+                else ("the task's work directory and the pipeline's roots")
             )
+            raise LoadError(f"result file {path} is outside {where} ({', '.join(load.roots)})")
     return path
