@@ -21,6 +21,11 @@ database). Against the bare loop it shows what the file system of the scratch co
 against Conveyor, what the rest does. The ratio the target is about stays Conveyor's
 against the bare loop.
 
+A fourth side runs Conveyor with the pipeline's `work_dir = false`: its commands get
+no folder of their own, as the bare loop's processes have none (`no_work_dir_ratio`).
+The four sides take turns in a balanced order: over each four rounds, each goes in each
+place once and follows each other side once.
+
 Each round numbers its request from a random point, as a service that has run a while
 does, not from 1 in its fresh database: on ext4 a request's folders are placed by a
 hash of their name (`spread_subfolders`), and folders named as in the run before would
@@ -31,7 +36,6 @@ without a journal makes each new file cost up to a millisecond for minutes.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import multiprocessing
 import os
 import random
@@ -165,13 +169,17 @@ def _finished(app: Conveyor, request_id: int, poll: float) -> Request:
         time.sleep(poll)
 
 
-def conveyor_run(opts: ExecBenchOptions, scratch: Path) -> float:
+def conveyor_run(opts: ExecBenchOptions, scratch: Path, work_dir: bool = True) -> float:
+    """One timed round of Conveyor; `work_dir`: the pipeline's setting of that name
+    (false: its commands get no folder of their own)."""
     base = Path(tempfile.mkdtemp(prefix="round-", dir=scratch))
-    data = {
-        "pipelines": {
-            "true": {"executor": "command", "command": list(opts.command), "split": "items"}
-        }
+    pipeline: dict[str, Any] = {
+        "executor": "command",
+        "command": list(opts.command),
+        "split": "items",
+        "work_dir": work_dir,
     }
+    data = {"pipelines": {"true": pipeline}}
     env = {
         "CONVEYOR_DATABASE_URL": f"sqlite:///{base / 'conveyor.db'}",
         "CONVEYOR_ARTIFACTS": str(base / "artifacts"),
@@ -249,12 +257,23 @@ def _worker_process(config: Config, concurrency: int) -> None:
         app.close()
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """n orders of the sides 0..n-1 (n even) in which each side goes in each place once
+    and follows each other side once: a Williams design, so that drift, and what a
+    round leaves behind for the next (deleted files, say), fall on every side alike."""
+    base = [0]
+    for k in range(1, n):
+        base.append((k + 1) // 2 if k % 2 else n - k // 2)
+    return [[(b + r) % n for b in base] for r in range(n)]
+
+
 def run_exec_bench(
     opts: ExecBenchOptions, say: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     bare: list[float] = []
     files: list[float] = []
     conveyor: list[float] = []
+    unplaced: list[float] = []
     # The rounds' files are deleted at the end, not between rounds: deleting thousands of
     # files just before a round makes creating files in it slower on some file systems
     # (ext4 skips recently freed inodes), which would load the rounds that make files.
@@ -263,6 +282,9 @@ def run_exec_bench(
 
         def conveyor_round(o: ExecBenchOptions) -> float:
             return conveyor_run(o, scratch)
+
+        def unplaced_round(o: ExecBenchOptions) -> float:
+            return conveyor_run(o, scratch, work_dir=False)
 
         def files_round(o: ExecBenchOptions) -> float:
             folder = Path(tempfile.mkdtemp(prefix="files-", dir=scratch))
@@ -280,13 +302,12 @@ def run_exec_bench(
             ("bare", bare_loop, bare),
             ("bare with files", files_round, files),
             ("conveyor", conveyor_round, conveyor),
+            ("conveyor, work_dir = false", unplaced_round, unplaced),
         ]
-        # The sides take their six orders in turn: over each six rounds, each side goes
-        # first, second and last twice, and follows each other side as often (a
-        # round's file work may slow the round after it).
-        orders = list(itertools.permutations(sides))
+        orders = balanced_orders(len(sides))
         for i in range(opts.rounds):
-            for name, fn, times in orders[i % len(orders)]:
+            for side in orders[i % len(orders)]:
+                name, fn, times = sides[side]
                 t = fn(opts)
                 times.append(t)
                 if say:
@@ -294,6 +315,7 @@ def run_exec_bench(
     bare_med = statistics.median(bare)
     files_med = statistics.median(files)
     conv_med = statistics.median(conveyor)
+    unplaced_med = statistics.median(unplaced)
     return {
         "command": list(opts.command),
         "scratch": str(opts.scratch or tempfile.gettempdir()),
@@ -314,4 +336,8 @@ def run_exec_bench(
         # what an attempt's files cost on this scratch, and Conveyor against that loop
         "files_ratio": round(files_med / bare_med, 3),
         "ratio_to_bare_with_files": round(conv_med / files_med, 3),
+        # the pipeline with `work_dir = false`: no folder made for each task
+        "no_work_dir_seconds": [round(t, 3) for t in unplaced],
+        "no_work_dir_median_s": round(unplaced_med, 3),
+        "no_work_dir_ratio": round(unplaced_med / bare_med, 3),
     }

@@ -3,6 +3,7 @@ the rounds' files go where `--scratch` says and are gone afterwards."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,9 @@ from conveyor.artifacts import LocalArtifacts
 from conveyor.bench_exec import (
     ExecBenchOptions,
     _number_requests_from,
+    balanced_orders,
     bare_loop_with_files,
+    conveyor_run,
     first_request_id,
 )
 from conveyor.cli import main
@@ -44,7 +47,44 @@ def test_bench_exec_reports_both_sides_and_cleans_its_scratch(
     assert (files - 5e-4) / (bare + 5e-4) <= result["files_ratio"] <= (files + 5e-4) / (bare - 5e-4)
     low, high = (conveyor - 5e-4) / (files + 5e-4), (conveyor + 5e-4) / (files - 5e-4)
     assert low <= result["ratio_to_bare_with_files"] <= high
+    # the fourth side, Conveyor with the pipeline's work_dir = false
+    unplaced = result["no_work_dir_median_s"]
+    assert len(result["no_work_dir_seconds"]) == 2
+    low, high = (unplaced - 5e-4) / (bare + 5e-4), (unplaced + 5e-4) / (bare - 5e-4)
+    assert low <= result["no_work_dir_ratio"] <= high
     assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("n", [2, 4, 6])
+def test_the_sides_take_turns_in_each_place_and_after_each_other_alike(n: int) -> None:
+    orders = balanced_orders(n)
+    assert len(orders) == n
+    for order in orders:
+        assert sorted(order) == list(range(n))
+    for place in range(n):
+        assert sorted(order[place] for order in orders) == list(range(n))
+    follows = [(a, b) for order in orders for a, b in itertools.pairwise(order)]
+    assert sorted(follows) == [(a, b) for a in range(n) for b in range(n) if a != b]
+
+
+def test_a_round_without_work_directories_makes_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Path] = []
+    real = Conveyor.close
+
+    def keep_root(app: Conveyor) -> None:
+        seen.append(app.artifacts.root)
+        real(app)
+
+    monkeypatch.setattr(Conveyor, "close", keep_root)
+    opts = ExecBenchOptions(tasks=12, concurrency=4)
+    assert conveyor_run(opts, tmp_path, work_dir=False) > 0
+    assert conveyor_run(opts, tmp_path) > 0
+    unplaced, placed = seen
+    assert not any((unplaced / "work").iterdir())
+    made = [d for r in (placed / "work").iterdir() for d in r.iterdir()]
+    assert len(made) == opts.tasks + opts.concurrency * 2  # the round's and the warm-up's
 
 
 def test_bench_exec_refuses_a_scratch_that_does_not_exist(
