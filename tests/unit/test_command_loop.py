@@ -508,8 +508,7 @@ def test_an_attempt_let_go_after_its_launcher_died_still_has_its_command_killed(
     try:
         prepared = CommandExecutor()._prepare(item.pipeline, item.ctx, make=False)
         assert isinstance(prepared, tuple)
-        argv, cwd, changes = prepared
-        work_dir = changes["CONVEYOR_WORK_DIR"]
+        argv, cwd, changes, work_dir = prepared
         key = launcher.run(argv, cwd, changes, str(item.log_file), work_dir)
         attempt = Launched(launcher, key, item.ctx, None)
         launcher.flush()
