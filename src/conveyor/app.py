@@ -241,21 +241,16 @@ class Conveyor:
             raise NotFound(f"no task {task_id}")
         return found
 
-    def log_attempts(self, task_id: int) -> tuple[Task, list[int]]:
-        """The task, and the attempts that have a log (oldest first): a file, or for a
-        quiet attempt the text the database keeps."""
+    def task_logs(self, task_id: int) -> tuple[Task, dict[int, AttemptLog]]:
+        """The task, and the log of each attempt that has one, oldest first: a file, or
+        for a quiet attempt the text the database keeps."""
         task = self.task(task_id)
-        return task, self._logged(task)[0]
+        return task, self._logs(task)
 
-    def _logged(self, task: Task) -> tuple[list[int], dict[int, str]]:
-        """The attempts with a log, and the logs the database keeps."""
+    def _logs(self, task: Task) -> dict[int, AttemptLog]:
         kept = self.store.attempt_logs(task.id)
         files = self.artifacts.attempts_logged(task.request_id, task.id, task.attempts)
-        return sorted(set(files).union(kept)), kept
-
-    def attempt_log(self, task: Task, attempt: int) -> AttemptLog:
-        """Where the attempt's log is kept (it may have none yet)."""
-        return self._attempt_log(task, attempt, self.store.attempt_logs(task.id))
+        return {n: self._attempt_log(task, n, kept) for n in sorted(set(files).union(kept))}
 
     def _attempt_log(self, task: Task, attempt: int, kept: dict[int, str]) -> AttemptLog:
         text = kept.get(attempt)
@@ -268,13 +263,13 @@ class Conveyor:
 
     def task_log(self, task: Task, attempt: int | None = None) -> AttemptLog:
         """`log` of a task at hand."""
-        attempts, kept = self._logged(task)
-        if not attempts:
+        logs = self._logs(task)
+        if not logs:
             raise NotFound(f"task {task.id} has no log yet")
-        chosen = attempt if attempt is not None else attempts[-1]
-        if chosen not in attempts:
+        chosen = attempt if attempt is not None else max(logs)
+        if chosen not in logs:
             raise NotFound(f"task {task.id} has no log for attempt {chosen}")
-        return self._attempt_log(task, chosen, kept)
+        return logs[chosen]
 
     # artifacts --------------------------------------------------------------
     def task_artifacts(self, task_id: int) -> list[Artifact]:

@@ -225,7 +225,7 @@ def test_a_quiet_attempts_log_kept_in_the_database_is_served_like_a_file(
     _log(api, again, 2).write_text("noisy\n")
     assert c.get(url).text == "noisy\n"
     assert c.get(url, params={"attempt": 1}).text == quiet
-    assert api.app.log_attempts(task.id)[1] == [1, 2]
+    assert list(api.app.task_logs(task.id)[1]) == [1, 2]
     assert not api.app.artifacts.log_path(task.request_id, task.id, 1).exists()
 
 
@@ -252,6 +252,51 @@ def test_following_a_task_follows_its_running_attempt_not_an_earlier_log(
     worker.join()
     assert r.text == second
     assert c.get(url).text == second
+
+
+def test_following_an_attempt_with_no_log_yet_does_not_ask_the_database_for_it_each_look(
+    served: tuple[ApiEnv, httpx.Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While it waits, the stream looks at the attempt's file (every 0.2 s) and the
+    task's status (every 0.5 s); the logs the database keeps are read by the request's
+    first look and once the attempt is over: not on every look."""
+    api, c = served
+    task = _running_task(api)
+    reads: list[int] = []
+    real = api.app.store.attempt_logs
+
+    def counted(task_id: int) -> dict[int, str]:
+        reads.append(task_id)
+        return real(task_id)
+
+    monkeypatch.setattr(api.app.store, "attempt_logs", counted)
+    quiet = "$ true\nexit code 0\n"
+
+    def finish_quietly() -> None:
+        api.store.finish(
+            "w1", [Outcome(task.id, TaskAction.SUCCEED, attempt=1, log=quiet)], time.time()
+        )
+
+    worker = later(1.5, finish_quietly)
+    r = c.get(f"/api/v1/tasks/{task.id}/log", params={"follow": "true", "timeout": 10})
+    worker.join()
+    assert r.text == quiet
+    assert len(reads) == 2  # the first look, and the one after the attempt's end
+
+    # an attempt that prints while followed: its file is found without the database
+    reads.clear()
+    running = _running_task(api)
+
+    def print_then_finish() -> None:
+        _log(api, running).write_text("printed\n")
+        time.sleep(0.6)
+        finish(api.store, [running], TaskAction.SUCCEED)
+
+    worker = later(0.4, print_then_finish)
+    r = c.get(f"/api/v1/tasks/{running.id}/log", params={"follow": "true", "timeout": 10})
+    worker.join()
+    assert r.text == "printed\n"
+    assert len(reads) == 1  # the first look only
 
 
 def test_following_a_log_streams_until_the_attempt_ends(

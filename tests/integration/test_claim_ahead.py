@@ -99,5 +99,5 @@ def test_tasks_held_ahead_of_a_cancelled_request_never_start(make_app: Any) -> N
         thread.join(10)
     req = app.get(rid)
     assert req.status.value == "cancelled"
-    logged = [t for t in req.tasks if app.log_attempts(t.id)[1]]
+    logged = [t for t in req.tasks if app.task_logs(t.id)[1]]
     assert len(logged) == 2  # the one done and the one cancelled while it ran

@@ -153,7 +153,7 @@ def test_a_command_that_prints_nothing_keeps_its_log_in_the_database(make_app: A
     assert not (app.artifacts.root / "logs" / str(ok)).exists()
     (failed,) = app.get(bad).tasks
     assert failed.status == TaskStatus.FAILED and failed.attempts == 2
-    assert app.log_attempts(failed.id)[1] == [1, 2]
+    assert list(app.task_logs(failed.id)[1]) == [1, 2]
     for attempt in (1, 2):
         assert app.log(failed.id, attempt).read() == b"$ false\nexit code 1\n"
     # a command killed at its time-out has the reason to say: its log is a file

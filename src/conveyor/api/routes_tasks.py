@@ -89,24 +89,31 @@ async def _log_stream(
     hub: EventHub,
     task: Task,
     attempt: int | None,
+    found: AttemptLog | None,
     tail: int | None,
     follow: bool,
     timeout: float | None,
 ) -> AsyncIterator[bytes]:
+    """`found`: the attempt's log as the request's look found it, if it had one. While
+    following an attempt with no log yet, each look is at its file alone; the database
+    is asked again only for the task's status, and once the attempt is over, for the log
+    a quiet attempt keeps there."""
     deadline = None if timeout is None else time.monotonic() + timeout
     path: FilePath | None = None
     pos = 0
+    if found is not None:
+        if found.kept is not None:  # a quiet attempt's, kept whole at its end
+            if data := found.read(tail):
+                yield data
+            return
+        path = found.path
+        pos = tail_offset(path, tail) if tail is not None else 0
     next_look = 0.0  # look at once: a finished attempt needs no waiting
     while True:
-        if path is None:
-            found = await run_in_threadpool(_find_log, app, task.id, attempt)
-            if found is not None:
-                attempt = found.attempt
-                if found.kept is not None:  # a quiet attempt's, kept whole at its end
-                    if data := found.read(tail):
-                        yield data
-                    return
-                path = found.path
+        if path is None and attempt is not None:
+            coming = app.artifacts.log_path(task.request_id, task.id, attempt)
+            if coming.exists():  # the attempt has printed: its log is a file
+                path = coming
                 pos = tail_offset(path, tail) if tail is not None else 0
         if path is not None:
             chunk = _read(path, pos)
@@ -122,6 +129,8 @@ async def _log_stream(
         if now >= next_look:
             next_look = now + STATUS_POLL
             task = await run_in_threadpool(app.task, task.id)
+            if attempt is None and task.status == TaskStatus.RUNNING:
+                attempt = task.attempts  # waited for the task to start: follow its attempt
             if path is not None and attempt is not None and attempt_over(task, attempt):
                 while chunk := _read(path, pos):  # what was written before it ended
                     pos += len(chunk)
@@ -129,8 +138,8 @@ async def _log_stream(
                 return
             if path is None and not attempt_may_come(task, attempt):
                 # A quiet attempt's log comes with its end, maybe since the last look.
-                found = await run_in_threadpool(_find_log, app, task.id, attempt)
-                if found is not None and (data := found.read(tail)):
+                last = await run_in_threadpool(_find_log, app, task.id, attempt)
+                if last is not None and (data := last.read(tail)):
                     yield data
                 return
         await asyncio.sleep(FOLLOW_POLL)
@@ -171,15 +180,16 @@ async def task_log(
     """The attempt's output as it is written. With `follow=true` the answer stays open
     while the attempt runs (waiting for it to start, if need be) and ends when it ends."""
     app = conveyor_of(request)
-    task, logged = await run_in_threadpool(app.log_attempts, task_id)
-    chosen = attempt if attempt is not None else shown_attempt(task, logged, follow)
-    if chosen not in logged and not (follow and attempt_may_come(task, chosen)):
+    task, logs = await run_in_threadpool(app.task_logs, task_id)
+    chosen = attempt if attempt is not None else shown_attempt(task, list(logs), follow)
+    found = None if chosen is None else logs.get(chosen)
+    if found is None and not (follow and attempt_may_come(task, chosen)):
         if chosen is None:
             raise NotFound(f"task {task_id} has no log yet")
         raise NotFound(f"task {task_id} has no log for attempt {chosen}")
     hub: EventHub = request.app.state.hub
     return StreamingResponse(
-        _log_stream(app, hub, task, chosen, tail, follow, timeout),
+        _log_stream(app, hub, task, chosen, found, tail, follow, timeout),
         media_type="text/plain; charset=utf-8",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -195,15 +195,16 @@ def task_log(
     ui = dashboard_of(request)
     viewer = ui.viewer(request)
     try:
-        task, logged = ui.app.log_attempts(task_id)
+        task, logs = ui.app.task_logs(task_id)
     except NotFound:
         return ui.render(
             request, "_log.html", viewer, status_code=404, task=None, missing=f"no task {task_id}"
         )
+    logged = list(logs)
     chosen = attempt or shown_attempt(task, logged, follow)
     text = ""
-    if chosen is not None and chosen in logged:
-        text = _tail(ui.app.attempt_log(task, chosen), tail)
+    if chosen is not None and chosen in logs:
+        text = _tail(logs[chosen], tail)
     over = _attempt_over(task, chosen)
     live = follow and not over
     return ui.render(
