@@ -10,6 +10,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from conveyor.tasks import Task, TransitionError
@@ -142,8 +143,10 @@ class NewRequest:
     cache: CachePolicy = field(default_factory=CachePolicy)
     cache_ttl: float | None = None  # the pipeline's cache age; None: no caching
 
-    @property
+    @cached_property
     def params_hash(self) -> str:
+        """Worked out once: a submit compares it up to three times (idempotency key,
+        result cache, the row), and large params take a while to serialise."""
         return params_hash(self.pipeline, self.params)
 
 

@@ -284,6 +284,19 @@ def test_new_request_hash_is_params_hash():
     assert new.params_hash == params_hash("p", {"a": 1, "b": 2})
 
 
+def test_a_new_requests_params_are_serialised_for_the_hash_once(monkeypatch):
+    """A submit compares the hash up to three times; large params take long to serialise."""
+    import conveyor.requests as requests_module
+
+    calls = []
+    real = requests_module.params_hash
+    monkeypatch.setattr(requests_module, "params_hash", lambda *a: calls.append(a) or real(*a))
+    new = NewRequest("p", {"items": list(range(1000))}, [], "default", 0, 1, None)
+    first = new.params_hash
+    assert new.params_hash == first == real("p", {"items": list(range(1000))})
+    assert len(calls) == 1
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
     lambda children: (
