@@ -110,10 +110,12 @@ async def _log_stream(
         pos = tail_offset(path, tail) if tail is not None else 0
     next_look = 0.0  # look at once: a finished attempt needs no waiting
     while True:
-        if path is None and attempt is not None:
-            coming = app.artifacts.log_path(task.request_id, task.id, attempt)
+        if path is None:
+            # waiting for a task to start: its next attempt, as the last look saw it
+            expected = attempt if attempt is not None else task.attempts + 1
+            coming = app.artifacts.log_path(task.request_id, task.id, expected)
             if coming.exists():  # the attempt has printed: its log is a file
-                path = coming
+                attempt, path = expected, coming
                 pos = tail_offset(path, tail) if tail is not None else 0
         if path is not None:
             chunk = _read(path, pos)
