@@ -277,10 +277,13 @@ def test_following_an_attempt_with_no_log_yet_does_not_ask_the_database_for_it_e
             "w1", [Outcome(task.id, TaskAction.SUCCEED, attempt=1, log=quiet)], time.time()
         )
 
-    worker = later(1.5, finish_quietly)
-    r = c.get(f"/api/v1/tasks/{task.id}/log", params={"follow": "true", "timeout": 10})
+    url = f"/api/v1/tasks/{task.id}/log"
+    with c.stream("GET", url, params={"follow": "true", "timeout": 10}) as r:
+        assert r.status_code == 200  # the first look is done: now wait 1.5 s
+        worker = later(1.5, finish_quietly)
+        text = r.read().decode()
     worker.join()
-    assert r.text == quiet
+    assert text == quiet
     assert len(reads) == 2  # the first look, and the one after the attempt's end
 
     # an attempt that prints while followed: its file is found without the database
@@ -292,11 +295,41 @@ def test_following_an_attempt_with_no_log_yet_does_not_ask_the_database_for_it_e
         time.sleep(0.6)
         finish(api.store, [running], TaskAction.SUCCEED)
 
-    worker = later(0.4, print_then_finish)
-    r = c.get(f"/api/v1/tasks/{running.id}/log", params={"follow": "true", "timeout": 10})
+    url = f"/api/v1/tasks/{running.id}/log"
+    with c.stream("GET", url, params={"follow": "true", "timeout": 10}) as r:
+        assert r.status_code == 200
+        worker = later(0.4, print_then_finish)
+        text = r.read().decode()
     worker.join()
-    assert r.text == "printed\n"
+    assert text == "printed\n"
     assert len(reads) == 1  # the first look only
+
+
+def test_following_a_queued_task_shows_its_next_attempt_even_if_it_ends_between_looks(
+    served: tuple[ApiEnv, httpx.Client],
+) -> None:
+    """The attempt followed is fixed when the stream starts (the task's next one): a
+    quiet attempt that starts and ends between two looks, the task queued again for a
+    retry, is still the one shown, not skipped for the attempt after it."""
+    api, c = served
+    rid = api.app.submit("plain", {}).request.id
+    (queued,) = api.app.get(rid).tasks
+    quiet = "$ false\nexit code 1\n"
+
+    def run_quietly_and_retry() -> None:
+        (task,) = claim_all(api.store, rid)
+        retry = Outcome(task.id, TaskAction.RETRY, attempt=1, log=quiet, delay=60)
+        api.store.finish("w1", [retry], time.time())
+
+    url = f"/api/v1/tasks/{queued.id}/log"
+    with c.stream("GET", url, params={"follow": "true", "timeout": 10}) as r:
+        assert r.status_code == 200
+        worker = later(0.1, run_quietly_and_retry)
+        text = r.read().decode()
+    worker.join()
+    assert text == quiet
+    (again,) = api.app.get(rid).tasks
+    assert again.status.value == "queued" and again.attempts == 1  # waiting to retry
 
 
 def test_following_a_log_streams_until_the_attempt_ends(

@@ -84,6 +84,17 @@ def _find_log(app: Conveyor, task_id: int, attempt: int | None) -> AttemptLog | 
         return None
 
 
+def _start(path: FilePath, tail: int | None) -> int:
+    """Where reading a log begins: its start, or its last `tail` lines (a file pruned
+    meanwhile reads as empty)."""
+    if tail is None:
+        return 0
+    try:
+        return tail_offset(path, tail)
+    except FileNotFoundError:
+        return 0
+
+
 async def _log_stream(
     app: Conveyor,
     hub: EventHub,
@@ -94,29 +105,25 @@ async def _log_stream(
     follow: bool,
     timeout: float | None,
 ) -> AsyncIterator[bytes]:
-    """`found`: the attempt's log as the request's look found it, if it had one. While
+    """`found`: the attempt's log as the request's look found it, if it had one;
+    `attempt` None: the task has not started, and its next attempt is followed. While
     following an attempt with no log yet, each look is at its file alone; the database
     is asked again only for the task's status, and once the attempt is over, for the log
     a quiet attempt keeps there."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    path: FilePath | None = None
-    pos = 0
-    if found is not None:
-        if found.kept is not None:  # a quiet attempt's, kept whole at its end
-            if data := found.read(tail):
-                yield data
-            return
-        path = found.path
-        pos = tail_offset(path, tail) if tail is not None else 0
+    if found is not None and found.kept is not None:  # a quiet attempt's, kept at its end
+        if data := found.read(tail):
+            yield data
+        return
+    shown = attempt if attempt is not None else task.attempts + 1
+    path: FilePath | None = None if found is None else found.path
+    pos = 0 if path is None else _start(path, tail)
     next_look = 0.0  # look at once: a finished attempt needs no waiting
     while True:
         if path is None:
-            # waiting for a task to start: its next attempt, as the last look saw it
-            expected = attempt if attempt is not None else task.attempts + 1
-            coming = app.artifacts.log_path(task.request_id, task.id, expected)
+            coming = app.artifacts.log_path(task.request_id, task.id, shown)
             if coming.exists():  # the attempt has printed: its log is a file
-                attempt, path = expected, coming
-                pos = tail_offset(path, tail) if tail is not None else 0
+                path, pos = coming, _start(coming, tail)
         if path is not None:
             chunk = _read(path, pos)
             if chunk:
@@ -130,17 +137,18 @@ async def _log_stream(
             return
         if now >= next_look:
             next_look = now + STATUS_POLL
-            task = await run_in_threadpool(app.task, task.id)
-            if attempt is None and task.status == TaskStatus.RUNNING:
-                attempt = task.attempts  # waited for the task to start: follow its attempt
-            if path is not None and attempt is not None and attempt_over(task, attempt):
+            try:
+                task = await run_in_threadpool(app.task, task.id)
+            except NotFound:  # pruned meanwhile
+                return
+            if path is not None and attempt_over(task, shown):
                 while chunk := _read(path, pos):  # what was written before it ended
                     pos += len(chunk)
                     yield chunk
                 return
-            if path is None and not attempt_may_come(task, attempt):
+            if path is None and not attempt_may_come(task, shown):
                 # A quiet attempt's log comes with its end, maybe since the last look.
-                last = await run_in_threadpool(_find_log, app, task.id, attempt)
+                last = await run_in_threadpool(_find_log, app, task.id, shown)
                 if last is not None and (data := last.read(tail)):
                     yield data
                 return
