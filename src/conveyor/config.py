@@ -34,7 +34,7 @@ from conveyor.ingest.settings import (
 )
 from conveyor.notifications import NotifySettings
 from conveyor.paths import PathRules, SelectorError, parse_selector
-from conveyor.pipelines import Pipeline, TemplateError, template_fields
+from conveyor.pipelines import TASK_VARIABLES, Pipeline, TemplateError, template_fields
 from conveyor.queues import DEFAULT_QUEUE, DEFAULT_QUEUE_ORDER
 from conveyor.retention import AgeError, parse_age
 from conveyor.tasks import RetryPolicy
@@ -121,6 +121,8 @@ class _PipelineModel(BaseModel):
                 raise ValueError(f"{name!r} is not a variable name (empty, '=' or NUL)")
             if "\0" in value:
                 raise ValueError(f"the value of {name} holds a NUL character")
+            if name in TASK_VARIABLES:
+                raise ValueError(f"{name} is set by Conveyor for each attempt")
         return v
 
     load_sqlite: _LoadSqliteModel | None = None
@@ -482,6 +484,11 @@ def _check_no_work_dir(where: str, m: _PipelineModel) -> None:
                 f"{where}.{key}: {{conveyor.work_dir}} names the task's work directory, "
                 f"and work_dir = false"
             )
+    if m.load_sqlite is not None and not m.load_sqlite.file.startswith(("/", "{")):
+        raise ConfigError(
+            f"{where}.load_sqlite.file: {m.load_sqlite.file!r} is a relative path, found "
+            f"in the task's work directory, and work_dir = false"
+        )
 
 
 def _load_sqlite(

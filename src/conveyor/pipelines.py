@@ -24,6 +24,14 @@ from conveyor.tasks import RetryPolicy
 
 ExecutorKind = Literal["command", "python", "ssh"]
 
+# What a command's environment says of its attempt: set by Conveyor alone.
+TASK_VARIABLES = (
+    "CONVEYOR_REQUEST_ID",
+    "CONVEYOR_TASK_ID",
+    "CONVEYOR_ATTEMPT",
+    "CONVEYOR_WORK_DIR",
+)
+
 # {field} or {field.sub}; {{ and }} stand for literal braces.
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\}")
 
@@ -143,7 +151,7 @@ class Pipeline:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     # False: the command gets no folder of its own: none is made for it (on ext4 a new
-    # folder costs 0.1-0.3 ms of the file system's time), it runs in `cwd`, else where the
+    # folder costs 0.03-0.3 ms of the file system's time), it runs in `cwd`, else where the
     # worker was started, and `{conveyor.work_dir}` / $CONVEYOR_WORK_DIR are not given.
     # For short commands that write no files; executor "command" only, no `outputs`.
     work_dir: bool = True

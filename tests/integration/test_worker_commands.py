@@ -195,6 +195,8 @@ def test_a_pipeline_without_work_directories_runs_its_commands_where_it_says_and
     if not loop:
         monkeypatch.setattr("conveyor.worker.usable", lambda: False)
     (tmp_path / "jobs").mkdir()
+    # a worker started inside another task passes on none of its task's variables
+    monkeypatch.setenv("CONVEYOR_WORK_DIR", str(tmp_path / "stale"))
     app = make_app(NO_WORK_DIR)
     placed = app.submit("placed", {"items": list(range(6))}).request.id
     unplaced = app.submit("unplaced", {}).request.id

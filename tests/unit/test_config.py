@@ -64,6 +64,9 @@ def test_unknown_keys_are_rejected_by_name(data, key):
         ({"executor": "command", "command": ["x"], "env": {"A": "x\0y"}}, "env"),
         ({"executor": "command", "command": ["x"], "env": {"A=B": "1"}}, "env"),
         ({"executor": "command", "command": ["x"], "env": {"": "1"}}, "env"),
+        # what Conveyor sets for each attempt
+        ({"executor": "command", "command": ["x"], "env": {"CONVEYOR_WORK_DIR": "/x"}}, "env"),
+        ({"executor": "command", "command": ["x"], "env": {"CONVEYOR_TASK_ID": "1"}}, "env"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key_named(pipeline, key):
@@ -180,6 +183,15 @@ SPOTBOT_MAPPING = str(builtin_config_path().parent / "spotbot.mapping.toml")
             },
             "load_sqlite.file",
             "{conveyor.work_dir}",
+        ),
+        (
+            {
+                "executor": "command",
+                "command": ["x"],
+                "load_sqlite": {"file": "out/r.db", "mapping": SPOTBOT_MAPPING},
+            },
+            "load_sqlite.file",
+            "'out/r.db' is a relative path",
         ),
     ],
 )

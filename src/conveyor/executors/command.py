@@ -28,7 +28,13 @@ from conveyor.executors.launcher import (
     which,
 )
 from conveyor.executors.watchdog import Watchdog
-from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
+from conveyor.pipelines import (
+    TASK_VARIABLES,
+    Pipeline,
+    TemplateError,
+    command_values,
+    render_argv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,13 @@ class CommandExecutor:
         # Read once: `dict(os.environ)` decodes every variable again on each call. The
         # environment every command starts from, then given its pipeline's and its own.
         self.environ = dict(os.environ)
+        # An attempt's own variables come from Conveyor alone: a worker started inside
+        # another task (or a pipeline without work directories) passes on none of its.
+        for name in TASK_VARIABLES:
+            self.environ.pop(name, None)
+        # Where the worker was started: where a pipeline without work directories runs
+        # its commands unless it sets `cwd`.
+        self.started_in = os.path.abspath(".")
         # Where a program named without a directory was found, by (name, PATH).
         self._found: dict[tuple[str, str | None], str] = {}
 
@@ -130,7 +143,7 @@ class CommandExecutor:
             cwd = _absolute(pipeline.cwd) if pipeline.cwd else work_dir
         else:
             work_dir = ""
-            cwd = _absolute(pipeline.cwd) if pipeline.cwd else os.getcwd()
+            cwd = _absolute(pipeline.cwd) if pipeline.cwd else self.started_in
         try:
             argv = render_argv(pipeline.command, command_values(task.params, context))
         except TemplateError as exc:
