@@ -516,7 +516,7 @@ class Worker:
     def _load_output(self, run: _Running, result: ExecResult) -> ExecResult:
         """The pipeline's `load_sqlite`: the task succeeds only once its result file is
         in the database (a failure to load is a failed attempt, retried by policy)."""
-        from conveyor.ingest.loader import LoadError, LoadStopped, result_file
+        from conveyor.ingest.loader import LoadError, LoadStopped, ResultFileRefused, result_file
         from conveyor.pipelines import TemplateError, command_values
 
         load = run.pipeline.load_sqlite
@@ -544,6 +544,9 @@ class Worker:
             )
         except LoadStopped:
             return run.ctx.stopped_before("its result was loaded")
+        except ResultFileRefused as exc:  # the same again on every attempt: not retried
+            run.ctx.log(f"load_sqlite failed: {exc}")
+            return ExecResult(ok=False, error=f"load_sqlite: {exc}", retryable=False)
         except (LoadError, TemplateError, Unavailable) as exc:
             run.ctx.log(f"load_sqlite failed: {exc}")
             return ExecResult(ok=False, error=f"load_sqlite: {exc}")

@@ -265,6 +265,7 @@ def test_without_a_work_directory_a_result_file_must_be_named_by_its_whole_path(
         command = ["true"]
         split = "files"
         work_dir = false
+        retries = 2
         load_sqlite = {{ file = "{{file}}", mapping = "{MAPPING}" }}
         roots = ["{data}"]
         """
@@ -279,5 +280,6 @@ def test_without_a_work_directory_a_result_file_must_be_named_by_its_whole_path(
     assert relative.error is not None
     assert "result file spotbot.db is a relative path" in relative.error
     assert "work_dir = false" in relative.error
+    assert relative.attempts == 1  # the same on every attempt: not retried
     assert _counts(db_url) == (1, 4)
     assert not (app.artifacts.root / "work" / str(req.id)).exists()

@@ -43,6 +43,11 @@ class LoadError(ValueError):
     """The file or the mapping is wrong (names the table or column)."""
 
 
+class ResultFileRefused(LoadError):
+    """The result file a task names is not one it may load (a relative name with no work
+    directory, or outside the pipeline's roots): trying again would not change that."""
+
+
 class LoadStopped(Exception):
     """A load rolled back because it was no longer wanted (the message says why)."""
 
@@ -325,7 +330,7 @@ def result_file(load: SqliteLoad, values: Mapping[str, Any], work_dir: Path | No
     path = Path(render_argv((load.file,), values)[0])
     if not path.is_absolute():
         if work_dir is None:
-            raise LoadError(
+            raise ResultFileRefused(
                 f"result file {path} is a relative path, and the pipeline has no work "
                 f"directory to find it in (work_dir = false)"
             )
@@ -338,7 +343,9 @@ def result_file(load: SqliteLoad, values: Mapping[str, Any], work_dir: Path | No
             where = (
                 "the pipeline's roots"
                 if work_dir is None
-                else ("the task's work directory and the pipeline's roots")
+                else "the task's work directory and the pipeline's roots"
             )
-            raise LoadError(f"result file {path} is outside {where} ({', '.join(load.roots)})")
+            raise ResultFileRefused(
+                f"result file {path} is outside {where} ({', '.join(load.roots)})"
+            )
     return path
