@@ -260,7 +260,10 @@ def _worker_process(config: Config, concurrency: int) -> None:
 def balanced_orders(n: int) -> list[list[int]]:
     """n orders of the sides 0..n-1 (n even) in which each side goes in each place once
     and follows each other side once: a Williams design, so that drift, and what a
-    round leaves behind for the next (deleted files, say), fall on every side alike."""
+    round leaves behind for the next (deleted files, say), fall on every side alike.
+    Rounds take the orders in turn: the default 5 rounds repeat the first."""
+    if n % 2:
+        raise ValueError(f"a balanced order of {n} sides needs an even number of them")
     base = [0]
     for k in range(1, n):
         base.append((k + 1) // 2 if k % 2 else n - k // 2)

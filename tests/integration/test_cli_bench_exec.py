@@ -65,6 +65,8 @@ def test_the_sides_take_turns_in_each_place_and_after_each_other_alike(n: int) -
         assert sorted(order[place] for order in orders) == list(range(n))
     follows = [(a, b) for order in orders for a, b in itertools.pairwise(order)]
     assert sorted(follows) == [(a, b) for a in range(n) for b in range(n) if a != b]
+    with pytest.raises(ValueError, match="even"):
+        balanced_orders(n + 1)
 
 
 def test_a_round_without_work_directories_makes_none(
