@@ -232,8 +232,9 @@ def test_a_write_that_waited_for_its_turn_waits_for_sqlite_only_what_is_left(
         started = time.monotonic()
         with pytest.raises(Unavailable, match="locked"):
             store.claim("w", ["default"], 1, 60, time.time())
-        # 0.2 s for the turn, then 0.3 s for SQLite's lock: 0.5 s in all, not 0.7
-        assert 0.45 <= time.monotonic() - started < 0.65
+        # 0.2 s for the turn, then 0.3 s for SQLite's lock: 0.5 s in all, not 0.7 (the
+        # bound as loose as that allows: the tests share the machine's two cores)
+        assert 0.45 <= time.monotonic() - started < 0.69
     finally:
         other.close()
         store.close()
