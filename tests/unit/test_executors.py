@@ -854,4 +854,5 @@ def test_a_command_whose_log_cannot_be_written_is_not_left_running(tmp_path):
         pass
     else:  # in a loop, which reports it itself
         assert not result.ok and "Not a directory" in (result.error or "")
-    assert live_children() == before
+    # no child of its left (one of an earlier test's may have ended meanwhile)
+    assert set(live_children()) <= set(before)
