@@ -19,7 +19,7 @@ import pytest
 
 from conveyor.executors import ExecResult, TaskContext
 from conveyor.executors.command import CommandExecutor, Launched
-from conveyor.executors.launcher import Launcher
+from conveyor.executors.launcher import Launcher, command_line
 from conveyor.executors.loop import CommandLoop, Job, Slots
 from conveyor.pipelines import Pipeline
 from conveyor.tasks import Progress
@@ -510,7 +510,7 @@ def test_an_attempt_let_go_after_its_launcher_died_still_has_its_command_killed(
         assert isinstance(prepared, tuple)
         argv, cwd, changes, work_dir = prepared
         key = launcher.run(argv, cwd, changes, str(item.log_file), work_dir)
-        attempt = Launched(launcher, key, item.ctx, None)
+        attempt = Launched(launcher, key, item.ctx, None, command_line(argv))
         launcher.flush()
         pid = pid_in(item)
         while attempt.pid is None:  # the launcher sends it right after the start

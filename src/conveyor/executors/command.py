@@ -299,7 +299,7 @@ class Launched(Running):
         key: int,
         ctx: TaskContext,
         deadline: float | None,
-        header: str = "",
+        header: str,
     ) -> None:
         super().__init__(ctx, deadline)
         self.launcher = launcher
@@ -324,14 +324,15 @@ class Launched(Running):
         if progress is not None:
             self.ctx.report(progress)
 
-    def exited(self, code: int, killed: str | None, quiet: str | None = None) -> None:
+    def exited(self, code: int, killed: str | None, quiet: bool = False) -> None:
         """It has exited with `code`; `killed`: the reason the launcher logged for the
         kill that ended it, None if it ended before any kill reached it (then its log
-        and result both say how it ended); `quiet`: its whole log, which the launcher
-        did not write, as it printed nothing (see `TaskContext.keep_quiet_log`)."""
+        and result both say how it ended); `quiet`: it printed nothing, and the launcher
+        wrote no log: its whole log, the command line and the exit code, is kept with
+        its outcome (see `TaskContext.keep_quiet_log`)."""
         self._killing = killed
-        if quiet is not None:
-            self.ctx.keep_quiet_log(quiet)
+        if quiet:
+            self.ctx.keep_quiet_log(f"{self.header}\nexit code {code}\n")
         self._settle(code)
 
     def failed(self, why: str, retryable: bool) -> None:
@@ -346,7 +347,7 @@ class Launched(Running):
         if self.pid is not None:
             killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
-            if self.header and not os.path.lexists(self.ctx.log_file):
+            if not os.path.lexists(self.ctx.log_file):
                 self.ctx.log(self.header)  # the launcher opens a log at the first output
             self.ctx.log(f"killed: {why}" if self.pid is not None else why)
         self.result = ExecResult(ok=False, error=why)

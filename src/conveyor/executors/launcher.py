@@ -22,7 +22,8 @@ after its length; each side writes what it has to say in one go, once a turn:
                          ("exit", key, code, reason, quiet)
                                                    code < 0: killed by that signal;
                                                    reason: of the kill it logged, or None;
-                                                   quiet: see below, or None
+                                                   quiet: True if its log is for the
+                                                   worker to keep (see below)
                          ("error", key, message, retryable)
                                                    it did not run, or its log could
                                                    not be written (then it was killed)
@@ -31,10 +32,10 @@ The log gets the command line (`$ ...`), the command's output (stdout and stderr
 text, a write per chunk read), and how it ended (`exit code N`, or `killed: reason` for
 a kill the worker asked for). The log file is made when there is output to write: a
 command that printed nothing and was not killed has no file (unless one was there
-already, from an earlier run of the same attempt), and its log, those two lines, is
-sent with its exit as `quiet` for the worker to keep in the database: a file of two
-lines is an inode and a disk block per attempt, and on ext4 30 µs to a millisecond of
-kernel time to make.
+already, from an earlier run of the same attempt), and its exit says so (`quiet`): its
+log, those two lines, is for the worker to keep in the database (the worker knows the
+command line and the code), as a file of two lines is an inode and a disk block per
+attempt, and on ext4 30 µs to a millisecond of kernel time to make.
 
 Each command gets a session (and process group) of its own; a kill goes to the whole
 group, and once the command has exited whatever it left running in its group is
@@ -79,7 +80,7 @@ LINE_MAX = 65536
 LEFTOVER_READS = 64  # reads of output after the exit; what comes later is a leftover's
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 PROGRAM = os.path.abspath(__file__)  # what a launcher runs
-PROTOCOL = 2  # of the messages; a launcher refuses a worker that speaks another
+PROTOCOL = 3  # of the messages; a launcher refuses a worker that speaks another
 
 
 # the launcher's side ------------------------------------------------------------------
@@ -401,9 +402,9 @@ class _Launcher:
         code = _exit_code(os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT))
         end = (f"killed: {child.reason}" if child.reason else f"exit code {code}") + "\n"
         if self.quiet(child):
-            self.send("exit", child.key, code, None, child.header + end)
+            self.send("exit", child.key, code, None, True)
         elif self.write_log(child, end):
-            self.send("exit", child.key, code, child.reason, None)
+            self.send("exit", child.key, code, child.reason, False)
         else:
             self.send("error", child.key, child.failed, True)
         self.release(child)
