@@ -4,9 +4,11 @@ with its outcome (`Outcome.log`)."""
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 CHUNK = 64 * 1024
 
@@ -15,42 +17,41 @@ def tail_offset(path: Path, lines: int) -> int:
     """Where the last `lines` lines of a file begin (a last line without a newline
     counts)."""
     with path.open("rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        if lines <= 0:
-            return end
-        pos = end
-        found = 0
-        skip_last = True  # a newline ending the file ends the last line, it does not start one
-        while pos > 0:
-            step = min(CHUNK, pos)
-            pos -= step
-            f.seek(pos)
-            block = f.read(step)
-            i = len(block)
-            while True:
-                i = block.rfind(b"\n", 0, i)
-                if i < 0:
-                    break
-                if skip_last and pos + i == end - 1:
-                    skip_last = False
-                    continue
-                skip_last = False
-                found += 1
-                if found == lines:
-                    return pos + i + 1
-        return 0
+        return _tail_start(f, lines)
 
 
 def last_lines(data: bytes, lines: int) -> bytes:
     """The last `lines` lines of `data`, counted as `tail_offset` counts them."""
+    return data[_tail_start(io.BytesIO(data), lines) :]
+
+
+def _tail_start(f: BinaryIO, lines: int) -> int:
+    """Where the last `lines` lines of a seekable binary file begin, read back from its
+    end a chunk at a time."""
+    end = f.seek(0, os.SEEK_END)
     if lines <= 0:
-        return b""
-    pos = len(data) - 1 if data.endswith(b"\n") else len(data)
-    for _ in range(lines):
-        pos = data.rfind(b"\n", 0, pos)
-        if pos < 0:
-            return data
-    return data[pos + 1 :]
+        return end
+    pos = end
+    found = 0
+    skip_last = True  # a newline ending the file ends the last line, it does not start one
+    while pos > 0:
+        step = min(CHUNK, pos)
+        pos -= step
+        f.seek(pos)
+        block = f.read(step)
+        i = len(block)
+        while True:
+            i = block.rfind(b"\n", 0, i)
+            if i < 0:
+                break
+            if skip_last and pos + i == end - 1:
+                skip_last = False
+                continue
+            skip_last = False
+            found += 1
+            if found == lines:
+                return pos + i + 1
+    return 0
 
 
 @dataclass(frozen=True)
