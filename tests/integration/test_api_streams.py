@@ -66,6 +66,18 @@ def later(delay: float, fn: Callable[[], Any]) -> threading.Thread:
     return t
 
 
+def follow_while(c: httpx.Client, task_id: int, delay: float, fn: Callable[[], Any]) -> str:
+    """A task's log followed to its end, `fn` run `delay` s after the stream has
+    answered (the request's first look done): the text streamed."""
+    url = f"/api/v1/tasks/{task_id}/log"
+    with c.stream("GET", url, params={"follow": "true", "timeout": 10}) as r:
+        assert r.status_code == 200
+        worker = later(delay, fn)
+        text = r.read().decode()
+    worker.join()
+    return text
+
+
 @pytest.fixture
 def served(make_api: Any) -> Iterator[tuple[ApiEnv, httpx.Client]]:
     api: ApiEnv = make_api(heartbeat=0.3)
@@ -277,13 +289,7 @@ def test_following_an_attempt_with_no_log_yet_does_not_ask_the_database_for_it_e
             "w1", [Outcome(task.id, TaskAction.SUCCEED, attempt=1, log=quiet)], time.time()
         )
 
-    url = f"/api/v1/tasks/{task.id}/log"
-    with c.stream("GET", url, params={"follow": "true", "timeout": 10}) as r:
-        assert r.status_code == 200  # the first look is done: now wait 1.5 s
-        worker = later(1.5, finish_quietly)
-        text = r.read().decode()
-    worker.join()
-    assert text == quiet
+    assert follow_while(c, task.id, 1.5, finish_quietly) == quiet
     assert len(reads) == 2  # the first look, and the one after the attempt's end
 
     # an attempt that prints while followed: its file is found without the database
@@ -295,13 +301,7 @@ def test_following_an_attempt_with_no_log_yet_does_not_ask_the_database_for_it_e
         time.sleep(0.6)
         finish(api.store, [running], TaskAction.SUCCEED)
 
-    url = f"/api/v1/tasks/{running.id}/log"
-    with c.stream("GET", url, params={"follow": "true", "timeout": 10}) as r:
-        assert r.status_code == 200
-        worker = later(0.4, print_then_finish)
-        text = r.read().decode()
-    worker.join()
-    assert text == "printed\n"
+    assert follow_while(c, running.id, 0.4, print_then_finish) == "printed\n"
     assert len(reads) == 1  # the first look only
 
 
@@ -321,13 +321,7 @@ def test_following_a_queued_task_shows_its_next_attempt_even_if_it_ends_between_
         retry = Outcome(task.id, TaskAction.RETRY, attempt=1, log=quiet, delay=60)
         api.store.finish("w1", [retry], time.time())
 
-    url = f"/api/v1/tasks/{queued.id}/log"
-    with c.stream("GET", url, params={"follow": "true", "timeout": 10}) as r:
-        assert r.status_code == 200
-        worker = later(0.1, run_quietly_and_retry)
-        text = r.read().decode()
-    worker.join()
-    assert text == quiet
+    assert follow_while(c, queued.id, 0.1, run_quietly_and_retry) == quiet
     (again,) = api.app.get(rid).tasks
     assert again.status.value == "queued" and again.attempts == 1  # waiting to retry
 
