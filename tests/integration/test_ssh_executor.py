@@ -108,6 +108,7 @@ def test_a_command_runs_over_ssh_with_each_argument_quoted(sshd: Sshd, make, tmp
                 "sh",
                 "-c",
                 'printf "arg=[%s]\\n" "$1"; echo "task $CONVEYOR_TASK_ID"; '
+                'echo "work [$CONVEYOR_WORK_DIR]"; '
                 "echo conveyor:progress 1/2 halfway; echo to-stderr >&2",
                 "x",
                 "{name}",
@@ -120,6 +121,7 @@ def test_a_command_runs_over_ssh_with_each_argument_quoted(sshd: Sshd, make, tmp
     log = log_of(app, task.id)
     assert f"arg=[{hostile}]" in log
     assert f"task {task.id}" in log and "to-stderr" in log and "exit code 0" in log
+    assert "work [.]" in log  # no cwd: where sshd starts it, as {conveyor.work_dir} says
     assert "__conveyor_pgid__" not in log
     assert not (tmp_path / "pwned").exists()
     assert task.progress.current in (1, 2)

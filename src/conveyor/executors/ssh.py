@@ -216,6 +216,7 @@ class SshExecutor:
             CONVEYOR_REQUEST_ID=str(task.request_id),
             CONVEYOR_TASK_ID=str(task.id),
             CONVEYOR_ATTEMPT=str(task.attempts),
+            CONVEYOR_WORK_DIR=pipeline.cwd or ".",  # on the host, as the template has it
         )
         where = f"{host.user}@{host.address}:{host.port}"
         ctx.log(f"[{host.name}] $ {shlex.join(argv)}")
