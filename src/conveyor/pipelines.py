@@ -20,7 +20,7 @@ from conveyor.queues import DEFAULT_QUEUE
 if TYPE_CHECKING:
     from conveyor.ingest.loader import SqliteLoad
 from conveyor.requests import split_params
-from conveyor.tasks import RetryPolicy
+from conveyor.tasks import RetryPolicy, Task
 
 ExecutorKind = Literal["command", "python", "ssh"]
 
@@ -102,6 +102,34 @@ def render_argv(command: tuple[str, ...], values: Mapping[str, Any]) -> list[str
 
 
 _CHECK_CONTEXT = {"request_id": 0, "task_id": 0, "attempt": 1, "work_dir": ".", "python": "python"}
+
+
+def attempt_context(task: Task, work_dir: str | None, python: str) -> dict[str, Any]:
+    """What `{conveyor.*}` names for an attempt of `task`: its ids, its work directory
+    (None: it has none, and the template may not name it) and the Python to run."""
+    context: dict[str, Any] = {
+        "request_id": task.request_id,
+        "task_id": task.id,
+        "attempt": task.attempts,
+        "python": python,
+    }
+    if work_dir is not None:
+        context["work_dir"] = work_dir
+    return context
+
+
+def attempt_env(env: Mapping[str, str], task: Task, work_dir: str | None) -> dict[str, str]:
+    """A pipeline's `env` with an attempt's TASK_VARIABLES (no $CONVEYOR_WORK_DIR for
+    an attempt without a work directory)."""
+    changes = dict(env)
+    changes.update(
+        CONVEYOR_REQUEST_ID=str(task.request_id),
+        CONVEYOR_TASK_ID=str(task.id),
+        CONVEYOR_ATTEMPT=str(task.attempts),
+    )
+    if work_dir is not None:
+        changes["CONVEYOR_WORK_DIR"] = work_dir
+    return changes
 
 
 def command_values(task_params: Any, context: Mapping[str, Any]) -> dict[str, Any]:

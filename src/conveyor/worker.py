@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -517,22 +518,20 @@ class Worker:
         """The pipeline's `load_sqlite`: the task succeeds only once its result file is
         in the database (a failure to load is a failed attempt, retried by policy)."""
         from conveyor.ingest.loader import LoadError, LoadStopped, ResultFileRefused, result_file
-        from conveyor.pipelines import TemplateError, command_values
+        from conveyor.pipelines import TemplateError, attempt_context, command_values
 
         load = run.pipeline.load_sqlite
         assert load is not None
         task = run.task
-        context: dict[str, Any] = {
-            "request_id": task.request_id,
-            "task_id": task.id,
-            "attempt": task.attempts,
-            "python": sys.executable,
-        }
-        work_dir = run.ctx.work_dir if run.pipeline.work_dir else None
-        if work_dir is not None:
-            context["work_dir"] = str(work_dir)
+        # made by whoever ran the command: not made again here
+        work_dir = run.ctx.make_work_dir(False) if run.pipeline.work_dir else None
+        context = attempt_context(task, work_dir, sys.executable)
         try:
-            path = result_file(load, command_values(task.params, context), work_dir)
+            path = result_file(
+                load,
+                command_values(task.params, context),
+                None if work_dir is None else Path(work_dir),
+            )
             loaded = self.app.load_sqlite(
                 path,
                 load.mapping,

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
 from conveyor.executors import ExecResult, TaskContext, parse_progress_line
 from conveyor.executors.launcher import (
@@ -25,6 +24,7 @@ from conveyor.executors.launcher import (
     cwd_problem,
     fixed_path,
     killpg,
+    log_end,
     which,
 )
 from conveyor.executors.watchdog import Watchdog
@@ -32,6 +32,8 @@ from conveyor.pipelines import (
     TASK_VARIABLES,
     Pipeline,
     TemplateError,
+    attempt_context,
+    attempt_env,
     command_values,
     render_argv,
 )
@@ -125,30 +127,15 @@ class CommandExecutor:
         an attempt whose command line is wrong. `make`: make its work directory (else
         its launcher does)."""
         task = ctx.task
-        context: dict[str, Any] = {
-            "request_id": task.request_id,
-            "task_id": task.id,
-            "attempt": task.attempts,
-            "python": sys.executable,
-        }
-        changes = dict(pipeline.env)
-        changes.update(
-            CONVEYOR_REQUEST_ID=str(task.request_id),
-            CONVEYOR_TASK_ID=str(task.id),
-            CONVEYOR_ATTEMPT=str(task.attempts),
-        )
-        if pipeline.work_dir:
-            work_dir = _absolute(ctx.make_work_dir(make))
-            context["work_dir"] = changes["CONVEYOR_WORK_DIR"] = work_dir
-            cwd = _absolute(pipeline.cwd) if pipeline.cwd else work_dir
-        else:
-            work_dir = ""
-            cwd = _absolute(pipeline.cwd) if pipeline.cwd else self.started_in
+        work_dir = _absolute(ctx.make_work_dir(make)) if pipeline.work_dir else None
+        context = attempt_context(task, work_dir, sys.executable)
         try:
             argv = render_argv(pipeline.command, command_values(task.params, context))
         except TemplateError as exc:
             return ExecResult(ok=False, error=str(exc), retryable=False)
-        return argv, cwd, changes, work_dir
+        cwd = _absolute(pipeline.cwd) if pipeline.cwd else (work_dir or self.started_in)
+        changes = attempt_env(pipeline.env, task, work_dir)
+        return argv, cwd, changes, work_dir or ""
 
     def launch(
         self, pipeline: Pipeline, ctx: TaskContext, deadline: float | None, launcher: Launcher
@@ -332,7 +319,7 @@ class Launched(Running):
         its outcome (see `TaskContext.keep_quiet_log`)."""
         self._killing = killed
         if quiet:
-            self.ctx.keep_quiet_log(f"{self.header}\nexit code {code}\n")
+            self.ctx.keep_quiet_log(f"{self.header}\n{log_end(code)}")
         self._settle(code)
 
     def failed(self, why: str, retryable: bool) -> None:
@@ -453,7 +440,7 @@ class Attempt(Running):
         finally:
             self._close()  # tells the watchdog before the reaping frees the process id
         code = self.proc.wait()
-        self.ctx.log(f"killed: {self._killing}" if self._killing else f"exit code {code}")
+        self.ctx.log(log_end(code, self._killing))
         self._settle(code)
 
     def _close(self) -> None:

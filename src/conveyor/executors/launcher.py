@@ -400,10 +400,9 @@ class _Launcher:
         if last is not None:
             self.lines(child, [last])
         code = _exit_code(os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT))
-        end = (f"killed: {child.reason}" if child.reason else f"exit code {code}") + "\n"
         if self.quiet(child):
             self.send("exit", child.key, code, None, True)
-        elif self.write_log(child, end):
+        elif self.write_log(child, log_end(code, child.reason)):
             self.send("exit", child.key, code, child.reason, False)
         else:
             self.send("error", child.key, child.failed, True)
@@ -648,6 +647,11 @@ def _not_found(name: str, path: str) -> OSError:
 def command_line(argv: list[str]) -> str:
     """A command's log's first line (without its newline): `$ ` and its arguments."""
     return "$ " + " ".join(argv)
+
+
+def log_end(code: int, killed: str | None = None) -> str:
+    """A command's log's last line: how it ended (`killed` by request, with the reason)."""
+    return (f"killed: {killed}" if killed else f"exit code {code}") + "\n"
 
 
 def make_dir(path: str) -> None:

@@ -47,7 +47,14 @@ from conveyor.executors import ExecResult, TaskContext, parse_progress_line
 from conveyor.executors.launcher import Lines
 from conveyor.hosts import Host, pick_host
 from conveyor.paths import reverse, rewrite_fields, rewrite_prefixes, task_selectors
-from conveyor.pipelines import Pipeline, TemplateError, command_values, render_argv
+from conveyor.pipelines import (
+    Pipeline,
+    TemplateError,
+    attempt_context,
+    attempt_env,
+    command_values,
+    render_argv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,25 +206,13 @@ class SshExecutor:
         params = rewrite_fields(
             task.params, task_selectors(pipeline.paths.fields, pipeline.split), host.path_map
         )
-        context = {
-            "request_id": task.request_id,
-            "task_id": task.id,
-            "attempt": task.attempts,
-            "work_dir": pipeline.cwd or ".",
-            "python": "python3",
-            "host": host.name,
-        }
+        work_dir = pipeline.cwd or "."  # on the host
+        context = {**attempt_context(task, work_dir, "python3"), "host": host.name}
         try:
             argv = render_argv(pipeline.command, command_values(params, context))
         except TemplateError as exc:
             return ExecResult(ok=False, error=str(exc), retryable=False)
-        env = dict(pipeline.env)
-        env.update(
-            CONVEYOR_REQUEST_ID=str(task.request_id),
-            CONVEYOR_TASK_ID=str(task.id),
-            CONVEYOR_ATTEMPT=str(task.attempts),
-            CONVEYOR_WORK_DIR=pipeline.cwd or ".",  # on the host, as the template has it
-        )
+        env = attempt_env(pipeline.env, task, work_dir)
         where = f"{host.user}@{host.address}:{host.port}"
         ctx.log(f"[{host.name}] $ {shlex.join(argv)}")
         try:
