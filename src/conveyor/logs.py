@@ -20,6 +20,17 @@ def tail_offset(path: Path, lines: int) -> int:
         return _tail_start(f, lines)
 
 
+def start_offset(path: Path, tail: int | None) -> int:
+    """Where reading a log file begins: its start, or its last `tail` lines (a file
+    that has gone, pruned say, reads as empty)."""
+    if tail is None:
+        return 0
+    try:
+        return tail_offset(path, tail)
+    except FileNotFoundError:
+        return 0
+
+
 def last_lines(data: bytes, lines: int) -> bytes:
     """The last `lines` lines of `data`, counted as `tail_offset` counts them."""
     return data[_tail_start(io.BytesIO(data), lines) :]
@@ -77,9 +88,8 @@ class AttemptLog:
                 data = last_lines(data, tail)
             return data if most < 0 else data[:most]
         try:
-            start = 0 if tail is None else tail_offset(self.path, tail)
             with self.path.open("rb") as f:
-                f.seek(start)
+                f.seek(start_offset(self.path, tail))
                 return f.read(most)
         except FileNotFoundError:
             return b""

@@ -22,10 +22,11 @@ from conveyor.api.models import Submit
 from conveyor.api.problems import Problem, problem_body
 from conveyor.api.routes_events import SELECTORS, parse_selectors, sse_event
 from conveyor.api.routes_requests import decode_cursor, encode_cursor, parse_time
-from conveyor.api.routes_tasks import attempt_may_come, attempt_over, tail_offset
+from conveyor.api.routes_tasks import attempt_may_come, attempt_over
 from conveyor.api.stream import EventHub
 from conveyor.app import check_json
 from conveyor.events import Event
+from conveyor.logs import tail_offset
 from conveyor.pipelines import ParamsError, Pipeline
 from conveyor.requests import Request, RequestStatus, TaskCounts
 from conveyor.store.sqlbase import params_pattern

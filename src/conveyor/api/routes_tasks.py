@@ -17,7 +17,7 @@ from conveyor.api.auth import Reader, conveyor_of
 from conveyor.api.models import ID_MAX
 from conveyor.api.stream import EventHub
 from conveyor.app import Conveyor
-from conveyor.logs import CHUNK, AttemptLog, tail_offset
+from conveyor.logs import CHUNK, AttemptLog, start_offset
 from conveyor.store import NotFound
 from conveyor.tasks import Task, TaskStatus
 from conveyor.views import task_view
@@ -76,23 +76,12 @@ def _read(path: FilePath, pos: int) -> bytes:
         return b""
 
 
-def _find_log(app: Conveyor, task_id: int, attempt: int | None) -> AttemptLog | None:
-    """The log of `attempt` (None: the latest attempt with one), if it has one yet."""
+def _find_log(app: Conveyor, task: Task, attempt: int) -> AttemptLog | None:
+    """The log of the task's `attempt` (the task as just read), if it has one."""
     try:
-        return app.log(task_id, attempt)
-    except NotFound:  # no log yet (or the task is gone)
+        return app.task_log(task, attempt)
+    except NotFound:
         return None
-
-
-def _start(path: FilePath, tail: int | None) -> int:
-    """Where reading a log begins: its start, or its last `tail` lines (a file pruned
-    meanwhile reads as empty)."""
-    if tail is None:
-        return 0
-    try:
-        return tail_offset(path, tail)
-    except FileNotFoundError:
-        return 0
 
 
 async def _log_stream(
@@ -117,13 +106,13 @@ async def _log_stream(
         return
     shown = attempt if attempt is not None else task.attempts + 1
     path: FilePath | None = None if found is None else found.path
-    pos = 0 if path is None else _start(path, tail)
+    pos = 0 if path is None else start_offset(path, tail)
+    # where the attempt's log file will be, once it prints (worked out once)
+    coming = app.artifacts.log_path(task.request_id, task.id, shown)
     next_look = 0.0  # look at once: a finished attempt needs no waiting
     while True:
-        if path is None:
-            coming = app.artifacts.log_path(task.request_id, task.id, shown)
-            if coming.exists():  # the attempt has printed: its log is a file
-                path, pos = coming, _start(coming, tail)
+        if path is None and coming.exists():  # it has printed: its log is a file
+            path, pos = coming, start_offset(coming, tail)
         if path is not None:
             chunk = _read(path, pos)
             if chunk:
@@ -148,7 +137,7 @@ async def _log_stream(
                 return
             if path is None and not attempt_may_come(task, shown):
                 # A quiet attempt's log comes with its end, maybe since the last look.
-                last = await run_in_threadpool(_find_log, app, task.id, shown)
+                last = await run_in_threadpool(_find_log, app, task, shown)
                 if last is not None and (data := last.read(tail)):
                     yield data
                 return
