@@ -36,6 +36,7 @@ without a journal makes each new file cost up to a millisecond for minutes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import random
@@ -283,11 +284,8 @@ def run_exec_bench(
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-exec-", dir=opts.scratch) as tmp:
         scratch = Path(tmp)
 
-        def conveyor_round(o: ExecBenchOptions) -> float:
-            return conveyor_run(o, scratch)
-
-        def unplaced_round(o: ExecBenchOptions) -> float:
-            return conveyor_run(o, scratch, work_dir=False)
+        conveyor_round = functools.partial(conveyor_run, scratch=scratch)
+        unplaced_round = functools.partial(conveyor_run, scratch=scratch, work_dir=False)
 
         def files_round(o: ExecBenchOptions) -> float:
             folder = Path(tempfile.mkdtemp(prefix="files-", dir=scratch))
